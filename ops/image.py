@@ -1,0 +1,163 @@
+"""Image bytes in and out: decode to 8-bit arrays, resize to the working resolution, apply noise at native size, PNG.
+
+An image is decoded into ``color`` (uint8 tensor, C x H x W with C = 1 for grayscale or 3 for RGB) and an optional
+``alpha`` (uint8, H x W) that noise never touches. EXIF orientation is applied first; palette, CMYK, 16-bit and other
+modes become 8-bit RGB (grayscale 16-bit becomes 8-bit grayscale).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from ops.noise import release_uint8
+
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageRejected(ValueError):
+    """The bytes are not an image we can protect; the message says why (it goes into the manifest's ``error``)."""
+
+
+@dataclass
+class DecodedImage:
+    color: torch.Tensor  # uint8, C x H x W, C in {1, 3}
+    alpha: torch.Tensor | None  # uint8, H x W, or None
+
+    @property
+    def height(self) -> int:
+        return int(self.color.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.color.shape[2])
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode image bytes (any format Pillow reads) into 8-bit color channels and an optional alpha."""
+    if not data:
+        raise ImageRejected("empty image member")
+    try:
+        # Our --max-pixels check (on the header, before any pixel is decoded) replaces Pillow's own bomb limit,
+        # which would otherwise reject images over ~179 million pixels even when --max-pixels allows them.
+        Image.MAX_IMAGE_PIXELS = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            # Check the header's size before decoding a single pixel: a decompression bomb never gets allocated.
+            if width * height > max_pixels:
+                raise ImageRejected(f"image is {width}x{height} = {width * height} pixels, over --max-pixels {max_pixels}")
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except ImageRejected:
+        raise
+    except Exception as exc:  # Pillow raises many types for bad data; each becomes one clear rejection.
+        raise ImageRejected(f"undecodable image: {type(exc).__name__}: {exc}") from exc
+    if img.width < 1 or img.height < 1:
+        raise ImageRejected("image has no pixels")
+    return _to_channels(img)
+
+
+def _to_channels(img: Image.Image) -> DecodedImage:
+    mode = img.mode
+    alpha = None
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        # 16-bit (or 32-bit integer) grayscale: keep the top 8 bits rather than clipping at 255.
+        top = 65535 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        arr8 = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return DecodedImage(torch.from_numpy(arr8)[None].contiguous(), None)
+    if mode == "L":
+        return DecodedImage(torch.from_numpy(np.array(img, dtype=np.uint8))[None].contiguous(), None)
+    if mode in ("LA", "La"):
+        arr = np.array(img.convert("LA"), dtype=np.uint8)
+        return DecodedImage(torch.from_numpy(arr[..., 0].copy())[None], torch.from_numpy(arr[..., 1].copy()))
+    if mode == "P" and "transparency" in img.info or mode in ("RGBA", "RGBa", "PA"):
+        rgba = np.array(img.convert("RGBA"), dtype=np.uint8)
+        color = torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).contiguous()
+        return DecodedImage(color, torch.from_numpy(rgba[..., 3].copy()))
+    if mode == "1":
+        img = img.convert("L")
+        return DecodedImage(torch.from_numpy(np.array(img, dtype=np.uint8))[None].contiguous(), alpha)
+    rgb = np.array(img.convert("RGB"), dtype=np.uint8)
+    return DecodedImage(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), alpha)
+
+
+def match_channels(color: torch.Tensor, channels: int) -> torch.Tensor:
+    """Bring a C x H x W image to the corpus's working channel count (grayscale is replicated into RGB)."""
+    if color.shape[0] == channels:
+        return color
+    if color.shape[0] == 1 and channels == 3:
+        return color.expand(3, -1, -1).contiguous()
+    if color.shape[0] == 3 and channels == 1:
+        return to_gray(color)
+    raise ValueError(f"cannot map {color.shape[0]} channels to {channels}")
+
+
+def to_gray(color: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of a 3 x H x W uint8 or float tensor, as 1 x H x W of the same dtype."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(3, 1, 1)
+    gray = (color.to(torch.float32) * w).sum(0, keepdim=True)
+    return gray.round().clamp(0, 255).to(torch.uint8) if color.dtype == torch.uint8 else gray.to(color.dtype)
+
+
+def resize_uint8(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a uint8 (N x C x H x W) batch with antialiased bilinear filtering, rounding back to uint8."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    out = F.interpolate(images.to(torch.float32), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def to_working(color: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
+    """One decoded image (uint8 C x H x W) at the working resolution: uint8 channels x R x R."""
+    return resize_uint8(match_channels(color, channels)[None], (resolution, resolution))[0]
+
+
+def resize_noise(delta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize working-resolution noise (N x C x R x R float) to a native size, bilinearly.
+
+    Bilinear weights are a convex combination (antialiased or not), so the L-inf bound of delta carries over.
+    """
+    if tuple(delta.shape[-2:]) == tuple(size):
+        return delta
+    return F.interpolate(delta, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def release_native(color: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Apply working-resolution noise (C' x R x R float) to one native image (uint8 C x H x W): the released pixels.
+
+    One-channel noise on an RGB image is added to every channel; three-channel noise on a grayscale image is
+    averaged to one channel, so grayscale stays grayscale.
+    """
+    noise = resize_noise(delta[None].to(torch.float32), (color.shape[1], color.shape[2]))[0]
+    if noise.shape[0] == 3 and color.shape[0] == 1:
+        noise = noise.mean(0, keepdim=True)
+    elif noise.shape[0] == 1 and color.shape[0] == 3:
+        noise = noise.expand(3, -1, -1)
+    return release_uint8(color, noise)
+
+
+def encode_png(color: torch.Tensor, alpha: torch.Tensor | None = None) -> bytes:
+    """Encode uint8 channels (and an untouched alpha) as PNG; deterministic bytes for the same pixels."""
+    arr = color.permute(1, 2, 0).contiguous().numpy()
+    if alpha is not None:
+        arr = np.concatenate([arr, alpha.numpy()[..., None]], axis=2)
+    if arr.shape[2] == 1:
+        img = Image.fromarray(arr[..., 0], mode="L")
+    elif arr.shape[2] == 2:
+        img = Image.fromarray(arr, mode="LA")
+    elif arr.shape[2] == 3:
+        img = Image.fromarray(arr, mode="RGB")
+    else:
+        img = Image.fromarray(arr, mode="RGBA")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()

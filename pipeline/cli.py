@@ -1,0 +1,151 @@
+"""The ``unlearnable`` command line: protect, evaluate, demo, make-shards.
+
+Exit status: 0 complete and protected; 2 bad arguments or a refused config; 3 incomplete (a rerun resumes);
+4 complete but the protection probe does not hold. Whenever it is not 0, one line on stderr says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.config import DEFAULT_PROBE_ARCH, DEFAULT_PROBE_STEPS, DEFAULT_SURROGATE, PROBE_MARGIN, ProtectConfig
+from pipeline.coordinator import EXIT_BAD_ARGS, EXIT_INCOMPLETE, ConfigRefused
+
+log = logging.getLogger("unlearnable")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_protect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", action="append", required=True, dest="inputs",
+                   help="shards: a brace pattern, a .tar, or a folder/prefix (every *.tar under it); repeatable")
+    p.add_argument("--output", required=True, help="release folder or URL (s3://bucket/prefix, any fsspec URL)")
+    add_generation_args(p)
+    p.add_argument("--max-rounds", type=int, default=30, help="stop after this many rounds even if not converged")
+    p.add_argument("--workers", type=int, default=None, help="worker actors (default: one per GPU, else 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with GPUs in the cluster, else 0")
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="default: the machine's cores / workers")
+    p.add_argument("--work-dir", default=None, help="noise state and checkpoints (default: <output>.work)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: largest label seen at plan time + 1")
+    p.add_argument("--max-pixels", type=int, default=50_000_000, help="reject larger images (decompression bombs)")
+    p.add_argument("--image-key", default=None, help="image member extension (default: first of png|jpg|jpeg|webp)")
+    p.add_argument("--label-key", default="cls", help="label member extension (integer text)")
+    p.add_argument("--keep-work", action="store_true", help="keep the noise state and checkpoints after the release")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run at this output and start over")
+
+
+def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    d = {"mode": "samplewise", "surrogate": DEFAULT_SURROGATE, "resolution": 32, "pgd_steps": None,
+         "train_steps": 10, "batch_size": 512, "step_size": None, "probe_steps": DEFAULT_PROBE_STEPS,
+         **(defaults or {})}
+    p.add_argument("--mode", choices=["samplewise", "classwise"], default=d["mode"])
+    p.add_argument("--surrogate", default=d["surrogate"], help="model the noise is optimised against")
+    p.add_argument("--resolution", type=int, default=d["resolution"], help="working resolution in pixels")
+    p.add_argument("--eps", default="8/255", help="L-inf budget, a fraction or a float")
+    p.add_argument("--step-size", default=d["step_size"], help="PGD step (default: eps/10)")
+    p.add_argument("--pgd-steps", type=int, default=d["pgd_steps"], help="default: 20 sample-wise, 1 class-wise")
+    p.add_argument("--train-steps", type=int, default=d["train_steps"], help="surrogate SGD steps per round")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--stop-error", type=float, default=0.01, help="stop when the error on released data is at most this")
+    p.add_argument("--probe-arch", default=DEFAULT_PROBE_ARCH, help="the protection probe's model")
+    p.add_argument("--probe-steps", type=int, default=d["probe_steps"], help="the probe's training steps")
+    p.add_argument("--probe-threshold", type=float, default=None,
+                   help=f"probe accuracy that still counts as protected (default: chance + {PROBE_MARGIN} x "
+                        "(clean-trained probe - chance))")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(args: argparse.Namespace) -> ProtectConfig:
+    names = ProtectConfig.__dataclass_fields__
+    return ProtectConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unlearnable", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("protect", help="add error-minimizing noise to a corpus and write the release",
+                       formatter_class=_Formatter)
+    _add_protect_args(p)
+
+    p = sub.add_parser("evaluate", help="train a victim from scratch on shards and score it on clean test shards",
+                       formatter_class=_Formatter)
+    p.add_argument("--train", action="append", required=True, help="training shards (pattern, tar or folder)")
+    p.add_argument("--test", action="append", required=True, help="clean test shards")
+    p.add_argument("--arch", default="resnet18", help="victim model")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--pad", type=int, default=4, help="random-crop padding")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips (leave off for digits)")
+    p.add_argument("--seed", type=int, action="append", default=None, help="victim seed; repeat for several")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("demo", help="bundled real data (MNIST), end to end: protect, victims, report.md + report.png",
+                       formatter_class=_Formatter)
+    p.add_argument("--output", default="demo-output")
+    p.add_argument("--mode", choices=["samplewise", "classwise"], default="samplewise")
+
+    p = sub.add_parser("make-shards", help="an image folder (one sub-folder per class) to WebDataset shards",
+                       formatter_class=_Formatter)
+    p.add_argument("src_dir")
+    p.add_argument("out")
+    p.add_argument("--per-shard", type=int, default=1000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "protect":
+            from pipeline.coordinator import protect
+
+            result = protect(config_from_args(args))
+            print(json.dumps({k: result.success[k] for k in ("rounds", "stop_reason", "surrogate_error",
+                                                              "protection", "counts")}, indent=2))
+            if result.exit_code:
+                print("unlearnable: the release is complete but the protection probe does not hold "
+                      f"(probe accuracy {result.success['protection']['probe_accuracy']:.3f} > threshold "
+                      f"{result.success['protection']['threshold']:.3f})", file=sys.stderr)
+            return result.exit_code
+        if args.command == "evaluate":
+            from pipeline.evaluate import evaluate_cli
+
+            return evaluate_cli(args)
+        if args.command == "demo":
+            from pipeline.demo import run_demo
+
+            return run_demo(args.output, args.mode)
+        if args.command == "make-shards":
+            from pipeline.make_shards import make_shards
+
+            written = make_shards(args.src_dir, args.out, args.per_shard)
+            print(json.dumps(written, indent=2))
+            return 0
+    except (ConfigRefused, ValueError) as exc:
+        print(f"unlearnable: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    except KeyboardInterrupt:
+        print("unlearnable: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into exit 3 and one line
+        log.exception("run failed")
+        print(f"unlearnable: incomplete ({type(exc).__name__}: {exc}); rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INCOMPLETE
+    return EXIT_BAD_ARGS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The run's configuration: one typed dataclass, resolved once, hashed, echoed into the run record."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+from ops.image import DEFAULT_MAX_PIXELS
+from ops.noise import parse_fraction
+
+# Chosen from measurements on MNIST-5k (README, "Defaults"): a weak surrogate makes a strong shortcut.
+DEFAULT_SURROGATE = "small-cnn"
+# The probe uses a different architecture from the surrogate: a probe of the surrogate's own architecture shares
+# its blind spots (on MNIST-5k a small-CNN probe scored 9% where a ResNet-18 victim reached 61.5%).
+DEFAULT_PROBE_ARCH = "resnet-mini"
+DEFAULT_PROBE_STEPS = 200
+# The probe holds when its clean accuracy is at most chance + PROBE_MARGIN * (clean-trained probe - chance),
+# unless --probe-threshold gives an absolute accuracy.
+PROBE_MARGIN = 0.25
+
+# Fields that change results: they form the config hash that binds markers to the run. Workers, addresses,
+# timeouts and --max-rounds are deliberately absent (raising --max-rounds continues a run).
+HASH_FIELDS = (
+    "mode",
+    "surrogate",
+    "resolution",
+    "eps",
+    "step_size",
+    "pgd_steps",
+    "train_steps",
+    "batch_size",
+    "stop_error",
+    "probe_arch",
+    "probe_steps",
+    "probe_threshold",
+    "seed",
+    "num_classes",
+    "max_pixels",
+    "image_key",
+    "label_key",
+)
+
+
+@dataclass
+class ProtectConfig:
+    inputs: list[str]
+    output: str
+    mode: str = "samplewise"
+    surrogate: str = DEFAULT_SURROGATE
+    resolution: int = 32
+    eps: float = 8 / 255
+    step_size: float | None = None  # default eps / 10
+    pgd_steps: int | None = None  # default 20 (sample-wise), 1 (class-wise)
+    train_steps: int = 10
+    batch_size: int = 512
+    stop_error: float = 0.01
+    probe_arch: str = DEFAULT_PROBE_ARCH
+    probe_steps: int = DEFAULT_PROBE_STEPS
+    probe_threshold: float | None = None  # default: relative to chance and the clean-trained probe
+    max_rounds: int = 30
+    seed: int = 0
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+    work_dir: str | None = None
+    ray_address: str | None = None
+    num_classes: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    image_key: str | None = None
+    label_key: str = "cls"
+    keep_work: bool = False
+    overwrite: bool = False
+
+    def resolved(self) -> ProtectConfig:
+        """Fill the defaults that depend on other fields and validate; raises ValueError naming the bad field."""
+        if self.mode not in ("samplewise", "classwise"):
+            raise ValueError(f"--mode must be samplewise or classwise, not {self.mode!r}")
+        self.eps = parse_fraction(self.eps)
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"--eps must be in (0, 1], got {self.eps}")
+        self.step_size = self.eps / 10 if self.step_size is None else parse_fraction(self.step_size)
+        if self.pgd_steps is None:
+            self.pgd_steps = 20 if self.mode == "samplewise" else 1
+        for name in ("resolution", "pgd_steps", "train_steps", "batch_size", "max_rounds", "probe_steps"):
+            if getattr(self, name) < (0 if name == "train_steps" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.stop_error <= 1:
+            raise ValueError(f"--stop-error must be in [0, 1], got {self.stop_error}")
+        if self.probe_threshold is not None and not 0 <= self.probe_threshold <= 1:
+            raise ValueError(f"--probe-threshold must be an accuracy in [0, 1], got {self.probe_threshold}")
+        if not self.inputs:
+            raise ValueError("at least one --input is required")
+        from surrogates import available
+
+        for name in (self.surrogate, self.probe_arch):
+            if name not in available():
+                raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(available()))}")
+        return self
+
+    def hashed_fields(self) -> dict:
+        return {name: getattr(self, name) for name in HASH_FIELDS}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def config_hash(cfg: ProtectConfig, plan_digest: str) -> str:
+    """Hash of the fields that change results plus the frozen input plan."""
+    payload = json.dumps({**cfg.hashed_fields(), "plan": plan_digest}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def differing_fields(recorded: dict, current: dict) -> list[str]:
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(ProtectConfig)]

@@ -1,0 +1,105 @@
+"""From a raw shard sample to a protectable one or a rejection with a clear reason.
+
+Both the worker's load (rounds) and the export apply exactly these rules, so a sample is rejected or protected
+the same way everywhere and ends in exactly one manifest row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from ops.image import DecodedImage, ImageRejected, decode_image
+from pipeline.storage.shards import RawSample
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass
+class SampleRules:
+    num_classes: int | None
+    max_pixels: int
+    image_key: str | None = None
+    label_key: str = "cls"
+
+
+@dataclass
+class Accepted:
+    key: str
+    label: int
+    image_member: str
+    image: DecodedImage
+    source_sha256: str
+
+
+@dataclass
+class Rejected:
+    key: str
+    error: str
+    label: int | None = None
+    source_sha256: str | None = None
+
+
+def find_image_member(members: dict[str, bytes], image_key: str | None) -> str | None:
+    if image_key is not None:
+        return image_key if image_key in members else None
+    for ext in IMAGE_EXTENSIONS:
+        if ext in members:
+            return ext
+    return None
+
+
+def parse_label(members: dict[str, bytes], label_key: str, num_classes: int | None) -> int:
+    """The sample's class from its label member (integer text); ValueError says what is wrong."""
+    if label_key not in members:
+        raise ValueError(f"no label member '.{label_key}'")
+    text = members[label_key].decode("utf-8", errors="replace").strip()
+    try:
+        label = int(text)
+    except ValueError:
+        raise ValueError(f"label '.{label_key}' is not an integer: {text[:40]!r}") from None
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise ValueError(f"label {label} out of range [0, {num_classes})")
+    return label
+
+
+def is_image_member(ext: str) -> bool:
+    return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def prepare(sample: RawSample, rules: SampleRules, seen_keys: set[str]) -> Accepted | Rejected:
+    """Validate and decode one sample; ``seen_keys`` (the shard's keys so far) rejects a repeated key."""
+    if sample.key in seen_keys:
+        return Rejected(sample.key, "key repeated in shard (the first occurrence is kept)")
+    seen_keys.add(sample.key)
+    member = find_image_member(sample.members, rules.image_key)
+    if member is None:
+        wanted = f"'.{rules.image_key}'" if rules.image_key else "png|jpg|jpeg|webp"
+        return Rejected(sample.key, f"no image member ({wanted}); members: {sorted(sample.members)}")
+    data = sample.members[member]
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        label = parse_label(sample.members, rules.label_key, rules.num_classes)
+    except ValueError as exc:
+        return Rejected(sample.key, str(exc), source_sha256=sha)
+    try:
+        image = decode_image(data, rules.max_pixels)
+    except ImageRejected as exc:
+        return Rejected(sample.key, str(exc), label=label, source_sha256=sha)
+    return Accepted(sample.key, label, member, image, sha)
+
+
+def released_members(sample: RawSample, png: bytes) -> dict[str, bytes]:
+    """The protected sample's members: ``png`` holds the protected image; every non-image member is unchanged.
+
+    Other image members are dropped: they would be unprotected copies of the content.
+    """
+    out = {ext: data for ext, data in sample.members.items() if not is_image_member(ext)}
+    out["png"] = png
+    return out
+
+
+def working_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)

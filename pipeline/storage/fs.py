@@ -1,0 +1,129 @@
+"""URLs through fsspec: local paths, ``s3://`` (s3fs, credentials from the standard AWS chain), any fsspec URL."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and in-filesystem path of a URL (plain paths are local)."""
+    return url_to_fs(url)
+
+
+def is_local(url: str) -> bool:
+    fs, _ = filesystem(url)
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def strip_url(url: str) -> str:
+    """A URL without a trailing slash (``s3://bkt/out/`` and ``s3://bkt/out`` are the same output)."""
+    return url.rstrip("/") if len(url.rstrip("/")) > 0 else url
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5) -> T:
+    """Call ``fn`` and retry transient I/O errors (OSError, which s3fs and local I/O raise) with backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt == attempts:
+                raise
+            delay = base_delay * 2 ** (attempt - 1)
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, exc, attempt, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return retry(lambda: fs.exists(path), f"exists {url}")
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return retry(lambda: fs.cat_file(path), f"read {url}")
+
+
+def size(url: str) -> int:
+    fs, path = filesystem(url)
+    return int(retry(lambda: fs.size(path), f"size {url}"))
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` so that readers see the old object or the whole new one, never a part.
+
+    On a file system: a temp file in the same folder, fsync, then ``os.replace`` (atomic within a file system).
+    On S3 and other object stores there is no rename: the single PUT is the atomic step.
+    """
+    fs, path = filesystem(url)
+    if is_local(url):
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path)[-40:])
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    retry(lambda: fs.pipe_file(path, data), f"write {url}")
+
+
+def write_verified(url: str, data: bytes) -> str:
+    """Write, then check the stored size; return the sha256 of what was written (it goes into the marker)."""
+    write_bytes(url, data)
+    stored = size(url)
+    if stored != len(data):
+        raise OSError(f"verification failed for {url}: wrote {len(data)} bytes, store reports {stored}")
+    return hashlib.sha256(data).hexdigest()
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        retry(lambda: fs.rm(path, recursive=recursive), f"remove {url}")
+
+
+def listdir(url: str) -> list[str]:
+    """Names (not paths) directly under a folder or prefix; empty when it does not exist."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def find(url: str, suffix: str) -> list[str]:
+    """Every object under a folder or prefix whose name ends with ``suffix``, as URLs with the input's scheme."""
+    fs, path = filesystem(url)
+    found = sorted(p for p in fs.find(path) if p.endswith(suffix))
+    scheme = url.split("://", 1)[0] + "://" if "://" in url else ""
+    return [scheme + p if scheme and not p.startswith(scheme) else p for p in found]
+
+
+def open_read(url: str):
+    """A streaming binary file object (the caller closes it)."""
+    fs, path = filesystem(url)
+    return fs.open(path, "rb")

@@ -1,0 +1,73 @@
+"""Where everything lives: the release (OUTPUT) and the work dir (WORK), as DESIGN.md lays them out.
+
+OUTPUT holds only protected shards, their manifests and markers, the merged manifest and ``_SUCCESS.json``.
+WORK holds the noise state and surrogate checkpoints, which can undo the protection: it is never inside OUTPUT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.storage import fs
+
+
+def default_work_dir(output: str) -> str:
+    out = fs.strip_url(output)
+    if "://" in out and out.split("://", 1)[1].count("/") == 0:
+        raise ValueError(f"output {output} is a bucket root: pass --work-dir (the work dir must not be inside OUTPUT)")
+    return out + ".work"
+
+
+def check_work_dir_outside(output: str, work: str) -> None:
+    out, wk = fs.strip_url(output) + "/", fs.strip_url(work) + "/"
+    if wk.startswith(out) or out.startswith(wk):
+        raise ValueError(f"work dir {work} overlaps the output {output}: noise state must never land in the release")
+
+
+@dataclass(frozen=True)
+class Layout:
+    output: str
+    work: str
+
+    # OUTPUT
+    def shard_tar(self, shard: str) -> str:
+        return fs.join(self.output, f"{shard}.tar")
+
+    def shard_manifest(self, shard: str) -> str:
+        return fs.join(self.output, f"{shard}.parquet")
+
+    def shard_marker(self, shard: str) -> str:
+        return fs.join(self.output, f"{shard}_stats.json")
+
+    @property
+    def manifest(self) -> str:
+        return fs.join(self.output, "manifest.parquet")
+
+    @property
+    def success(self) -> str:
+        return fs.join(self.output, "_SUCCESS.json")
+
+    # WORK
+    @property
+    def run_record(self) -> str:
+        return fs.join(self.work, "run.json")
+
+    @property
+    def plan(self) -> str:
+        return fs.join(self.work, "plan.parquet")
+
+    @property
+    def probe_record(self) -> str:
+        return fs.join(self.work, "probe_clean.json")
+
+    def round_dir(self, r: int) -> str:
+        return fs.join(self.work, f"round-{r:04d}")
+
+    def checkpoint(self, r: int) -> str:
+        return fs.join(self.round_dir(r), "surrogate.pt")
+
+    def noise_state(self, r: int, shard: str) -> str:
+        return fs.join(self.round_dir(r), "noise", f"{shard}.pt")
+
+    def round_marker(self, r: int) -> str:
+        return fs.join(self.round_dir(r), "round.json")

@@ -1,0 +1,56 @@
+"""Per-sample manifests (Parquet): one row per input sample, ``protected`` or ``rejected`` with its error."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("label", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("source_sha256", pa.string()),
+        ("output_sha256", pa.string()),
+        ("output_member", pa.string()),
+        ("linf", pa.int64()),
+        ("l2", pa.float64()),
+        ("psnr", pa.float64()),
+    ]
+)
+COLUMNS = SCHEMA.names
+
+
+def row(key: str, shard: str, status: str, **fields) -> dict:
+    out = {name: None for name in COLUMNS}
+    out.update(key=key, shard=shard, status=status, **fields)
+    unknown = set(out) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown manifest columns: {sorted(unknown)}")
+    return out
+
+
+def to_parquet(rows: list[dict]) -> bytes:
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def from_parquet(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
+
+
+def merge(parts: list[bytes]) -> bytes:
+    """One manifest of all shards' rows, in the order given (the plan's shard order)."""
+    tables = [from_parquet(p).cast(SCHEMA) for p in parts]
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
