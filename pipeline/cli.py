@@ -115,9 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: result.success[k] for k in ("rounds", "stop_reason", "surrogate_error",
                                                               "protection", "counts")}, indent=2))
             if result.exit_code:
-                print("unlearnable: the release is complete but the protection probe does not hold "
-                      f"(probe accuracy {result.success['protection']['probe_accuracy']:.3f} > threshold "
-                      f"{result.success['protection']['threshold']:.3f})", file=sys.stderr)
+                p = result.success["protection"]
+                why = (f"probe accuracy {p['probe_accuracy']:.3f} > threshold {p['threshold']:.3f}"
+                       if p["probe_accuracy"] > p["threshold"] else
+                       f"the probe learns only {p['probe_clean_accuracy']:.3f} from clean data, so it cannot tell")
+                print(f"unlearnable: the release is complete but the protection probe does not hold ({why})",
+                      file=sys.stderr)
             return result.exit_code
         if args.command == "evaluate":
             from pipeline.evaluate import evaluate_cli

@@ -80,6 +80,8 @@ class ProtectConfig:
         if not 0 < self.eps <= 1:
             raise ValueError(f"--eps must be in (0, 1], got {self.eps}")
         self.step_size = self.eps / 10 if self.step_size is None else parse_fraction(self.step_size)
+        if not 0 < self.step_size <= self.eps:
+            raise ValueError(f"--step-size must be in (0, eps], got {self.step_size}")
         if self.pgd_steps is None:
             self.pgd_steps = 20 if self.mode == "samplewise" else 1
         for name in ("resolution", "pgd_steps", "train_steps", "batch_size", "max_rounds", "probe_steps"):

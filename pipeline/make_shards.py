@@ -23,6 +23,7 @@ def make_shards(src_dir: str, out: str, per_shard: int = 1000, prefix: str = "sh
     if not classes:
         raise ValueError(f"{src_dir} has no class sub-folders")
     samples: list[RawSample] = []
+    keys: set[str] = set()
     for label, name in enumerate(classes):
         folder = os.path.join(src_dir, name)
         for fname in sorted(os.listdir(folder)):
@@ -34,6 +35,12 @@ def make_shards(src_dir: str, out: str, per_shard: int = 1000, prefix: str = "sh
             with open(path, "rb") as f:
                 data = f.read()
             key = f"{name}_{stem}".replace(".", "_").replace("/", "_")
+            # Two files may map to one key (x.png and x.jpg, a.b.png and a_b.png): keep them separate samples.
+            base, n = key, 1
+            while key in keys:
+                n += 1
+                key = f"{base}_{n}"
+            keys.add(key)
             samples.append(RawSample(key, {member: data, "cls": str(label).encode()}))
     shards = []
     for i in range(0, len(samples), per_shard):

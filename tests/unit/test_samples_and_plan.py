@@ -1,0 +1,439 @@
+"""Unit tests for sample validation (samples), the frozen plan (plan), the run config (config), make-shards and the
+bundled MNIST shards (mnist)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import mnist
+from pipeline.config import HASH_FIELDS, ProtectConfig, config_hash, differing_fields
+from pipeline.make_shards import make_shards
+from pipeline.plan import Plan, PlanError, ShardPlan, build_plan, expand_inputs
+from pipeline.samples import Accepted, Rejected, SampleRules, prepare, released_members
+from pipeline.storage import fs
+from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, write_tar
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _img_bytes(mode: str = "L", size: tuple[int, int] = (6, 5), value: int = 7, fmt: str = "PNG") -> bytes:
+    color = value if mode == "L" else (value, 2 * value % 256, 3 * value % 256)[: len(mode)]
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _shard(path, samples: list[RawSample]) -> str:
+    fs.write_bytes(str(path), write_tar(samples))
+    return str(path)
+
+
+def _rules(**kw) -> SampleRules:
+    return SampleRules(**{"num_classes": 10, "max_pixels": 10_000, **kw})
+
+
+def _cfg(**kw) -> ProtectConfig:
+    return ProtectConfig(**{"inputs": ["/in/s-{000000..000001}.tar"], "output": "/out", **kw})
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+
+
+def test_prepare_accepts_a_png_with_a_label():
+    png = _img_bytes("L", (6, 5))
+    result = prepare(RawSample("k1", {"png": png, "cls": b" 3\n"}), _rules(), set())
+    assert isinstance(result, Accepted)
+    assert (result.key, result.label, result.image_member) == ("k1", 3, "png")
+    assert (result.image.width, result.image.height) == (6, 5)
+    assert result.image.color.shape[0] == 1  # grayscale stays one channel
+    assert result.source_sha256 == hashlib.sha256(png).hexdigest()
+
+
+def test_prepare_accepts_a_jpg_when_there_is_no_png():
+    result = prepare(RawSample("k", {"jpg": _img_bytes("RGB", fmt="JPEG"), "cls": b"1"}), _rules(), set())
+    assert isinstance(result, Accepted) and result.image_member == "jpg"
+    assert result.image.color.shape[0] == 3
+
+
+@pytest.mark.parametrize(
+    "members, error",
+    [
+        ({"cls": b"1", "txt": b"hello"}, "no image member"),
+        ({"png": "PNG"}, "no label member '.cls'"),
+        ({"png": "PNG", "cls": b"three"}, "not an integer"),
+        ({"png": "PNG", "cls": b"1.0"}, "not an integer"),
+        ({"png": "PNG", "cls": b"10"}, "out of range"),
+        ({"png": "PNG", "cls": b"-1"}, "out of range"),
+        ({"png": b"\x89PNG\r\n\x1a\n garbage", "cls": b"1"}, "undecodable"),
+        ({"png": b"", "cls": b"1"}, "empty"),
+        ({"png": "BIG", "cls": b"1"}, "max-pixels"),
+    ],
+    ids=["no-image", "missing-label", "text-label", "float-label", "label-too-big", "negative-label",
+         "undecodable", "empty-image", "over-max-pixels"],
+)
+def test_prepare_rejects_with_a_clear_error(members, error):
+    members = dict(members)
+    if members.get("png") == "PNG":
+        members["png"] = _img_bytes()
+    elif members.get("png") == "BIG":
+        members["png"] = _img_bytes(size=(101, 100))  # 10,100 pixels > max_pixels 10,000
+    result = prepare(RawSample("bad", members), _rules(), set())
+    assert isinstance(result, Rejected)
+    assert result.key == "bad"
+    assert error in result.error, result.error
+
+
+def test_prepare_rejection_keeps_label_and_source_hash_when_known():
+    png = _img_bytes(size=(101, 100))
+    result = prepare(RawSample("big", {"png": png, "cls": b"4"}), _rules(), set())
+    assert isinstance(result, Rejected)
+    assert result.label == 4 and result.source_sha256 == hashlib.sha256(png).hexdigest()
+
+
+def test_prepare_rejects_a_repeated_key_and_accepts_the_first():
+    seen: set[str] = set()
+    first = prepare(RawSample("dup", {"png": _img_bytes(value=1), "cls": b"1"}), _rules(), seen)
+    other = prepare(RawSample("other", {"png": _img_bytes(value=2), "cls": b"2"}), _rules(), seen)
+    second = prepare(RawSample("dup", {"png": _img_bytes(value=3), "cls": b"3"}), _rules(), seen)
+    assert isinstance(first, Accepted) and first.label == 1
+    assert isinstance(other, Accepted)
+    assert isinstance(second, Rejected) and "repeated" in second.error
+
+
+def test_prepare_image_key_selects_the_member():
+    members = {"png": _img_bytes("L"), "seg.png": _img_bytes("RGB", (3, 2)), "cls": b"2"}
+    result = prepare(RawSample("k", members), _rules(image_key="seg.png"), set())
+    assert isinstance(result, Accepted)
+    assert result.image_member == "seg.png"
+    assert (result.image.width, result.image.height, result.image.color.shape[0]) == (3, 2, 3)
+
+
+def test_prepare_image_key_missing_is_rejected_naming_it():
+    result = prepare(RawSample("k", {"png": _img_bytes(), "cls": b"2"}), _rules(image_key="img"), set())
+    assert isinstance(result, Rejected) and "'.img'" in result.error
+
+
+def test_prepare_label_key_selects_the_label_member():
+    result = prepare(RawSample("k", {"png": _img_bytes(), "label": b"5"}), _rules(label_key="label"), set())
+    assert isinstance(result, Accepted) and result.label == 5
+
+
+def test_released_members_drops_other_images_and_keeps_other_members_byte_identical():
+    meta = json.dumps({"caption": "a digit", "ü": 1}).encode()
+    sample = RawSample("k", {"png": _img_bytes(), "jpg": _img_bytes("RGB", fmt="JPEG"), "seg.png": _img_bytes(),
+                             "cls": b"3", "json": meta, "txt": b"\x00\xffraw"})
+    out = released_members(sample, b"PROTECTED", "png")
+    assert out == {"png": b"PROTECTED", "cls": b"3", "json": meta, "txt": b"\x00\xffraw"}
+
+
+def test_released_members_of_a_jpg_sample_holds_the_protected_png_only():
+    sample = RawSample("k", {"jpg": _img_bytes("RGB", fmt="JPEG"), "cls": b"3"})
+    assert released_members(sample, b"P", "jpg") == {"png": b"P", "cls": b"3"}
+
+
+def test_released_members_drops_the_image_key_member():
+    """With --image-key naming a member without an image extension, the unprotected original must not be released."""
+    original = _img_bytes("RGB")
+    sample = RawSample("k", {"img": original, "cls": b"1"})
+    accepted = prepare(sample, _rules(image_key="img"), set())
+    assert isinstance(accepted, Accepted) and accepted.image_member == "img"
+    out = released_members(sample, b"PROTECTED", accepted.image_member)
+    leaked = sorted(k for k, v in out.items() if v == original)
+    assert not leaked, f"unprotected original released as member(s) {leaked}"
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+
+
+def _two_shards(tmp_path) -> list[str]:
+    d = tmp_path / "in"
+    a = _shard(d / "s-000000.tar", [RawSample(f"a{i}", {"png": _img_bytes(), "cls": str(i).encode()}) for i in range(3)])
+    b = _shard(d / "s-000001.tar", [RawSample(f"b{i}", {"png": _img_bytes(), "cls": b"4"}) for i in range(2)])
+    return [a, b]
+
+
+def test_expand_inputs_brace_pattern(tmp_path):
+    urls = _two_shards(tmp_path)
+    assert expand_inputs([f"{tmp_path}/in/s-{{000000..000001}}.tar"]) == urls
+
+
+def test_expand_inputs_directory_lists_every_tar_under_it(tmp_path):
+    urls = _two_shards(tmp_path)
+    nested = _shard(tmp_path / "in" / "more" / "t-000000.tar", [RawSample("c", {"png": _img_bytes(), "cls": b"0"})])
+    (tmp_path / "in" / "notes.txt").write_text("not a shard")
+    got = expand_inputs([str(tmp_path / "in")])
+    assert sorted(got) == sorted([*urls, nested])
+
+
+def test_expand_inputs_refuses_two_shards_with_the_same_stem(tmp_path):
+    a = _shard(tmp_path / "x" / "train-000007.tar", [RawSample("a", {"cls": b"0"})])
+    b = _shard(tmp_path / "y" / "train-000007.tar", [RawSample("b", {"cls": b"0"})])
+    with pytest.raises(PlanError, match="train-000007"):
+        expand_inputs([a, b])
+    with pytest.raises(PlanError, match="train-000007"):
+        expand_inputs([str(tmp_path)])
+
+
+def test_expand_inputs_empty_directory_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PlanError, match="no \\*.tar"):
+        expand_inputs([str(tmp_path / "empty")])
+
+
+def test_build_plan_counts_samples_infers_classes_and_grayscale(tmp_path):
+    urls = _two_shards(tmp_path)
+    plan = build_plan([f"{tmp_path}/in/s-{{000000..000001}}.tar"], None, None, "cls")
+    assert [(s.id, s.url, s.samples) for s in plan.shards] == [("s-000000", urls[0], 3), ("s-000001", urls[1], 2)]
+    assert plan.total_samples == 5
+    assert plan.num_classes == 5  # max label 4 + 1
+    assert plan.channels == 1
+
+
+def test_build_plan_counts_rejectable_samples_too(tmp_path):
+    url = _shard(tmp_path / "s.tar", [
+        RawSample("a", {"png": _img_bytes(), "cls": b"1"}),
+        RawSample("b", {"png": b"not an image", "cls": b"zzz"}),
+        RawSample("c", {"txt": b"no image at all"}),
+        RawSample("a", {"png": _img_bytes(), "cls": b"0"}),  # a repeat still makes a manifest row
+    ])
+    plan = build_plan([url], None, None, "cls")
+    assert plan.shards[0].samples == 4 and plan.num_classes == 2
+
+
+def test_build_plan_any_rgb_image_gives_three_channels(tmp_path):
+    url = _shard(tmp_path / "s.tar", [
+        RawSample("g", {"png": _img_bytes("L"), "cls": b"0"}),
+        RawSample("c", {"png": _img_bytes("RGB"), "cls": b"1"}),
+    ])
+    assert build_plan([url], None, None, "cls").channels == 3
+
+
+def test_build_plan_explicit_num_classes_wins(tmp_path):
+    _two_shards(tmp_path)
+    assert build_plan([str(tmp_path / "in")], 10, None, "cls").num_classes == 10
+
+
+def test_build_plan_without_labels_needs_num_classes(tmp_path):
+    url = _shard(tmp_path / "s.tar", [RawSample(f"k{i}", {"png": _img_bytes()}) for i in range(3)])
+    with pytest.raises(PlanError, match="--num-classes"):
+        build_plan([url], None, None, "cls")
+    assert build_plan([url], 3, None, "cls").num_classes == 3
+
+
+def test_build_plan_missing_shard_is_refused(tmp_path):
+    with pytest.raises(PlanError, match="not found"):
+        build_plan([str(tmp_path / "missing.tar")], 2, None, "cls")
+
+
+def test_plan_parquet_round_trip_and_digest_is_stable(tmp_path):
+    _two_shards(tmp_path)
+    plan = build_plan([str(tmp_path / "in")], None, None, "cls")
+    again = Plan.from_parquet(plan.to_parquet())
+    assert again == plan
+    assert again.digest == plan.digest == build_plan([str(tmp_path / "in")], None, None, "cls").digest
+    assert len(plan.digest) == 16
+    changed = Plan((plan.shards[0], ShardPlan(plan.shards[1].id, plan.shards[1].url, 99)), plan.num_classes,
+                   plan.channels)
+    assert changed.digest != plan.digest
+    assert Plan(plan.shards, plan.num_classes, 3).digest != plan.digest
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+def test_resolved_fills_step_size_and_pgd_steps_by_mode():
+    sw = _cfg().resolved()
+    assert sw.step_size == pytest.approx(sw.eps / 10) and sw.pgd_steps == 20
+    cw = _cfg(mode="classwise").resolved()
+    assert cw.pgd_steps == 1 and cw.step_size == pytest.approx(8 / 255 / 10)
+    assert _cfg(pgd_steps=5).resolved().pgd_steps == 5
+
+
+def test_resolved_parses_fractions():
+    cfg = _cfg(eps="8/255", step_size="1/255").resolved()
+    assert cfg.eps == pytest.approx(8 / 255) and isinstance(cfg.eps, float)
+    assert cfg.step_size == pytest.approx(1 / 255)
+    assert _cfg(eps="16/255").resolved().step_size == pytest.approx(16 / 255 / 10)
+
+
+@pytest.mark.parametrize(
+    "kw, named",
+    [
+        ({"mode": "pixelwise"}, "--mode"),
+        ({"surrogate": "no-such-net"}, "no-such-net"),
+        ({"probe_arch": "no-such-probe"}, "no-such-probe"),
+        ({"pgd_steps": -1}, "--pgd-steps"),
+        ({"train_steps": -1}, "--train-steps"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"max_rounds": 0}, "--max-rounds"),
+        ({"eps": 0}, "--eps"),
+        ({"eps": "2"}, "--eps"),
+        ({"stop_error": 1.5}, "--stop-error"),
+        ({"probe_threshold": -0.1}, "--probe-threshold"),
+        ({"inputs": []}, "--input"),
+    ],
+)
+def test_resolved_rejects_bad_values_naming_the_field(kw, named):
+    with pytest.raises(ValueError, match=named.replace("-", "\\-")):
+        _cfg(**kw).resolved()
+
+
+def test_resolved_rejects_a_non_positive_step_size():
+    for step_size in (-0.01, "-1/255", 0.0):
+        with pytest.raises(ValueError, match="step"):
+            _cfg(step_size=step_size).resolved()
+
+
+def test_config_hash_changes_with_hashed_fields():
+    base = config_hash(_cfg().resolved(), "plan1")
+    assert config_hash(_cfg(eps="4/255").resolved(), "plan1") != base
+    assert config_hash(_cfg(seed=1).resolved(), "plan1") != base
+    assert config_hash(_cfg(mode="classwise").resolved(), "plan1") != base
+    assert config_hash(_cfg(surrogate="mlp").resolved(), "plan1") != base
+    assert config_hash(_cfg().resolved(), "plan2") != base
+    assert config_hash(_cfg().resolved(), "plan1") == base
+
+
+def test_config_hash_ignores_workers_addresses_and_max_rounds():
+    base = config_hash(_cfg().resolved(), "p")
+    for kw in ({"workers": 8}, {"ray_address": "ray://head:10001"}, {"max_rounds": 99}, {"gpus_per_worker": 1},
+               {"cpus_per_worker": 2}, {"work_dir": "/elsewhere"}, {"keep_work": True}, {"overwrite": True},
+               {"output": "/other-out"}, {"inputs": ["/other/in.tar"]}):
+        assert config_hash(_cfg(**kw).resolved(), "p") == base, kw
+    assert not {"workers", "ray_address", "max_rounds"} & set(HASH_FIELDS)
+
+
+def test_config_hash_same_for_fraction_text_and_float():
+    assert config_hash(_cfg(eps="8/255").resolved(), "p") == config_hash(_cfg(eps=8 / 255).resolved(), "p")
+
+
+def test_differing_fields_names_the_changed_fields():
+    a = _cfg().resolved().hashed_fields()
+    b = _cfg(eps="4/255", seed=3).resolved().hashed_fields()
+    assert differing_fields(a, b) == ["eps", "seed", "step_size"]
+    assert differing_fields(a, dict(a)) == []
+    assert differing_fields({"x": 1}, {"y": 1}) == ["x", "y"]
+
+
+# ---------------------------------------------------------------------------------------------------- make_shards
+
+
+def _image_folder(root, layout: dict[str, list[str]]) -> None:
+    for cls, names in layout.items():
+        (root / cls).mkdir(parents=True)
+        for i, name in enumerate(names):
+            fmt = "JPEG" if name.endswith(".jpg") else "PNG"
+            (root / cls / name).write_bytes(_img_bytes("RGB", value=10 * i + len(cls), fmt=fmt))
+
+
+def test_make_shards_labels_classes_in_sorted_folder_order(tmp_path):
+    src = tmp_path / "src"
+    _image_folder(src, {"zebra": ["a.png", "b.png"], "ant": ["c.png", "d.jpg", "e.png"]})
+    (src / "README.txt").write_text("not a class")
+    report = make_shards(str(src), str(tmp_path / "out"), per_shard=1000)
+    assert report["samples"] == 5 and report["classes"] == 2 and len(report["shards"]) == 1
+    got = [s for s in iter_samples(report["shards"][0])]
+    assert all(isinstance(s, RawSample) for s in got)
+    labels = {s.key: s.members["cls"] for s in got}
+    assert labels == {"ant_c": b"0", "ant_d": b"0", "ant_e": b"0", "zebra_a": b"1", "zebra_b": b"1"}
+    by_key = {s.key: s for s in got}
+    assert by_key["ant_d"].members["jpg"] == (src / "ant" / "d.jpg").read_bytes()  # bytes kept as they are
+    assert by_key["zebra_b"].members["png"] == (src / "zebra" / "b.png").read_bytes()
+
+
+def test_make_shards_respects_per_shard_and_writes_classes_json(tmp_path):
+    src = tmp_path / "src"
+    _image_folder(src, {"cat": ["1.png", "2.png", "3.png"], "dog": ["4.png", "5.png"]})
+    out = tmp_path / "out"
+    report = make_shards(str(src), str(out), per_shard=2)
+    assert [os.path.basename(u) for u in report["shards"]] == ["shard-000000.tar", "shard-000001.tar",
+                                                              "shard-000002.tar"]
+    counts = [len(list(iter_samples(u))) for u in report["shards"]]
+    assert counts == [2, 2, 1]
+    assert json.loads((out / "classes.json").read_text()) == {"0": "cat", "1": "dog"}
+    assert sorted(os.listdir(out)) == ["classes.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+
+
+def test_make_shards_files_with_the_same_stem_stay_separate_samples(tmp_path):
+    """``x.png`` and ``x.jpg`` (or ``a.b.png`` and ``a_b.png``) in one class must not collapse into one sample."""
+    src = tmp_path / "src"
+    _image_folder(src, {"cat": ["x.jpg", "x.png", "a.b.png", "a_b.png"], "dog": ["y.png"]})
+    report = make_shards(str(src), str(tmp_path / "out"))
+    got = [s for u in report["shards"] for s in iter_samples(u)]
+    keys = [s.key for s in got]
+    assert len(got) == report["samples"] == 5, f"reported {report['samples']} samples, shard holds keys {keys}"
+    assert len(set(keys)) == len(keys), f"duplicate keys {keys}"
+
+
+def test_make_shards_refuses_bad_arguments(tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(_img_bytes())
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        make_shards(str(tmp_path / "flat"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="--per-shard"):
+        make_shards(str(tmp_path / "flat"), str(tmp_path / "out"), per_shard=0)
+
+
+# ---------------------------------------------------------------------------------------------------- mnist
+
+
+@pytest.fixture(scope="module")
+def mnist_arrays():
+    x, y = mnist.load_mnist()  # the real bundled data, loaded once (~2 s)
+    return x, y
+
+
+@pytest.fixture
+def cached_mnist(mnist_arrays, monkeypatch):
+    monkeypatch.setattr(mnist, "load_mnist", lambda: mnist_arrays)
+    return mnist_arrays
+
+
+def test_load_mnist_is_5000_grayscale_digits(mnist_arrays):
+    x, y = mnist_arrays
+    assert x.shape == (5000, 28, 28) and x.dtype == np.uint8
+    assert y.shape == (5000,) and set(np.unique(y)) == set(range(10))
+
+
+def test_mnist_split_is_stratified_disjoint_and_deterministic(cached_mnist):
+    _, y = cached_mnist
+    train, test = mnist.split(7, 3, seed=0)
+    assert np.bincount(y[train], minlength=10).tolist() == [7] * 10
+    assert np.bincount(y[test], minlength=10).tolist() == [3] * 10
+    assert not set(train.tolist()) & set(test.tolist())
+    assert len(set(train.tolist())) == 70 and len(set(test.tolist())) == 30
+    again = mnist.split(7, 3, seed=0)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], test)
+    other = mnist.split(7, 3, seed=1)
+    assert not np.array_equal(other[0], train)
+
+
+def test_mnist_split_refuses_more_than_a_class_holds(cached_mnist):
+    with pytest.raises(ValueError, match="only"):
+        mnist.split(400, 101)
+
+
+def test_mnist_write_shards_gives_28x28_grayscale_pngs_and_integer_cls(cached_mnist, tmp_path):
+    x, y = cached_mnist
+    indices = np.array([3, 14, 159, 2653, 4999])
+    urls = mnist.write_shards(str(tmp_path / "train"), indices, "train", per_shard=2)
+    assert [os.path.basename(u) for u in urls] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    got = [s for u in urls for s in iter_samples(u)]
+    assert not any(isinstance(s, ShardReadError) for s in got)
+    assert [s.key for s in got] == [f"mnist-{i:05d}" for i in indices]
+    for s, i in zip(got, indices):
+        assert sorted(s.members) == ["cls", "png"]
+        with Image.open(io.BytesIO(s.members["png"])) as img:
+            assert img.format == "PNG" and img.mode == "L" and img.size == (28, 28)
+            assert np.array_equal(np.asarray(img), x[i])
+        assert int(s.members["cls"]) == int(y[i])
+    # and the protect pipeline's own rules accept them
+    seen: set[str] = set()
+    assert all(isinstance(prepare(s, _rules(), seen), Accepted) for s in got)

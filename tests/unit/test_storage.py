@@ -1,0 +1,524 @@
+"""Unit tests for pipeline/storage: atomic writes and retries (fs), WebDataset shards, manifests, markers, layout."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.storage import fs, manifest, markers, shards
+from pipeline.storage.layout import Layout, check_work_dir_outside, default_work_dir
+from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, shard_id, split_member_name, write_tar
+
+DESIGN_COLUMNS = [
+    "key", "shard", "status", "error", "label", "width", "height",
+    "source_sha256", "output_sha256", "output_member", "linf", "l2", "psnr",
+]
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _png(value: int = 0, size: tuple[int, int] = (4, 4), mode: str = "L", noise: bool = False) -> bytes:
+    if noise:  # incompressible pixels: a member spanning several 512-byte tar blocks
+        rng = np.random.default_rng(value)
+        channels = 3 if mode == "RGB" else None
+        shape = (size[1], size[0], channels) if channels else (size[1], size[0])
+        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+    else:
+        img = Image.new(mode, size, value if mode == "L" else (value, value, value))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _samples(n: int = 4, noise: bool = False) -> list[RawSample]:
+    return [
+        RawSample(f"s{i:04d}", {"png": _png(i, (24, 24), noise=noise), "cls": str(i % 3).encode(),
+                                "json": json.dumps({"i": i}).encode()})
+        for i in range(n)
+    ]
+
+
+def _write(path, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def _member_offsets(data: bytes) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {info.name: info for info in tar.getmembers()}
+
+
+def _split_items(items):
+    """(intact samples, read errors); a sample the cut went through is yielded marked ``truncated`` and left out."""
+    raws = [it for it in items if isinstance(it, RawSample) and not it.truncated]
+    errors = [it for it in items if isinstance(it, ShardReadError)]
+    cut = [it for it in items if isinstance(it, RawSample) and it.truncated]
+    assert len(cut) <= 1 and (not cut or items[-2] is cut[0]), "only the sample at the cut may be marked truncated"
+    return raws, errors
+
+
+# ---------------------------------------------------------------------------------------------------- fs
+
+
+def test_write_bytes_is_atomic_and_leaves_no_temp_files(tmp_path):
+    url = str(tmp_path / "a" / "b" / "obj.tar")  # parent folders are created
+    fs.write_bytes(url, b"first")
+    fs.write_bytes(url, b"second version")
+    assert fs.read_bytes(url) == b"second version"
+    assert sorted(os.listdir(tmp_path / "a" / "b")) == ["obj.tar"]
+
+
+def test_write_bytes_failure_removes_temp_file_and_keeps_old_content(tmp_path, monkeypatch):
+    url = str(tmp_path / "obj.parquet")
+    fs.write_bytes(url, b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk on fire"):
+        fs.write_bytes(url, b"new")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["obj.parquet"]  # no .tmp-* left behind
+    assert fs.read_bytes(url) == b"old"
+
+
+def test_write_bytes_failure_on_new_file_leaves_nothing(tmp_path, monkeypatch):
+    url = str(tmp_path / "fresh.tar")
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        fs.write_bytes(url, b"data")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_verified_returns_sha256_and_size_matches(tmp_path):
+    url = str(tmp_path / "x.bin")
+    data = os.urandom(3000)
+    digest = fs.write_verified(url, data)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert fs.size(url) == len(data) == os.path.getsize(url)
+    assert fs.read_bytes(url) == data
+
+
+def test_write_verified_raises_when_store_reports_another_size(tmp_path, monkeypatch):
+    url = str(tmp_path / "x.bin")
+    monkeypatch.setattr(fs, "size", lambda u: 1)
+    with pytest.raises(OSError, match="verification failed"):
+        fs.write_verified(url, b"12345")
+
+
+def test_find_lists_tar_files_under_a_folder(tmp_path):
+    for rel in ["a.tar", "sub/b.tar", "sub/deeper/c.tar", "notes.txt", "sub/d.tar.gz", "e.parquet"]:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    found = fs.find(str(tmp_path), ".tar")
+    assert found == sorted(found)
+    assert [os.path.relpath(p, tmp_path) for p in found] == ["a.tar", "sub/b.tar", "sub/deeper/c.tar"]
+
+
+def test_read_bytes_of_missing_file_raises_file_not_found_without_retrying(tmp_path, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(fs.time, "sleep", sleeps.append)
+    with pytest.raises(FileNotFoundError):
+        fs.read_bytes(str(tmp_path / "missing.json"))
+    assert sleeps == []
+
+
+def test_retry_retries_oserror_then_succeeds(monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(fs.time, "sleep", sleeps.append)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("reset by peer")  # an OSError
+        return "ok"
+
+    assert fs.retry(flaky, "flaky", attempts=4, base_delay=0.5) == "ok"
+    assert len(calls) == 3
+    assert sleeps == [0.5, 1.0]  # exponential backoff
+
+
+def test_retry_does_not_retry_file_not_found(monkeypatch):
+    monkeypatch.setattr(fs.time, "sleep", lambda s: None)
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("nope")
+
+    with pytest.raises(FileNotFoundError):
+        fs.retry(missing, "missing")
+    assert len(calls) == 1
+
+
+def test_retry_gives_up_after_the_last_attempt(monkeypatch):
+    monkeypatch.setattr(fs.time, "sleep", lambda s: None)
+    calls = []
+
+    def always():
+        calls.append(1)
+        raise OSError("still down")
+
+    with pytest.raises(OSError, match="still down"):
+        fs.retry(always, "always", attempts=3)
+    assert len(calls) == 3
+
+
+def test_retry_does_not_retry_non_io_errors(monkeypatch):
+    monkeypatch.setattr(fs.time, "sleep", lambda s: None)
+    calls = []
+
+    def bug():
+        calls.append(1)
+        raise ValueError("a bug, not a transient error")
+
+    with pytest.raises(ValueError):
+        fs.retry(bug, "bug")
+    assert len(calls) == 1
+
+
+def test_exists_listdir_remove(tmp_path):
+    fs.write_bytes(str(tmp_path / "d" / "b.txt"), b"1")
+    fs.write_bytes(str(tmp_path / "d" / "a.txt"), b"2")
+    assert fs.exists(str(tmp_path / "d" / "a.txt"))
+    assert fs.listdir(str(tmp_path / "d")) == ["a.txt", "b.txt"]
+    assert fs.listdir(str(tmp_path / "nothing")) == []
+    fs.remove(str(tmp_path / "d"), recursive=True)
+    assert not fs.exists(str(tmp_path / "d"))
+    fs.remove(str(tmp_path / "d"))  # removing what is gone is fine
+
+
+def test_join_and_strip_url():
+    assert fs.join("s3://bkt/out/", "a.tar") == "s3://bkt/out/a.tar"
+    assert fs.join("/data/out", "round-0001", "noise") == "/data/out/round-0001/noise"
+    assert fs.strip_url("s3://bkt/out/") == "s3://bkt/out"
+    assert fs.is_local("/tmp/x") and not fs.is_local("memory://x")
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+
+
+def test_write_tar_is_byte_deterministic():
+    a = write_tar(_samples(3))
+    b = write_tar(_samples(3))
+    assert a == b
+    assert a != write_tar(_samples(2))
+
+
+def test_write_tar_members_are_key_dot_ext_with_fixed_metadata():
+    data = write_tar(_samples(2))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        infos = tar.getmembers()
+        names = [i.name for i in infos]
+        assert names == ["s0000.cls", "s0000.json", "s0000.png", "s0001.cls", "s0001.json", "s0001.png"]
+        assert all(i.mtime == 0 and i.isfile() for i in infos)
+        assert tar.extractfile("s0001.cls").read() == b"1"
+        assert tar.extractfile("s0000.png").read() == _samples(1)[0].members["png"]
+
+
+def test_write_tar_is_readable_by_webdataset(tmp_path):
+    import webdataset as wds
+
+    samples = _samples(3)
+    url = _write(tmp_path / "shard-000000.tar", write_tar(samples))
+    got = list(wds.WebDataset(url, shardshuffle=False))
+    assert [g["__key__"] for g in got] == [s.key for s in samples]
+    for g, s in zip(got, samples):
+        assert {k: v for k, v in g.items() if not k.startswith("__")} == s.members
+
+
+def test_iter_samples_groups_members_by_key_in_order(tmp_path):
+    samples = _samples(5)
+    url = _write(tmp_path / "s.tar", write_tar(samples))
+    got = list(iter_samples(url))
+    assert all(isinstance(g, RawSample) for g in got)
+    assert got == samples
+
+
+def test_iter_samples_handles_keys_with_folders_and_multi_dot_extensions(tmp_path):
+    samples = [
+        RawSample("a/b/0001", {"seg.png": _png(1), "png": _png(2), "cls": b"1"}),
+        RawSample("a/b/0002", {"seg.png": _png(3), "cls": b"0"}),
+    ]
+    data = write_tar(samples)
+    assert "a/b/0001.seg.png" in _member_offsets(data)
+    got = list(iter_samples(_write(tmp_path / "s.tar", data)))
+    assert [g.key for g in got] == ["a/b/0001", "a/b/0002"]
+    assert got[0].members == samples[0].members
+    assert sorted(got[0].members) == ["cls", "png", "seg.png"]
+
+
+def test_split_member_name():
+    assert split_member_name("a/b/0001.seg.png") == ("a/b/0001", "seg.png")
+    assert split_member_name("0001.png") == ("0001", "png")
+    assert split_member_name("dir.v2/0001.png") == ("dir.v2/0001", "png")
+    assert split_member_name("README") == ("README", "")
+
+
+def test_truncated_tar_cut_in_half_ends_with_a_shard_read_error(tmp_path):
+    """Cutting a shard's bytes in half must not read as a complete, shorter shard.
+
+    A tar is a multiple of 512-byte blocks (here of the 10240-byte record), so half of it ends on a block
+    boundary; the stream must still be reported as unreadable to its end (the end-of-archive blocks are missing).
+    """
+    samples = _samples(6, noise=True)
+    data = write_tar(samples)
+    url = _write(tmp_path / "s.tar", data[: len(data) // 2])
+    items = list(iter_samples(url))
+    raws, errors = _split_items(items)
+    assert errors, f"truncated shard read as complete: {[r.key for r in raws]}"
+    assert isinstance(items[-1], ShardReadError) and len(errors) == 1
+    assert 0 < len(raws) < len(samples)
+    assert raws == samples[: len(raws)]  # only complete samples
+
+
+@pytest.mark.parametrize("member", ["s0002.cls", "s0002.png"], ids=["between-samples", "inside-a-sample"])
+def test_truncated_tar_cut_at_a_member_header_ends_with_a_shard_read_error(tmp_path, member):
+    samples = _samples(4)
+    data = write_tar(samples)
+    cut = _member_offsets(data)[member].offset  # a 512-byte block boundary where a member header starts
+    items = list(iter_samples(_write(tmp_path / "s.tar", data[:cut])))
+    raws, errors = _split_items(items)
+    assert len(errors) == 1 and isinstance(items[-1], ShardReadError), \
+        f"truncation at a block boundary is silent; yielded {[(r.key, sorted(r.members)) for r in raws]}"
+    # Cut between samples, the last sample read may have had more members: it is marked truncated, not intact.
+    assert raws == samples[: len(raws)] and len(raws) >= 1
+    assert [it.key for it in items[:-1]] == [s.key for s in samples[:2]] + (["s0002"] if member.endswith("png") else [])
+
+
+def test_truncated_tar_inside_a_sample_first_member_yields_complete_samples_then_error(tmp_path):
+    samples = _samples(5, noise=True)
+    data = write_tar(samples)
+    info = _member_offsets(data)["s0003.cls"]
+    url = _write(tmp_path / "s.tar", data[: info.offset_data])  # header of s0003.cls present, its data cut
+    items = list(iter_samples(url))
+    raws, errors = _split_items(items)
+    assert raws == samples[:3]
+    assert len(errors) == 1 and items[-1] is errors[0]
+    assert "s0003" in errors[0].message
+
+
+def test_truncated_tar_does_not_yield_the_partial_sample_at_the_cut(tmp_path):
+    """A cut inside a sample's last member must not yield that sample with members missing."""
+    samples = _samples(5, noise=True)
+    data = write_tar(samples)
+    info = _member_offsets(data)["s0003.png"]
+    url = _write(tmp_path / "s.tar", data[: info.offset_data + info.size // 2])
+    items = list(iter_samples(url))
+    raws, errors = _split_items(items)
+    assert len(errors) == 1 and isinstance(items[-1], ShardReadError)
+    partial = [r.key for r, s in zip(raws, samples) if r != s]
+    assert not partial, f"incomplete samples yielded as samples: {partial} " \
+                        f"(members {[sorted(r.members) for r in raws if r.key in partial]})"
+    assert raws == samples[:3]
+
+
+def test_zero_byte_shard_yields_only_a_shard_read_error(tmp_path):
+    url = _write(tmp_path / "empty.tar", b"")
+    items = list(iter_samples(url))  # must not raise
+    assert all(isinstance(i, ShardReadError) for i in items)
+    assert len(items) == 1
+    assert "start" in items[0].message
+
+
+def test_not_a_tar_yields_a_shard_read_error(tmp_path):
+    url = _write(tmp_path / "junk.tar", b"this is not a tar file at all" * 40)
+    items = list(iter_samples(url))
+    assert len(items) == 1 and isinstance(items[0], ShardReadError)
+
+
+def test_missing_shard_yields_a_shard_read_error(tmp_path):
+    items = list(iter_samples(str(tmp_path / "missing.tar")))
+    assert len(items) == 1 and isinstance(items[0], ShardReadError)
+
+
+def test_repeated_key_later_in_a_shard_yields_two_samples(tmp_path):
+    a = RawSample("k1", {"png": _png(1), "cls": b"1"})
+    b = RawSample("k2", {"png": _png(2), "cls": b"2"})
+    a2 = RawSample("k1", {"png": _png(3), "cls": b"3"})
+    got = list(iter_samples(_write(tmp_path / "s.tar", write_tar([a, b, a2]))))
+    assert [g.key for g in got] == ["k1", "k2", "k1"]
+    assert got[0] == a and got[2] == a2
+
+
+def test_member_repeated_within_one_sample_keeps_the_first(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("k.cls", b"1"), ("k.cls", b"2"), ("k.png", b"p")]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    got = list(iter_samples(_write(tmp_path / "s.tar", buf.getvalue())))
+    assert got == [RawSample("k", {"cls": b"1", "png": b"p"})]
+
+
+def test_shard_id_is_the_file_stem():
+    assert shard_id("s3://bkt/raw/train-000123.tar") == "train-000123"
+    assert shard_id("/data/x/shard.v2.tar") == "shard.v2"
+    assert shard_id("/data/x/train-000001.tar/") == "train-000001"
+    assert shards.shard_id("relative/foo.tgz") == "foo"
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+
+
+def _rows() -> list[dict]:
+    return [
+        manifest.row("s0", "shard-a", "protected", label=3, width=28, height=28, source_sha256="aa",
+                     output_sha256="bb", output_member="s0.png", linf=8, l2=1.5, psnr=38.25),
+        manifest.row("s1", "shard-a", "rejected", error="no label member '.cls'", source_sha256="cc"),
+    ]
+
+
+def test_manifest_round_trip_with_design_columns_in_order(tmp_path):
+    assert manifest.COLUMNS == DESIGN_COLUMNS
+    data = manifest.to_parquet(_rows())
+    table = manifest.from_parquet(data)
+    assert table.column_names == DESIGN_COLUMNS
+    assert table.to_pylist() == _rows()
+    # readable by plain pyarrow from a file
+    path = _write(tmp_path / "shard-a.parquet", data)
+    plain = pq.read_table(path)
+    assert plain.column_names == DESIGN_COLUMNS
+    assert plain.schema.field("label").type == pa.int64()
+    assert plain.schema.field("linf").type == pa.int64()
+    assert plain.schema.field("psnr").type == pa.float64()
+    assert plain.column("status").to_pylist() == ["protected", "rejected"]
+
+
+def test_manifest_row_rejects_unknown_columns():
+    with pytest.raises(ValueError, match="bogus"):
+        manifest.row("k", "s", "protected", bogus=1)
+
+
+def test_manifest_row_fills_missing_columns_with_none():
+    r = manifest.row("k", "s", "rejected", error="x")
+    assert list(r) == DESIGN_COLUMNS
+    assert r["label"] is None and r["error"] == "x"
+
+
+def test_manifest_merge_keeps_all_rows_in_order():
+    part1 = manifest.to_parquet(_rows())
+    part2 = manifest.to_parquet([manifest.row("t0", "shard-b", "protected", label=1)])
+    part3 = manifest.to_parquet([])
+    merged = manifest.from_parquet(manifest.merge([part2, part3, part1]))
+    assert merged.column_names == DESIGN_COLUMNS
+    assert merged.column("key").to_pylist() == ["t0", "s0", "s1"]
+    assert merged.column("shard").to_pylist() == ["shard-b", "shard-a", "shard-a"]
+
+
+def test_manifest_merge_of_nothing_is_an_empty_manifest():
+    table = manifest.from_parquet(manifest.merge([]))
+    assert table.num_rows == 0 and table.column_names == DESIGN_COLUMNS
+
+
+# ---------------------------------------------------------------------------------------------------- markers
+
+
+def test_marker_is_done_only_with_the_same_config_hash(tmp_path):
+    url = str(tmp_path / "shard_stats.json")
+    markers.write_marker(url, "hash-a", samples=3, sha256="ff")
+    assert markers.is_done(url, "hash-a")
+    assert not markers.is_done(url, "hash-b")
+    assert markers.read_marker(url) == {"config_hash": "hash-a", "samples": 3, "sha256": "ff"}
+
+
+def test_missing_marker_reads_none_and_is_not_done(tmp_path):
+    url = str(tmp_path / "nope.json")
+    assert markers.read_marker(url) is None
+    assert not markers.is_done(url, "h")
+
+
+def test_torn_marker_counts_as_absent(tmp_path):
+    url = str(tmp_path / "m.json")
+    markers.write_marker(url, "h", samples=10)
+    full = open(url, "rb").read()
+    for cut in (0, 1, len(full) // 2, len(full) - 1):
+        _write(url, full[:cut])
+        assert markers.read_marker(url) is None
+        assert not markers.is_done(url, "h")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not json", b"{\"config_hash\": ", b"\x80\x81\xfe garbage", b"[1, 2]", b"\"done\""],
+    ids=["text", "torn-object", "non-utf8", "json-list", "json-string"],
+)
+def test_invalid_marker_counts_as_absent(tmp_path, content):
+    url = _write(tmp_path / "m.json", content)
+    assert not markers.is_done(url, "h")  # must not raise: an invalid marker is simply not done
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+
+
+def test_default_work_dir_is_output_dot_work():
+    assert default_work_dir("/data/protected") == "/data/protected.work"
+    assert default_work_dir("/data/protected/") == "/data/protected.work"
+    assert default_work_dir("s3://bkt/protected") == "s3://bkt/protected.work"
+    assert default_work_dir("s3://bkt/runs/protected/") == "s3://bkt/runs/protected.work"
+
+
+@pytest.mark.parametrize("output", ["s3://bkt", "s3://bkt/"])
+def test_bucket_root_output_needs_a_work_dir(output):
+    with pytest.raises(ValueError, match="--work-dir"):
+        default_work_dir(output)
+
+
+@pytest.mark.parametrize(
+    "output, work",
+    [
+        ("/d/out", "/d/out/work"),
+        ("/d/out/", "/d/out/.work"),
+        ("s3://bkt/out", "s3://bkt/out/w"),
+        ("/d/out/inner", "/d/out"),  # output inside the work dir
+        ("s3://bkt/work/out", "s3://bkt/work/"),
+        ("/d/out", "/d/out/"),  # the same folder
+    ],
+)
+def test_check_work_dir_outside_refuses_overlap(output, work):
+    with pytest.raises(ValueError, match="overlaps"):
+        check_work_dir_outside(output, work)
+
+
+@pytest.mark.parametrize(
+    "output, work",
+    [("/d/out", "/d/out.work"), ("/d/out", "/d/out2"), ("/d/out.work", "/d/out"), ("s3://bkt", "s3://other/w"),
+     ("s3://bkt/out", "s3://bkt/work")],
+)
+def test_check_work_dir_outside_accepts_siblings(output, work):
+    check_work_dir_outside(output, work)
+
+
+def test_layout_shard_files_live_in_output_and_round_files_in_work():
+    lay = Layout("s3://bkt/out", "s3://bkt/out.work")
+    assert lay.shard_tar("train-000001") == "s3://bkt/out/train-000001.tar"
+    assert lay.shard_manifest("train-000001") == "s3://bkt/out/train-000001.parquet"
+    assert lay.shard_marker("train-000001") == "s3://bkt/out/train-000001_stats.json"
+    assert lay.manifest == "s3://bkt/out/manifest.parquet"
+    assert lay.success == "s3://bkt/out/_SUCCESS.json"
+    assert lay.run_record == "s3://bkt/out.work/run.json"
+    assert lay.plan == "s3://bkt/out.work/plan.parquet"
+    assert lay.round_dir(3) == "s3://bkt/out.work/round-0003"
+    assert lay.checkpoint(12).startswith("s3://bkt/out.work/round-0012/")
+    assert lay.noise_state(1, "train-000001").startswith("s3://bkt/out.work/round-0001/")
+    assert lay.noise_state(1, "train-000001").endswith("train-000001.pt")
+    assert lay.round_marker(1).startswith("s3://bkt/out.work/round-0001/")
+    work_files = [lay.run_record, lay.plan, lay.probe_record, lay.round_dir(0), lay.checkpoint(0),
+                  lay.noise_state(0, "x"), lay.round_marker(0)]
+    assert not any(f.startswith("s3://bkt/out/") for f in work_files)
