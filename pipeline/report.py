@@ -15,12 +15,18 @@ from PIL import Image  # noqa: E402
 from pipeline.storage.shards import RawSample, iter_samples  # noqa: E402
 
 
-def sample_pairs(input_url: str, release_url: str, count: int = 8) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(key, original, protected) pixel arrays for the first ``count`` samples of a shard and its release."""
+def sample_pairs(input_url: str, release_url: str, count: int = 10) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(key, original, protected) pixel arrays of up to ``count`` released samples, one per class where labelled."""
     released = {}
+    classes: set[bytes] = set()
     for item in iter_samples(release_url):
-        if isinstance(item, RawSample) and "png" in item.members:
-            released[item.key] = np.array(Image.open(io.BytesIO(item.members["png"])))
+        if not isinstance(item, RawSample) or "png" not in item.members:
+            continue
+        label = item.members.get("cls")
+        if label is not None and label in classes:
+            continue
+        classes.add(label)
+        released[item.key] = np.array(Image.open(io.BytesIO(item.members["png"])))
         if len(released) >= count:
             break
     pairs = []

@@ -1,0 +1,31 @@
+"""The learning thresholds, on the full bundled data: ``unlearnable demo`` as a user runs it.
+
+4,000 real MNIST digits protected with the demo's settings on a real local Ray; victims trained from scratch on
+clean and on protected shards and scored on the 1,000 clean test digits. This is the one test that checks learning:
+the protected victim at most 40%, the clean victim at least 95%, and the probe agreeing with the victims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from conftest import run_cli
+
+
+def test_demo_protects_mnist_and_reports_it(tmp_path):
+    out = str(tmp_path / "demo")
+    proc = run_cli("demo", "--output", out, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
+    assert summary["victim_clean"] >= 0.95, summary
+    assert summary["victim_protected"] <= 0.40, summary
+    assert summary["protection_holds"] is True and summary["stop_reason"] == "stop_rule"
+    # The probe agrees with the victims: low when they are low.
+    assert summary["probe_accuracy"] <= 0.40
+    success = json.load(open(os.path.join(out, "release", "_SUCCESS.json")))
+    assert success["protection"]["probe_accuracy"] == summary["probe_accuracy"]
+    assert success["counts"] == {"input": 4000, "protected": 4000, "rejected": 0}
+    report = open(os.path.join(out, "report.md")).read()
+    assert "probe" in report and f"{100 * summary['victim_protected']:.1f}%" in report
+    assert os.path.getsize(os.path.join(out, "report.png")) > 10_000
