@@ -13,6 +13,7 @@ import sys
 
 from pipeline.config import DEFAULT_PROBE_ARCH, DEFAULT_PROBE_STEPS, DEFAULT_SURROGATE, PROBE_MARGIN, ProtectConfig
 from pipeline.coordinator import EXIT_BAD_ARGS, EXIT_INCOMPLETE, ConfigRefused
+from pipeline.lease import LeaseHeld
 
 log = logging.getLogger("unlearnable")
 
@@ -94,12 +95,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="demo-output")
     p.add_argument("--mode", choices=["samplewise", "classwise"], default="samplewise")
 
+    p = sub.add_parser("status", help="rounds, stages, shards done/failed/left, last error, complete?",
+                       formatter_class=_Formatter)
+    p.add_argument("output")
+    p.add_argument("--work-dir", default=None, help="default: <output>.work")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("verify", help="check every shard against its marker and manifest; exit 0 only if all holds",
+                       formatter_class=_Formatter)
+    p.add_argument("output")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("make-shards", help="an image folder (one sub-folder per class) to WebDataset shards",
                        formatter_class=_Formatter)
     p.add_argument("src_dir")
     p.add_argument("out")
     p.add_argument("--per-shard", type=int, default=1000)
     return parser
+
+
+def _status_text(info: dict) -> str:
+    lines = [f"{info['output']}: {info['state']}"]
+    for key in ("rounds", "rounds_done", "round", "stage", "shards", "stop_reason", "surrogate_error",
+                "last_error_on_released_data", "protection", "counts", "last_run_error"):
+        if info.get(key) is not None:
+            lines.append(f"  {key}: {json.dumps(info[key], default=str)}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +151,25 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.demo import run_demo
 
             return run_demo(args.output, args.mode)
+        if args.command == "status":
+            from pipeline.inspection import status
+
+            info = status(args.output, args.work_dir)
+            print(json.dumps(info, indent=2, default=str) if args.json else _status_text(info))
+            return 0 if info["complete"] else EXIT_INCOMPLETE
+        if args.command == "verify":
+            from pipeline.inspection import verify
+
+            ok, problems, summary = verify(args.output)
+            if args.json:
+                print(json.dumps({"ok": ok, "problems": problems, **summary}, indent=2))
+            else:
+                print(("OK: " if ok else "FAILED: ") + json.dumps(summary))
+                for problem in problems:
+                    print(f"  {problem}")
+            if not ok:
+                print(f"unlearnable: verify found {len(problems)} problem(s); first: {problems[0]}", file=sys.stderr)
+            return 0 if ok else 1
         if args.command == "make-shards":
             from pipeline.make_shards import make_shards
 
@@ -139,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigRefused, ValueError) as exc:
         print(f"unlearnable: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
+    except LeaseHeld as exc:
+        print(f"unlearnable: {exc}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         print("unlearnable: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INCOMPLETE

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from pipeline import pool
+from pipeline import faults, pool
+from pipeline.lease import Lease, LeaseHeld
 from pipeline.config import PROBE_MARGIN, ProtectConfig, config_hash, differing_fields
 from pipeline.plan import Plan, build_plan
 from pipeline.probe import run_probe
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_BAD_ARGS, EXIT_INCOMPLETE, EXIT_UNPROTECTED = 0, 2, 3, 4
 KEEP_ROUNDS = 2  # noise state and checkpoints of the last two rounds are kept; older ones are deleted
+
+
+MAX_WORKER_REPLACEMENTS = 3
 
 
 class ConfigRefused(ValueError):
@@ -112,173 +116,248 @@ def protect(cfg: ProtectConfig) -> RunResult:
         return RunResult(EXIT_OK if done["protection"]["holds"] else EXIT_UNPROTECTED, done)
     if cfg.workers is not None and cfg.workers > 1:
         raise ConfigRefused("--workers > 1 needs data-parallel surrogate training, which is not built yet; use 1")
-
-    timings: dict[str, float] = {"load": 0.0, "train": 0.0, "noise": 0.0, "check": 0.0, "probe": 0.0, "export": 0.0}
+    lease = Lease(layout.lease)
+    lease.acquire()
     started = pool.connect(cfg.ray_address)
+    run = Run(cfg, layout, plan, chash)
     try:
-        workers = pool.start_workers(cfg.to_dict(), plan.num_classes, plan.channels, cfg.workers,
-                                     cfg.gpus_per_worker, cfg.cpus_per_worker)
-        worker = workers[0]
+        for replacement in range(MAX_WORKER_REPLACEMENTS + 1):
+            try:
+                run.start_worker()
+                run.rounds()
+                run.export()
+                break
+            except pool.WorkerDied as exc:
+                if replacement == MAX_WORKER_REPLACEMENTS:
+                    raise
+                log.warning("worker died (%s); starting a new one and resuming from the last committed unit", exc)
+                run.stop_worker()
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            _record_error(layout, exc)
+        raise
+    finally:
+        pool.shutdown(started)
+        lease.release()
+    return run.finish(t_start)
+
+
+def _record_error(layout: Layout, exc: BaseException) -> None:
+    try:
+        fs.write_bytes(layout.last_error, json.dumps({"error": f"{type(exc).__name__}: {exc}", "time": time.time()})
+                       .encode())
+    except OSError:
+        log.warning("could not record the error in the work dir")
+
+
+class Run:
+    """One coordinator's pass over a run: resume from the markers, rounds, export, the run record."""
+
+    def __init__(self, cfg: ProtectConfig, layout: Layout, plan: Plan, chash: str) -> None:
+        self.cfg, self.layout, self.plan, self.chash = cfg, layout, plan, chash
+        self.timings: dict[str, float] = dict.fromkeys(("load", "train", "noise", "check", "probe", "export"), 0.0)
+        self.worker = None
+        self.history: list[dict] = []
+        self.counts = {"input": 0, "protected": 0, "rejected": 0}
+
+    # ---- workers ----------------------------------------------------------------------------------------------
+    def start_worker(self) -> None:
+        cfg, plan = self.cfg, self.plan
+        self.worker = pool.start_workers(cfg.to_dict(), plan.num_classes, plan.channels, cfg.workers,
+                                         cfg.gpus_per_worker, cfg.cpus_per_worker)[0]
         t0 = time.perf_counter()
-        loads = []
+        accepted = 0
         for shard in tqdm(plan.shards, desc="load shards", unit="shard", file=sys.stderr):
-            loads.append(pool.get(worker.load_shard.remote(shard.id, shard.url)))
-        timings["load"] += time.perf_counter() - t0
-        accepted = sum(x["accepted"] for x in loads)
+            loaded = pool.get(self.worker.load_shard.remote(shard.id, shard.url))
+            accepted += loaded["accepted"]
+            if loaded["read_error"]:
+                log.warning("shard %s: %s", shard.id, loaded["read_error"])
+        self.timings["load"] += time.perf_counter() - t0
         if accepted == 0:
             raise ConfigRefused("no sample of the corpus can be protected (every sample was rejected)")
-        history, last = _resume(layout, chash, plan, worker)
+
+    def stop_worker(self) -> None:
+        pool.kill(self.worker)
+        self.worker = None
+
+    def _attempt(self, unit: str, r: int | None = None, shard: str | None = None) -> None:
+        """Log that a unit of work starts (the attempt log lets tests prove nothing finished is redone)."""
+        faults.at_unit("coordinator", unit, r, shard)
+        name = f"{unit}-r{r if r is not None else ''}-{shard or ''}-{time.time_ns()}.json"
+        fs.write_bytes(fs.join(self.layout.attempts, name),
+                       json.dumps({"unit": unit, "round": r, "shard": shard, "pid": os.getpid()}).encode())
+
+    # ---- rounds -----------------------------------------------------------------------------------------------
+    def _finished_rounds(self) -> list[dict]:
+        history, r = [], 0
+        while True:
+            marker = read_marker(self.layout.round_marker(r))
+            if marker is None or marker.get("config_hash") != self.chash:
+                return history
+            history.append(marker)
+            r += 1
+
+    def _load_noise(self, r: int, shards) -> None:
+        for shard in shards:
+            pool.get(self.worker.load_noise_state.remote(shard, fs.read_bytes(self.layout.noise_state(r, shard))))
+
+    def rounds(self) -> None:
+        cfg, layout = self.cfg, self.layout
+        self.history = self._finished_rounds()
         clean_ref = (_read_json(layout.probe_record) or {}).get("probe_clean_accuracy")
-        start_round = last + 1
-        stop = history[-1] if history and history[-1].get("stop") else None
-        rounds = tqdm(range(start_round, cfg.max_rounds), desc="rounds", unit="round", file=sys.stderr,
-                      initial=start_round, total=cfg.max_rounds)
-        for r in rounds if stop is None else []:
-            record = _run_round(r, cfg, plan, layout, chash, worker, timings, clean_ref, final=r == cfg.max_rounds - 1)
+        last = len(self.history) - 1
+        if last >= 0:
+            log.info("resuming after round %d", last)
+            pool.get(self.worker.restore.remote(fs.read_bytes(layout.checkpoint(last))))
+            self._load_noise(last, self._noise_units())
+        if self.history and self.history[-1]["stop"]:
+            return
+        bar = tqdm(range(last + 1, cfg.max_rounds), desc="rounds", unit="round", file=sys.stderr,
+                   initial=last + 1, total=cfg.max_rounds)
+        for r in bar:
+            record = self._round(r, clean_ref, final=r == cfg.max_rounds - 1)
             if record.get("probe"):
                 clean_ref = record["probe"]["probe_clean_accuracy"]
-            history.append(record)
-            rounds.set_postfix(error=f"{record['error']:.4f}")
+            self.history.append(record)
+            bar.set_postfix(error=f"{record['error']:.4f}")
             if record["stop"]:
-                stop = record
                 break
-        rounds.close()
-        final = history[-1]
-        if final.get("probe") is None:  # resumed past max_rounds without a probe on the last round
-            final = _run_round(final["round"], cfg, plan, layout, chash, worker, timings, clean_ref, final=True,
-                               train=False)
-            history[-1] = final
+        bar.close()
+        if self.history and self.history[-1].get("probe") is None:
+            # Resumed with --max-rounds at or below the rounds already done: probe the last round's release.
+            self.history[-1] = {**self.history[-1], "probe": self._probe(clean_ref)}
+
+    def _noise_units(self) -> list[str]:
+        return ["_classes"] if self.cfg.mode == "classwise" else [s.id for s in self.plan.shards]
+
+    def _round(self, r: int, clean_ref: float | None, final: bool) -> dict:
+        cfg, layout, worker = self.cfg, self.layout, self.worker
+        record: dict = {"round": r, "mode": cfg.mode}
+        # Stage 1: training. Its checkpoint is the unit's output, so a resumed round never retrains.
+        t0 = time.perf_counter()
+        if is_done(layout.train_marker(r), self.chash):
+            pool.get(worker.restore.remote(fs.read_bytes(layout.checkpoint(r))))
+        else:
+            self._attempt("train", r)
+            record["train"] = pool.get(worker.train_stage.remote())
+            fs.write_verified(layout.checkpoint(r), pool.get(worker.checkpoint.remote()))
+            write_marker(layout.train_marker(r), self.chash, **record["train"])
+        self.timings["train"] += time.perf_counter() - t0
+        # Stage 2: noise, one unit per shard (class-wise: one unit for the class noise).
+        t0 = time.perf_counter()
+        image_steps = 0
+        if cfg.mode == "classwise":
+            if is_done(layout.noise_marker(r, "_classes"), self.chash):
+                self._load_noise(r, ["_classes"])
+            else:
+                self._attempt("noise", r, "_classes")
+                for shard in self.plan.shards:
+                    image_steps += pool.get(worker.noise_stage.remote(shard.id))["image_steps"]
+                sums, counts = pool.get(worker.class_update_sums.remote())
+                pool.get(worker.apply_class_update.remote(sums, counts))
+                self._commit_noise(r, "_classes")
+        else:
+            for shard in tqdm(self.plan.shards, desc=f"round {r} noise", unit="shard", file=sys.stderr, leave=False):
+                if is_done(layout.noise_marker(r, shard.id), self.chash):
+                    self._load_noise(r, [shard.id])
+                    continue
+                self._attempt("noise", r, shard.id)
+                image_steps += pool.get(worker.noise_stage.remote(shard.id))["image_steps"]
+                self._commit_noise(r, shard.id)
+        record["image_steps"] = image_steps
+        self.timings["noise"] += time.perf_counter() - t0
+        # Stage 3: the stop check on the data as it will be released, and the probe when the error rule holds.
+        self._attempt("check", r)
+        t0 = time.perf_counter()
+        err = pool.get(worker.released_error.remote())
+        record["error"] = round(err["wrong"] / max(err["total"], 1), 6)
+        self.timings["check"] += time.perf_counter() - t0
+        record["probe"] = self._probe(clean_ref) if record["error"] <= cfg.stop_error or final else None
+        record["stop"] = bool(record["error"] <= cfg.stop_error and record["probe"] and record["probe"]["holds"])
+        probe_txt = ""
+        if record["probe"]:
+            p = record["probe"]
+            probe_txt = (f"; probe {p['arch']} {100 * p['probe_accuracy']:.1f}% on clean held-out "
+                         f"(threshold {100 * p['threshold']:.1f}%, {'holds' if p['holds'] else 'does NOT hold'})")
+        log.info("round %d: surrogate error on released data %.4f (stop at %.4f)%s", r, record["error"],
+                 cfg.stop_error, probe_txt)
+        write_marker(layout.round_marker(r), self.chash, **record)
+        old = r - KEEP_ROUNDS
+        if old >= 0:  # keep the last two rounds' noise state and checkpoints; the round records stay
+            fs.remove(layout.checkpoint(old))
+            fs.remove(fs.join(layout.round_dir(old), "noise"), recursive=True)
+        return record
+
+    def _commit_noise(self, r: int, unit: str) -> None:
+        """Noise state first, verified; its marker last."""
+        shard = None if unit == "_classes" else unit
+        sha = fs.write_verified(self.layout.noise_state(r, unit), pool.get(self.worker.noise_state.remote(shard)))
+        write_marker(self.layout.noise_marker(r, unit), self.chash, sha256=sha)
+
+    def _probe(self, clean_ref: float | None) -> dict:
+        t0 = time.perf_counter()
+        probe = pool.get(self.worker.run_probe.remote(clean_ref, self.cfg.probe_threshold, PROBE_MARGIN))
+        self.timings["probe"] += time.perf_counter() - t0
+        if clean_ref is None:
+            fs.write_bytes(self.layout.probe_record, json.dumps(
+                {"config_hash": self.chash, "probe_clean_accuracy": probe["probe_clean_accuracy"]}).encode())
+        return probe
+
+    # ---- export -----------------------------------------------------------------------------------------------
+    def export(self) -> None:
+        t0 = time.perf_counter()
+        layout = self.layout
+        self.counts = {"input": 0, "protected": 0, "rejected": 0}
+        for shard in tqdm(self.plan.shards, desc="export", unit="shard", file=sys.stderr):
+            if not is_done(layout.shard_marker(shard.id), self.chash):
+                self._attempt("export", None, shard.id)
+                pool.get(self.worker.export_shard.remote(shard.id, layout.output, layout.work, self.chash))
+            stats = read_marker(layout.shard_marker(shard.id))
+            for k in self.counts:
+                self.counts[k] += stats[k]
+        merged = manifest.merge([fs.read_bytes(layout.shard_manifest(s.id)) for s in self.plan.shards])
+        fs.write_verified(layout.manifest, merged)
+        self.timings["export"] += time.perf_counter() - t0
+
+    def finish(self, t_start: float) -> RunResult:
+        cfg, layout = self.cfg, self.layout
+        final = self.history[-1]
         stop_reason = "stop_rule" if final["stop"] else "max_rounds"
         protection = {k: final["probe"][k] for k in ("holds", "probe_accuracy", "probe_clean_accuracy", "chance",
                                                       "threshold", "arch", "steps")}
         if stop_reason == "max_rounds":
             log.warning("!!! reached --max-rounds %d without meeting the stop rule (error %.4f, probe %.1f%% against "
-                        "threshold %.1f%%): releasing anyway", cfg.max_rounds, final["error"],
+                        "threshold %.1f%%): released anyway", cfg.max_rounds, final["error"],
                         100 * protection["probe_accuracy"], 100 * protection["threshold"])
-
-        t0 = time.perf_counter()
-        counts = {"input": 0, "protected": 0, "rejected": 0}
-        for shard in tqdm(plan.shards, desc="export", unit="shard", file=sys.stderr):
-            marker_url = layout.shard_marker(shard.id)
-            if not is_done(marker_url, chash):
-                pool.get(worker.export_shard.remote(shard.id, layout.output, layout.work, chash))
-            stats = read_marker(marker_url)
-            for k in counts:
-                counts[k] += stats[k]
-        merged = manifest.merge([fs.read_bytes(layout.shard_manifest(s.id)) for s in plan.shards])
-        fs.write_verified(layout.manifest, merged)
-        timings["export"] += time.perf_counter() - t0
-    finally:
-        pool.shutdown(started)
-
-    timings["total"] = time.perf_counter() - t_start
-    success = {
-        "config": cfg.to_dict(),
-        "config_hash": chash,
-        "plan_digest": plan.digest,
-        "hashed_config": cfg.hashed_fields(),
-        "versions": _versions(),
-        "rounds": final["round"] + 1,
-        "stop_reason": stop_reason,
-        "surrogate_error": final["error"],
-        "protection": protection,
-        "counts": counts,
-        "work_dir": layout.work,
-        "history": [{"round": h["round"], "error": h["error"],
-                     "probe_accuracy": h["probe"]["probe_accuracy"] if h.get("probe") else None} for h in history],
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-    }
-    # _SUCCESS.json is written last of all: its presence means the release is complete.
-    fs.write_bytes(layout.success, json.dumps(success, indent=2, default=str).encode())
-    if not cfg.keep_work:
-        fs.remove(layout.work, recursive=True)
-    if protection["holds"]:
-        log.info("release complete: %d protected, %d rejected; probe %.1f%% <= threshold %.1f%% (chance %.1f%%)",
-                 counts["protected"], counts["rejected"], 100 * protection["probe_accuracy"],
-                 100 * protection["threshold"], 100 * protection["chance"])
-        return RunResult(EXIT_OK, success)
-    log.error("!!! PROTECTION DOES NOT HOLD: a fresh %s trained on the release reaches %.1f%% on clean held-out "
-              "images (threshold %.1f%%, chance %.1f%%). The release is written but is NOT protected.",
-              protection["arch"], 100 * protection["probe_accuracy"], 100 * protection["threshold"],
-              100 * protection["chance"])
-    return RunResult(EXIT_UNPROTECTED, success)
-
-
-def _resume(layout: Layout, chash: str, plan: Plan, worker) -> tuple[list[dict], int]:
-    """Records of the finished rounds, and the noise state and surrogate of the last one loaded into the worker."""
-    history: list[dict] = []
-    r = 0
-    while True:
-        marker = read_marker(layout.round_marker(r))
-        if marker is None or marker.get("config_hash") != chash:
-            break
-        history.append(marker)
-        r += 1
-    last = r - 1
-    if last >= 0:
-        log.info("resuming after round %d", last)
-        pool.get(worker.restore.remote(fs.read_bytes(layout.checkpoint(last))))
-        mode_classwise = history[-1].get("mode") == "classwise"
-        if mode_classwise:
-            pool.get(worker.load_noise_state.remote(None, fs.read_bytes(layout.noise_state(last, "_classes"))))
-        else:
-            for shard in plan.shards:
-                pool.get(worker.load_noise_state.remote(shard.id, fs.read_bytes(layout.noise_state(last, shard.id))))
-    return history, last
-
-
-def _run_round(r: int, cfg: ProtectConfig, plan: Plan, layout: Layout, chash: str, worker, timings: dict,
-               clean_ref: float | None, final: bool, train: bool = True) -> dict:
-    record: dict = {"round": r, "mode": cfg.mode}
-    if train:
-        t0 = time.perf_counter()
-        record["train"] = pool.get(worker.train_stage.remote())
-        timings["train"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        image_steps = 0
-        for shard in plan.shards:
-            image_steps += pool.get(worker.noise_stage.remote(shard.id))["image_steps"]
-        if cfg.mode == "classwise":
-            sums, counts = pool.get(worker.class_update_sums.remote())
-            pool.get(worker.apply_class_update.remote(sums, counts))
-        record["image_steps"] = image_steps
-        timings["noise"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    err = pool.get(worker.released_error.remote())
-    record["error"] = round(err["wrong"] / max(err["total"], 1), 6)
-    timings["check"] += time.perf_counter() - t0
-    record["probe"] = None
-    if record["error"] <= cfg.stop_error or final:
-        t0 = time.perf_counter()
-        record["probe"] = pool.get(worker.run_probe.remote(clean_ref, cfg.probe_threshold, PROBE_MARGIN))
-        timings["probe"] += time.perf_counter() - t0
-        if clean_ref is None:
-            fs.write_bytes(layout.probe_record, json.dumps(
-                {"config_hash": chash, "probe_clean_accuracy": record["probe"]["probe_clean_accuracy"]}).encode())
-    record["stop"] = bool(record["error"] <= cfg.stop_error and record["probe"] and record["probe"]["holds"])
-    probe_txt = ""
-    if record["probe"]:
-        p = record["probe"]
-        probe_txt = (f"; probe {p['arch']} {100 * p['probe_accuracy']:.1f}% on clean held-out "
-                     f"(threshold {100 * p['threshold']:.1f}%, {'holds' if p['holds'] else 'does NOT hold'})")
-    log.info("round %d: surrogate error on released data %.4f (stop at %.4f)%s", r, record["error"], cfg.stop_error,
-             probe_txt)
-    if train:
-        _commit_round(r, cfg, plan, layout, chash, worker, record)
-    return record
-
-
-def _commit_round(r: int, cfg: ProtectConfig, plan: Plan, layout: Layout, chash: str, worker, record: dict) -> None:
-    """Noise state and checkpoint first, the round marker last; then drop rounds older than the last two."""
-    fs.write_verified(layout.checkpoint(r), pool.get(worker.checkpoint.remote()))
-    if cfg.mode == "classwise":
-        fs.write_verified(layout.noise_state(r, "_classes"), pool.get(worker.noise_state.remote(None)))
-    else:
-        for shard in plan.shards:
-            fs.write_verified(layout.noise_state(r, shard.id), pool.get(worker.noise_state.remote(shard.id)))
-    write_marker(layout.round_marker(r), chash, **{k: v for k, v in record.items() if k != "config_hash"})
-    old = r - KEEP_ROUNDS
-    if old >= 0:
-        fs.remove(layout.checkpoint(old))
-        fs.remove(os.path.dirname(layout.noise_state(old, "x")) if fs.is_local(layout.work)
-                  else fs.join(layout.round_dir(old), "noise"), recursive=True)
+        self.timings["total"] = time.perf_counter() - t_start
+        success = {
+            "config": cfg.to_dict(),
+            "config_hash": self.chash,
+            "plan_digest": self.plan.digest,
+            "hashed_config": cfg.hashed_fields(),
+            "versions": _versions(),
+            "rounds": final["round"] + 1,
+            "stop_reason": stop_reason,
+            "surrogate_error": final["error"],
+            "protection": protection,
+            "counts": self.counts,
+            "work_dir": layout.work,
+            "history": [{"round": h["round"], "error": h["error"],
+                         "probe_accuracy": h["probe"]["probe_accuracy"] if h.get("probe") else None}
+                        for h in self.history],
+            "timings": {k: round(v, 2) for k, v in self.timings.items()},
+        }
+        # _SUCCESS.json is written last of all: its presence means the release is complete.
+        fs.write_bytes(layout.success, json.dumps(success, indent=2, default=str).encode())
+        if not cfg.keep_work:
+            fs.remove(layout.work, recursive=True)
+        if protection["holds"]:
+            log.info("release complete: %d protected, %d rejected; probe %.1f%% <= threshold %.1f%% (chance %.1f%%)",
+                     self.counts["protected"], self.counts["rejected"], 100 * protection["probe_accuracy"],
+                     100 * protection["threshold"], 100 * protection["chance"])
+            return RunResult(EXIT_OK, success)
+        log.error("!!! PROTECTION DOES NOT HOLD: a fresh %s trained on the release reaches %.1f%% on clean held-out "
+                  "images (threshold %.1f%%, chance %.1f%%). The release is written but is NOT protected.",
+                  protection["arch"], 100 * protection["probe_accuracy"], 100 * protection["threshold"],
+                  100 * protection["chance"])
+        return RunResult(EXIT_UNPROTECTED, success)

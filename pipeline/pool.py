@@ -50,8 +50,23 @@ def start_workers(cfg_dict: dict, num_classes: int, channels: int, workers: int 
     return [actor.remote(cfg_dict, num_classes, channels, i, int(cpus_per_worker)) for i in range(workers)]
 
 
-def get(refs):
-    return ray.get(refs)
+class WorkerDied(RuntimeError):
+    """A worker actor (or its process) died; the coordinator replaces it and resumes from the markers."""
+
+
+def get(refs, timeout: float | None = None):
+    try:
+        return ray.get(refs, timeout=timeout)
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+        raise WorkerDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+
+
+def kill(actor) -> None:
+    if actor is not None:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as exc:  # noqa: BLE001 - it may already be gone, which is what we want
+            log.debug("kill worker: %s", exc)
 
 
 def shutdown(started: bool) -> None:

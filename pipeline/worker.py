@@ -24,6 +24,7 @@ from ops.noise import (
     pgd_minimize,
     release_uint8,
 )
+from pipeline import faults
 from pipeline.config import ProtectConfig
 from pipeline.probe import run_probe
 from pipeline.samples import Accepted, Rejected, SampleRules, prepare, released_members
@@ -112,6 +113,7 @@ class RoundWorker:
     # ---- stage 1: surrogate training ------------------------------------------------------------------------
     def train_stage(self) -> dict:
         """``train_steps`` SGD steps on random batches of clip(x + delta) drawn from the data this worker holds."""
+        faults.at_unit("worker", "train")
         t0 = time.perf_counter()
         n = self.x.shape[0]
         losses = []
@@ -124,6 +126,7 @@ class RoundWorker:
     # ---- stage 2: noise update --------------------------------------------------------------------------------
     def noise_stage(self, shard: str) -> dict:
         """Update the noise of one shard's samples (sample-wise), or add its class updates to the sums (class-wise)."""
+        faults.at_unit("worker", "noise", None, shard)
         t0 = time.perf_counter()
         sd = self.shards[shard]
         cfg = self.cfg
@@ -237,6 +240,7 @@ class RoundWorker:
     # ---- export -----------------------------------------------------------------------------------------------
     def export_shard(self, shard: str, output: str, work: str, config_hash: str) -> dict:
         """Write ``<shard>.tar`` and ``<shard>.parquet``, verify them, then the ``<shard>_stats.json`` marker."""
+        faults.at_unit("worker", "export", None, shard)
         t0 = time.perf_counter()
         layout = Layout(output, work)
         sd = self.shards[shard]
@@ -276,9 +280,6 @@ class RoundWorker:
             index += 1
         if index != len(sd.keys):
             raise RuntimeError(f"shard {shard} changed since it was loaded: {index} of {len(sd.keys)} samples found")
-        if read_error is not None:
-            # The unreadable rest of a shard has no keys to account for; the manifest records the shard's fault.
-            rows.append(manifest.row(f"{shard}/<unreadable>", shard, "rejected", error=read_error))
         tar_sha = fs.write_verified(layout.shard_tar(shard), write_tar(out_samples))
         manifest_bytes = manifest.to_parquet(rows)
         manifest_sha = fs.write_verified(layout.shard_manifest(shard), manifest_bytes)
@@ -289,6 +290,8 @@ class RoundWorker:
             "protected": protected,
             "rejected": len(rows) - protected,
             "linf_max": linf_max,
+            # The unreadable rest of a shard has no keys to give rows to; the marker records the shard's fault.
+            "read_error": read_error,
             "tar_sha256": tar_sha,
             "tar_bytes": fs.size(layout.shard_tar(shard)),
             "manifest_sha256": manifest_sha,

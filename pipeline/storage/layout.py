@@ -63,11 +63,30 @@ class Layout:
     def round_dir(self, r: int) -> str:
         return fs.join(self.work, f"round-{r:04d}")
 
+    @property
+    def lease(self) -> str:
+        return fs.join(self.work, "lease.json")
+
+    @property
+    def last_error(self) -> str:
+        return fs.join(self.work, "last_error.json")
+
+    @property
+    def attempts(self) -> str:
+        return fs.join(self.work, "attempts")
+
     def checkpoint(self, r: int) -> str:
+        """The surrogate after round r's training stage (weights, optimiser, RNG); the noise stage leaves it as is."""
         return fs.join(self.round_dir(r), "surrogate.pt")
+
+    def train_marker(self, r: int) -> str:
+        return fs.join(self.round_dir(r), "train.json")
 
     def noise_state(self, r: int, shard: str) -> str:
         return fs.join(self.round_dir(r), "noise", f"{shard}.pt")
+
+    def noise_marker(self, r: int, shard: str) -> str:
+        return fs.join(self.round_dir(r), "noise", f"{shard}.json")
 
     def round_marker(self, r: int) -> str:
         return fs.join(self.round_dir(r), "round.json")

@@ -1,0 +1,150 @@
+"""``status`` and ``verify``: what a run has done and what is left, and whether a release holds what it claims.
+
+Both read only the storage (OUTPUT and WORK); neither starts Ray nor changes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+from pipeline.plan import Plan
+from pipeline.storage import fs, manifest
+from pipeline.storage.layout import Layout, default_work_dir
+from pipeline.storage.markers import read_marker
+from pipeline.storage.shards import split_member_name
+
+
+def _json(url: str) -> dict | None:
+    try:
+        return json.loads(fs.read_bytes(url))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def status(output: str, work_dir: str | None = None) -> dict:
+    """Rounds, stages, shards done / failed / left, the last error on released data, and whether it is complete."""
+    output = fs.strip_url(output)
+    layout = Layout(output, fs.strip_url(work_dir) if work_dir else default_work_dir(output))
+    success = _json(layout.success)
+    run = _json(layout.run_record)
+    if run is None and success is None:
+        return {"output": output, "state": "not started", "complete": False}
+    chash = (run or success)["config_hash"]
+    out: dict = {"output": output, "work_dir": layout.work, "config_hash": chash, "complete": success is not None}
+    if success is not None:
+        out.update(state="complete", rounds=success["rounds"], stop_reason=success["stop_reason"],
+                   surrogate_error=success["surrogate_error"], protection=success["protection"],
+                   counts=success["counts"])
+        return out
+    plan = Plan.from_parquet(fs.read_bytes(layout.plan)) if fs.exists(layout.plan) else None
+    shards = [s.id for s in plan.shards] if plan else []
+    rounds = []
+    r = 0
+    while (m := read_marker(layout.round_marker(r))) is not None and m.get("config_hash") == chash:
+        rounds.append(m)
+        r += 1
+    stopped = bool(rounds and rounds[-1].get("stop"))
+    max_rounds = int(run["config"].get("max_rounds", 0))
+    out["rounds_done"] = len(rounds)
+    out["last_error_on_released_data"] = rounds[-1]["error"] if rounds else None
+    out["last_probe"] = rounds[-1].get("probe") if rounds else None
+    exported = [s for s in shards if (read_marker(layout.shard_marker(s)) or {}).get("config_hash") == chash]
+    if stopped or (max_rounds and len(rounds) >= max_rounds):
+        out["stage"] = "export"
+        out["shards"] = {"total": len(shards), "done": len(exported), "left": len(shards) - len(exported)}
+    else:
+        current = len(rounds)
+        trained = (read_marker(layout.train_marker(current)) or {}).get("config_hash") == chash
+        units = ["_classes"] if run["config"]["mode"] == "classwise" else shards
+        noised = [u for u in units if (read_marker(layout.noise_marker(current, u)) or {}).get("config_hash") == chash]
+        out["round"] = current
+        out["stage"] = "noise" if trained else "train"
+        out["shards"] = {"total": len(units), "done": len(noised), "left": len(units) - len(noised)}
+    failed = [s for s in shards if (read_marker(layout.shard_marker(s)) or {}).get("read_error")]
+    out["shards"]["failed"] = len(failed)
+    out["state"] = "in progress"
+    out["last_run_error"] = (_json(layout.last_error) or {}).get("error")
+    return out
+
+
+def verify(output: str) -> tuple[bool, list[str], dict]:
+    """Check every shard against its marker and manifest: sizes, hashes, keys, the L-inf bound, counts.
+
+    Returns (ok, problems, summary).
+    """
+    output = fs.strip_url(output)
+    layout = Layout(output, output + ".work")  # only OUTPUT is read
+    problems: list[str] = []
+    success = _json(layout.success)
+    if success is None:
+        return False, [f"{layout.success} missing: the release is not complete"], {}
+    eps = float(success["config"]["eps"])
+    bound = int(round(eps * 255))
+    names = fs.listdir(output)
+    shards = sorted(n[: -len("_stats.json")] for n in names if n.endswith("_stats.json"))
+    allowed = {"manifest.parquet", "_SUCCESS.json"} | {f"{s}{x}" for s in shards for x in (".tar", ".parquet",
+                                                                                            "_stats.json")}
+    problems += [f"unexpected object in the release: {n}" for n in names if n not in allowed]
+    totals = {"input": 0, "protected": 0, "rejected": 0}
+    merged_rows = 0
+    for shard in shards:
+        problems += _verify_shard(layout, shard, success["config_hash"], bound, totals)
+    try:
+        merged = manifest.from_parquet(fs.read_bytes(layout.manifest))
+        merged_rows = merged.num_rows
+        if merged_rows != totals["input"]:
+            problems.append(f"manifest.parquet has {merged_rows} rows, the shards {totals['input']}")
+    except FileNotFoundError:
+        problems.append("manifest.parquet missing")
+    if success["counts"] != totals:
+        problems.append(f"_SUCCESS.json counts {success['counts']} differ from the shards' {totals}")
+    return not problems, problems, {"shards": len(shards), **totals, "linf_bound": bound}
+
+
+def _verify_shard(layout: Layout, shard: str, chash: str, bound: int, totals: dict) -> list[str]:
+    problems = []
+    marker = read_marker(layout.shard_marker(shard)) or {}
+    if marker.get("config_hash") != chash:
+        return [f"{shard}: marker missing or from another run"]
+    try:
+        tar_bytes = fs.read_bytes(layout.shard_tar(shard))
+        man_bytes = fs.read_bytes(layout.shard_manifest(shard))
+    except FileNotFoundError as exc:
+        return [f"{shard}: {exc}"]
+    if len(tar_bytes) != marker["tar_bytes"] or hashlib.sha256(tar_bytes).hexdigest() != marker["tar_sha256"]:
+        problems.append(f"{shard}.tar does not match its marker (size or sha256)")
+    if hashlib.sha256(man_bytes).hexdigest() != marker["manifest_sha256"]:
+        problems.append(f"{shard}.parquet does not match its marker")
+    rows = manifest.from_parquet(man_bytes).to_pylist()
+    protected = {r["key"]: r for r in rows if r["status"] == "protected"}
+    keys = [r["key"] for r in rows]
+    if len(keys) != len(set(keys)):
+        problems.append(f"{shard}: a key has more than one manifest row")
+    pngs: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        for info in tar:
+            key, ext = split_member_name(info.name)
+            if ext == "png":
+                if key in pngs:
+                    problems.append(f"{shard}: {key}.png appears twice")
+                pngs[key] = tar.extractfile(info).read()
+    if set(pngs) != set(protected):
+        problems.append(f"{shard}: tar keys and protected manifest rows differ "
+                        f"({len(set(pngs) - set(protected))} extra, {len(set(protected) - set(pngs))} missing)")
+    for key, data in pngs.items():
+        row = protected.get(key)
+        if row is None:
+            continue
+        if hashlib.sha256(data).hexdigest() != row["output_sha256"]:
+            problems.append(f"{shard}: {key}.png does not match its manifest hash")
+        if row["linf"] is None or row["linf"] > bound:
+            problems.append(f"{shard}: {key} moved {row['linf']} levels, over the bound {bound}")
+    counts = {"input": len(rows), "protected": len(protected), "rejected": len(rows) - len(protected)}
+    for k, v in counts.items():
+        if marker.get(k) != v:
+            problems.append(f"{shard}: marker says {k}={marker.get(k)}, manifest {v}")
+        totals[k] += v
+    return problems
