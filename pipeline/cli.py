@@ -118,8 +118,14 @@ def _status_text(info: dict) -> str:
     lines = [f"{info['output']}: {info['state']}"]
     for key in ("rounds", "rounds_done", "round", "stage", "shards", "stop_reason", "surrogate_error",
                 "last_error_on_released_data", "protection", "counts", "last_run_error"):
-        if info.get(key) is not None:
-            lines.append(f"  {key}: {json.dumps(info[key], default=str)}")
+        value = info.get(key)
+        if value is None:
+            continue
+        if key == "shards":
+            lines.append(f"  shards: {value['done']}/{value['total']} done, {value['left']} left, "
+                         f"{value['failed']} failed to read")
+        else:
+            lines.append(f"  {key}: {json.dumps(value, default=str)}")
     return "\n".join(lines)
 
 

@@ -21,12 +21,14 @@ from pipeline.storage import fs
 
 log = logging.getLogger(__name__)
 
-# Measured on MNIST-5k on 2 CPU cores (README, "Demo settings").
+# Measured on MNIST-5k on 2 CPU cores (README, "Measurements"). gap-cnn (small-cnn's shape without batch norm) gave
+# the lowest victims of the surrogates tried; sample-wise noise does not protect this data at eps 8/255 with any of
+# them, so its demo is kept short and says so, while class-wise noise lowers victims to about 55%.
 DEMO_SETTINGS = {
-    "samplewise": dict(surrogate="small-cnn", resolution=28, pgd_steps=10, step_size="0.00314", train_steps=10,
-                       batch_size=512, max_rounds=20, probe_steps=200),
-    "classwise": dict(surrogate="small-cnn", resolution=28, pgd_steps=1, train_steps=10, batch_size=512,
-                      max_rounds=20, probe_steps=200),
+    "samplewise": dict(surrogate="gap-cnn", resolution=28, pgd_steps=10, step_size="8/1275", train_steps=10,
+                       batch_size=512, max_rounds=8, probe_steps=200),
+    "classwise": dict(surrogate="gap-cnn", resolution=28, pgd_steps=1, step_size="4/255", train_steps=10,
+                      batch_size=512, max_rounds=25, stop_error=0.02, probe_steps=200),
 }
 VICTIMS = [("small-cnn", 8)]  # (architecture, epochs)
 VICTIM_SEEDS = [0]
