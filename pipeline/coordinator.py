@@ -252,7 +252,7 @@ class Run:
             else:
                 self._attempt("noise", r, "_classes")
                 for shard in self.plan.shards:
-                    image_steps += pool.get(worker.noise_stage.remote(shard.id))["image_steps"]
+                    image_steps += pool.get(worker.noise_stage.remote(shard.id, r))["image_steps"]
                 sums, counts = pool.get(worker.class_update_sums.remote())
                 pool.get(worker.apply_class_update.remote(sums, counts))
                 self._commit_noise(r, "_classes")
@@ -262,7 +262,7 @@ class Run:
                     self._load_noise(r, [shard.id])
                     continue
                 self._attempt("noise", r, shard.id)
-                image_steps += pool.get(worker.noise_stage.remote(shard.id))["image_steps"]
+                image_steps += pool.get(worker.noise_stage.remote(shard.id, r))["image_steps"]
                 self._commit_noise(r, shard.id)
         record["image_steps"] = image_steps
         self.timings["noise"] += time.perf_counter() - t0

@@ -124,9 +124,11 @@ class RoundWorker:
         return {"loss": sum(losses) / max(len(losses), 1), "seconds": time.perf_counter() - t0}
 
     # ---- stage 2: noise update --------------------------------------------------------------------------------
-    def noise_stage(self, shard: str) -> dict:
-        """Update the noise of one shard's samples (sample-wise), or add its class updates to the sums (class-wise)."""
-        faults.at_unit("worker", "noise", None, shard)
+    def noise_stage(self, shard: str, round_: int | None = None) -> dict:
+        """Update the noise of one shard's samples (sample-wise), or add its class updates to the sums (class-wise).
+
+        ``round_`` only names the unit for logs and fault hooks."""
+        faults.at_unit("worker", "noise", round_, shard)
         t0 = time.perf_counter()
         sd = self.shards[shard]
         cfg = self.cfg

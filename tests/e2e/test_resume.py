@@ -1,0 +1,176 @@
+"""Resume after SIGKILL of the coordinator, replacement of a dead worker, config refusal, status and verify.
+
+Every run here is ``unlearnable protect`` in its own process on a real local Ray. Kill points come from the fault
+hook (``UNLEARNABLE_FAULT``), so they land exactly inside a training stage, a noise stage and the export.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import run_cli
+
+# Two rounds always (stop-error 0 is never met before the last round); small work so that many runs fit.
+ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
+        "--probe-steps", "20", "--max-rounds", "2", "--stop-error", "0", "--seed", "3", "--keep-work"]
+
+
+def _protect(train: str, out: str, fault: str | None = None, once: str | None = None, extra: list[str] = ()):
+    env = {}
+    if fault:
+        env["UNLEARNABLE_FAULT"] = fault
+    if once:
+        env["UNLEARNABLE_FAULT_ONCE"] = once
+    return run_cli("protect", "--input", train, "--output", out, *ARGS, *extra, env=env)
+
+
+def _tars(out: str) -> dict[str, bytes]:
+    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith(".tar")}
+
+
+def _attempts(out: str) -> list[tuple]:
+    folder = os.path.join(out + ".work", "attempts")
+    rows = [json.load(open(os.path.join(folder, n))) for n in os.listdir(folder)]
+    return [(r["unit"], r["round"], r["shard"]) for r in rows]
+
+
+def _verify(out: str) -> dict:
+    proc = run_cli("verify", out, "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def reference(mnist_small, tmp_path_factory):
+    """The uninterrupted run that interrupted ones must match byte for byte."""
+    out = str(tmp_path_factory.mktemp("reference") / "release")
+    train = os.path.join(mnist_small["root"], "train")
+    proc = _protect(train, out)
+    assert proc.returncode in (0, 4), proc.stderr[-3000:]
+    return {"out": out, "train": train, "code": proc.returncode, "tars": _tars(out)}
+
+
+def test_sigkill_in_train_noise_and_export_then_rerun_is_byte_identical(reference, tmp_path):
+    out = str(tmp_path / "release")
+    kills = ["coordinator:train:1:", "coordinator:noise:1:train-000001", "coordinator:export::train-000001"]
+    for fault in kills:
+        proc = _protect(reference["train"], out, fault=fault)
+        assert proc.returncode == -9, f"{fault}: expected SIGKILL, got {proc.returncode}\n{proc.stderr[-2000:]}"
+        assert not os.path.exists(os.path.join(out, "_SUCCESS.json"))
+    # The export was cut after train-000000 was committed: its marker exists, train-000001's does not.
+    assert os.path.exists(os.path.join(out, "train-000000_stats.json"))
+    assert not os.path.exists(os.path.join(out, "train-000001_stats.json"))
+    proc = _protect(reference["train"], out)
+    assert proc.returncode == reference["code"], proc.stderr[-3000:]
+    assert "resuming after round 1" in proc.stderr
+    # Same seed, one worker, CPU: the released shards are the uninterrupted run's, byte for byte.
+    assert _tars(out) == reference["tars"]
+    summary = _verify(out)
+    assert summary["input"] == 300 and summary["protected"] == 300
+    # No unit whose marker was written was computed again: every unit started exactly once over the four runs
+    # (the killed attempt dies in the hook before it is logged).
+    attempts = _attempts(out)
+    repeated = [u for u, n in collections.Counter(attempts).items() if n > 1]
+    assert not repeated, repeated
+    shards = ["train-000000", "train-000001", "train-000002"]
+    expected = ({("train", r, None) for r in (0, 1)} | {("noise", r, s) for r in (0, 1) for s in shards}
+                | {("check", r, None) for r in (0, 1)} | {("export", None, s) for s in shards})
+    assert set(attempts) == expected
+
+
+def test_a_worker_that_dies_mid_noise_stage_is_replaced_and_the_run_completes(reference, tmp_path):
+    out = str(tmp_path / "release")
+    once = str(tmp_path / "worker-died-once")
+    proc = _protect(reference["train"], out, fault="worker:noise:1:train-000001", once=once)
+    assert os.path.exists(once), "the fault hook never fired"
+    assert proc.returncode == reference["code"], proc.stderr[-3000:]
+    assert "worker died" in proc.stderr
+    assert _tars(out) == reference["tars"]
+    _verify(out)
+    attempts = collections.Counter(_attempts(out))
+    # The shard the worker died on is the only unit started twice.
+    assert [u for u, n in attempts.items() if n > 1] == [("noise", 1, "train-000001")]
+
+
+def test_changed_config_is_refused_naming_fields_and_overwrite_starts_over(reference, tmp_path):
+    out = str(tmp_path / "release")
+    shutil.copytree(reference["out"], out)
+    shutil.copytree(reference["out"] + ".work", out + ".work")
+    proc = _protect(reference["train"], out, extra=["--train-steps", "4", "--mode", "classwise"])
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "train_steps" in last and "mode" in last and "--overwrite" in last
+    assert _tars(out) == reference["tars"]  # the refused run touched nothing
+    proc = _protect(reference["train"], out, extra=["--train-steps", "4", "--overwrite"])
+    assert proc.returncode in (0, 4), proc.stderr[-3000:]
+    success = json.load(open(os.path.join(out, "_SUCCESS.json")))
+    assert success["config"]["train_steps"] == 4
+    _verify(out)
+
+
+def test_status_and_verify_tell_the_truth_about_a_half_finished_run(reference, tmp_path):
+    out = str(tmp_path / "release")
+    proc = _protect(reference["train"], out, fault="coordinator:noise:1:train-000002")
+    assert proc.returncode == -9
+    st = run_cli("status", out, "--json")
+    assert st.returncode == 3, st.stderr[-2000:]  # incomplete
+    info = json.loads(st.stdout)
+    assert info["complete"] is False and info["state"] == "in progress"
+    assert info["rounds_done"] == 1 and info["round"] == 1 and info["stage"] == "noise"
+    assert info["shards"] == {"total": 3, "done": 2, "left": 1, "failed": 0}
+    assert info["last_error_on_released_data"] is not None
+    text = run_cli("status", out)
+    assert "in progress" in text.stdout and "shards: 2/3 done, 1 left" in text.stdout
+    ver = run_cli("verify", out)
+    assert ver.returncode == 1 and "not complete" in (ver.stdout + ver.stderr)
+    # The rerun finishes it, and then both say so.
+    proc = _protect(reference["train"], out)
+    assert proc.returncode == reference["code"], proc.stderr[-3000:]
+    info = json.loads(run_cli("status", out, "--json").stdout)
+    assert info["complete"] is True and info["counts"]["input"] == 300
+    _verify(out)
+
+
+def test_verify_catches_a_tampered_release(reference, tmp_path):
+    out = str(tmp_path / "release")
+    shutil.copytree(reference["out"], out)
+    path = os.path.join(out, "train-000001.tar")
+    data = bytearray(open(path, "rb").read())
+    data[1000] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    open(os.path.join(out, "noise.npy"), "wb").write(b"x")
+    proc = run_cli("verify", out)
+    assert proc.returncode == 1
+    text = proc.stdout + proc.stderr
+    assert "train-000001.tar does not match its marker" in text and "unexpected object" in text
+
+
+def test_a_second_coordinator_on_a_live_run_is_refused(reference, tmp_path):
+    """A live lease (fresh heartbeat, a live process) stops a second coordinator with a clear message and exit 3."""
+    out = str(tmp_path / "release")
+    work = out + ".work"
+    first = _protect(reference["train"], out, fault="coordinator:train:0:")
+    assert first.returncode == -9
+    # The killed coordinator's lease is stale (its process is gone); impersonate a live one with this test's pid.
+    lease = os.path.join(work, "lease.json")
+    held = json.load(open(lease))
+    held["pid"] = os.getpid()
+    import time
+
+    held["heartbeat"] = time.time()
+    open(lease, "w").write(json.dumps(held))
+    proc = _protect(reference["train"], out)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "another coordinator" in proc.stderr.strip().splitlines()[-1]
+    # Once that coordinator is gone (pid no longer alive), the stale lease is taken over and the run completes.
+    held["pid"] = 2 ** 22 + 12345  # no such process
+    open(lease, "w").write(json.dumps(held))
+    proc = _protect(reference["train"], out)
+    assert proc.returncode == reference["code"], proc.stderr[-3000:]
+    assert "taking over a stale lease" in proc.stderr
+    assert _tars(out) == reference["tars"]
