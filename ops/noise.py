@@ -55,9 +55,12 @@ def pgd_minimize(
     try:
         delta = delta.detach().clone()
         for _ in range(steps):
-            delta.requires_grad_(True)
-            loss = F.cross_entropy(model((x + delta).clamp(0.0, 1.0)), y)
-            (grad,) = torch.autograd.grad(loss, delta)
+            # The gradient is taken at the clipped image itself, not through the clip: torch.clamp passes no gradient
+            # at its bounds, so every pixel at exactly 0 or 1 (most of a digit's background and strokes) would never
+            # move. The projection below keeps x + delta in [0, 1] all the same.
+            image = (x + delta).clamp(0.0, 1.0).requires_grad_(True)
+            loss = F.cross_entropy(model(image), y)
+            (grad,) = torch.autograd.grad(loss, image)
             with torch.no_grad():
                 delta = project(delta - step_size * grad.sign(), x, eps)
         return delta.detach()

@@ -155,7 +155,8 @@ class RoundWorker:
 
     def class_update_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This worker's class-wise sums of the stage (to be added across workers), then reset."""
-        sums, counts = self._class_sums.cpu(), self._class_counts.cpu()
+        # clone: on a CPU worker .cpu() returns the same tensor, which the reset below would zero before it is sent.
+        sums, counts = self._class_sums.cpu().clone(), self._class_counts.cpu().clone()
         self._class_sums.zero_()
         self._class_counts.zero_()
         return sums, counts

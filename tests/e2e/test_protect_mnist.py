@@ -95,6 +95,7 @@ def test_manifest_has_one_row_per_input_sample(protected_run):
     assert len(rows) == 300 and len({r["key"] for r in rows}) == 300
     assert {r["status"] for r in rows} == {"protected"}
     assert all(0 <= r["linf"] <= 8 and r["width"] == 28 and r["height"] == 28 for r in rows)
+    assert sum(r["linf"] > 0 for r in rows) >= 0.9 * len(rows)  # noise was actually applied, not just bounded
     assert all(r["output_member"] == r["key"] + ".png" for r in rows)
     success = json.load(open(os.path.join(protected_run["out"], "_SUCCESS.json")))
     assert success["counts"] == {"input": 300, "protected": 300, "rejected": 0}

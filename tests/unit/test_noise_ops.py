@@ -102,6 +102,20 @@ def test_pgd_lowers_surrogate_loss():
     assert delta.abs().max() > 0  # it actually moved
 
 
+def test_pgd_moves_pixels_that_sit_exactly_at_0_and_1():
+    """Digits are mostly exact 0 and 1. torch.clamp passes no gradient at its bounds, so an update that
+    differentiates through the clip would leave every such pixel at zero noise (the bug that kept MNIST unprotected).
+    """
+    model = _tiny_model()
+    x, y = _batch()
+    x = (x > 0.5).to(x.dtype)  # every pixel exactly 0 or 1
+    delta = pgd_minimize(model, x, y, torch.zeros_like(x), eps=EPS, step_size=EPS / 4, steps=3)
+    assert (delta[x == 0] > 0).float().mean() > 0.2  # background brightened where the loss wants it
+    assert (delta[x == 1] < 0).float().mean() > 0.2  # strokes darkened where the loss wants it
+    assert ((x + delta) >= 0).all() and ((x + delta) <= 1).all()
+    assert _ce(model, x, delta, y) < _ce(model, x, torch.zeros_like(x), y)
+
+
 def test_pgd_does_not_change_model_parameters_or_buffers():
     model = _tiny_model()
     x, y = _batch()
