@@ -11,6 +11,7 @@ import json
 import tarfile
 
 from pipeline.plan import Plan
+from pipeline.samples import REPEATED_KEY_ERROR
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import Layout, default_work_dir
 from pipeline.storage.markers import read_marker
@@ -121,7 +122,7 @@ def _verify_shard(layout: Layout, shard: str, chash: str, bound: int, totals: di
     rows = manifest.from_parquet(man_bytes).to_pylist()
     protected = {r["key"]: r for r in rows if r["status"] == "protected"}
     # A key may repeat only as a rejected repeat of an earlier sample; otherwise one row per key.
-    first_rows = [r["key"] for r in rows if not (r["status"] == "rejected" and "repeated" in (r["error"] or ""))]
+    first_rows = [r["key"] for r in rows if not (r["status"] == "rejected" and r["error"] == REPEATED_KEY_ERROR)]
     if len(first_rows) != len(set(first_rows)):
         problems.append(f"{shard}: a key has more than one manifest row")
     pngs: dict[str, bytes] = {}

@@ -15,6 +15,8 @@ from ops.image import DecodedImage, ImageRejected, decode_image
 from pipeline.storage.shards import RawSample
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+# The manifest error of a repeated key; ``verify`` recognises these rows by it.
+REPEATED_KEY_ERROR = "key repeated in shard (the first occurrence is kept)"
 
 
 @dataclass
@@ -74,7 +76,7 @@ def prepare(sample: RawSample, rules: SampleRules, seen_keys: set[str]) -> Accep
     if sample.truncated:
         return Rejected(sample.key, "sample cut off: the shard is truncated inside it")
     if sample.key in seen_keys:
-        return Rejected(sample.key, "key repeated in shard (the first occurrence is kept)")
+        return Rejected(sample.key, REPEATED_KEY_ERROR)
     seen_keys.add(sample.key)
     member = find_image_member(sample.members, rules.image_key)
     if member is None:

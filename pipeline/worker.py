@@ -155,8 +155,8 @@ class RoundWorker:
 
     def class_update_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This worker's class-wise sums of the stage (to be added across workers), then reset."""
-        # clone: on a CPU worker .cpu() returns the same tensor, which the reset below would zero before it is sent.
-        sums, counts = self._class_sums.cpu().clone(), self._class_counts.cpu().clone()
+        # A copy: on a CPU worker .cpu() returns the same tensor, which the reset below would zero before it is sent.
+        sums, counts = self._class_sums.to("cpu", copy=True), self._class_counts.to("cpu", copy=True)
         self._class_sums.zero_()
         self._class_counts.zero_()
         return sums, counts

@@ -10,6 +10,7 @@ import collections
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -160,8 +161,6 @@ def test_a_second_coordinator_on_a_live_run_is_refused(reference, tmp_path):
     lease = os.path.join(work, "lease.json")
     held = json.load(open(lease))
     held["pid"] = os.getpid()
-    import time
-
     held["heartbeat"] = time.time()
     open(lease, "w").write(json.dumps(held))
     proc = _protect(reference["train"], out)
