@@ -1,4 +1,4 @@
-"""The ``unlearnable`` command line: protect, evaluate, demo, make-shards.
+"""The ``unlearnable`` command line: protect, evaluate, demo, bench, status, verify, make-shards.
 
 Exit status: 0 complete and protected; 2 bad arguments or a refused config; 3 incomplete (a rerun resumes);
 4 complete but the protection probe does not hold. Whenever it is not 0, one line on stderr says why.
@@ -11,7 +11,15 @@ import json
 import logging
 import sys
 
-from pipeline.config import DEFAULT_PROBE_ARCH, DEFAULT_PROBE_STEPS, DEFAULT_SURROGATE, PROBE_MARGIN, ProtectConfig
+from ops.engine import CONVERGED_LOSS, PRECISIONS
+from pipeline.config import (
+    DEFAULT_PROBE_ARCH,
+    DEFAULT_PROBE_STEPS,
+    DEFAULT_SURROGATE,
+    PROBE_MARGIN,
+    SKIP_CONVERGED_DEFAULT,
+    ProtectConfig,
+)
 from pipeline.coordinator import EXIT_BAD_ARGS, EXIT_INCOMPLETE, ConfigRefused
 from pipeline.lease import LeaseHeld
 
@@ -39,6 +47,10 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-key", default="cls", help="label member extension (integer text)")
     p.add_argument("--keep-work", action="store_true", help="keep the noise state and checkpoints after the release")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run at this output and start over")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the frozen plan (shards, samples, classes) and the work it takes; run nothing")
+    p.add_argument("--rate", type=float, default=None,
+                   help="with --dry-run: image-steps/s of one GPU, as `unlearnable bench` measured it, for GPU-hours")
 
 
 def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -60,6 +72,11 @@ def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None
                    help=f"probe accuracy that still counts as protected (default: chance + {PROBE_MARGIN} x "
                         "(clean-trained probe - chance))")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="the noise stage's surrogate precision (auto: bf16 autocast on a GPU with bf16, else fp32)")
+    p.add_argument("--skip-converged", action=argparse.BooleanOptionalAction, default=SKIP_CONVERGED_DEFAULT,
+                   help="sample-wise: skip this round's PGD steps for samples whose surrogate loss on their released "
+                        f"image is already below {CONVERGED_LOSS:.4f} (p >= 0.99)")
 
 
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:
@@ -94,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter)
     p.add_argument("--output", default="demo-output")
     p.add_argument("--mode", choices=["samplewise", "classwise"], default="samplewise")
+    p.add_argument("--skip-converged", action=argparse.BooleanOptionalAction, default=SKIP_CONVERGED_DEFAULT,
+                   help="skip the PGD steps of samples the surrogate already fits (see protect --help)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs (and torch threads) of the demo's worker (default: the machine's cores)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep the work dir (round records with their image-steps, noise state) after the release")
+
+    p = sub.add_parser("bench", help="time the noise step (engine against the paper-style fp32 baseline) and a "
+                                     "whole round in-process", formatter_class=_Formatter)
+    from pipeline.bench import add_bench_args
+
+    add_bench_args(p)
 
     p = sub.add_parser("status", help="rounds, stages, shards done/failed/left, last error, complete?",
                        formatter_class=_Formatter)
@@ -135,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        if args.command == "protect" and args.dry_run:
+            from pipeline.estimate import estimate
+
+            print(json.dumps(estimate(config_from_args(args), args.rate, args.workers), indent=2))
+            return 0
         if args.command == "protect":
             from pipeline.coordinator import protect
 
@@ -156,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from pipeline.demo import run_demo
 
-            return run_demo(args.output, args.mode)
+            return run_demo(args.output, args.mode, skip_converged=args.skip_converged,
+                            cpus_per_worker=args.cpus_per_worker, keep_work=args.keep_work)
+        if args.command == "bench":
+            from pipeline.bench import bench_cli
+
+            return bench_cli(args)
         if args.command == "status":
             from pipeline.inspection import status
 

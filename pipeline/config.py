@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
+from ops.engine import PRECISIONS
 from ops.image import DEFAULT_MAX_PIXELS
 from ops.noise import parse_fraction
 
@@ -18,6 +19,9 @@ DEFAULT_PROBE_STEPS = 200
 # The probe holds when its clean accuracy is at most chance + PROBE_MARGIN * (clean-trained probe - chance),
 # unless --probe-threshold gives an absolute accuracy.
 PROBE_MARGIN = 0.25
+# Skip the PGD steps of samples the surrogate already fits on their released image (ops.engine.CONVERGED_LOSS).
+# Measured on the MNIST demo with and without it (docs/benchmarks.md, "Skipping converged samples").
+SKIP_CONVERGED_DEFAULT = False
 
 # Fields that change results: they form the config hash that binds markers to the run. Workers, addresses,
 # timeouts and --max-rounds are deliberately absent (raising --max-rounds continues a run).
@@ -39,6 +43,8 @@ HASH_FIELDS = (
     "max_pixels",
     "image_key",
     "label_key",
+    "precision",
+    "skip_converged",
 )
 
 
@@ -69,6 +75,8 @@ class ProtectConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     image_key: str | None = None
     label_key: str = "cls"
+    precision: str = "auto"  # the noise stage's surrogate: auto = bf16 autocast on a CUDA GPU with bf16, else fp32
+    skip_converged: bool = SKIP_CONVERGED_DEFAULT
     keep_work: bool = False
     overwrite: bool = False
 
@@ -91,6 +99,8 @@ class ProtectConfig:
             raise ValueError(f"--stop-error must be in [0, 1], got {self.stop_error}")
         if self.probe_threshold is not None and not 0 <= self.probe_threshold <= 1:
             raise ValueError(f"--probe-threshold must be an accuracy in [0, 1], got {self.probe_threshold}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if not self.inputs:
             raise ValueError("at least one --input is required")
         from surrogates import available

@@ -22,7 +22,8 @@ from pipeline import faults, pool
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.config import PROBE_MARGIN, ProtectConfig, config_hash, differing_fields
 from pipeline.plan import Plan, build_plan
-from pipeline.probe import run_probe
+from pipeline.probe import judge
+from pipeline.schedule import NoiseQueue, assign_shards
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import Layout, check_work_dir_outside, default_work_dir
 from pipeline.storage.markers import is_done, read_marker, write_marker
@@ -114,8 +115,6 @@ def protect(cfg: ProtectConfig) -> RunResult:
     if done is not None and done.get("config_hash") == chash:
         log.info("release in %s is already complete", layout.output)
         return RunResult(EXIT_OK if done["protection"]["holds"] else EXIT_UNPROTECTED, done)
-    if cfg.workers is not None and cfg.workers > 1:
-        raise ConfigRefused("--workers > 1 needs data-parallel surrogate training, which is not built yet; use 1")
     lease = Lease(layout.lease)
     lease.acquire()
     started = pool.connect(cfg.ray_address)
@@ -123,20 +122,22 @@ def protect(cfg: ProtectConfig) -> RunResult:
     try:
         for replacement in range(MAX_WORKER_REPLACEMENTS + 1):
             try:
-                run.start_worker()
+                run.start_workers()
                 run.rounds()
                 run.export()
                 break
             except pool.WorkerDied as exc:
                 if replacement == MAX_WORKER_REPLACEMENTS:
                     raise
-                log.warning("worker died (%s); starting a new one and resuming from the last committed unit", exc)
-                run.stop_worker()
+                # The pool's process group dies with any of its workers: restart the whole pool.
+                log.warning("worker died (%s); restarting the pool and resuming from the last committed unit", exc)
+                run.stop_workers()
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             _record_error(layout, exc)
         raise
     finally:
+        run.stop_workers()
         pool.shutdown(started)
         lease.release()
     return run.finish(t_start)
@@ -156,29 +157,42 @@ class Run:
     def __init__(self, cfg: ProtectConfig, layout: Layout, plan: Plan, chash: str) -> None:
         self.cfg, self.layout, self.plan, self.chash = cfg, layout, plan, chash
         self.timings: dict[str, float] = dict.fromkeys(("load", "train", "noise", "check", "probe", "export"), 0.0)
-        self.worker = None
+        self.workers: list = []
+        self.owner: dict[str, int] = {}  # shard id -> index of the worker that holds it
         self.history: list[dict] = []
         self.counts = {"input": 0, "protected": 0, "rejected": 0}
 
     # ---- workers ----------------------------------------------------------------------------------------------
-    def start_worker(self) -> None:
+    def start_workers(self) -> None:
+        """Start the pool, share the shards out and load them (every worker streams its own shards in parallel)."""
         cfg, plan = self.cfg, self.plan
-        self.worker = pool.start_workers(cfg.to_dict(), plan.num_classes, plan.channels, cfg.workers,
-                                         cfg.gpus_per_worker, cfg.cpus_per_worker)[0]
+        n, gpus_each, cpus_each = pool.pool_size(cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker)
+        if n > len(plan.shards):
+            log.warning("%d workers asked for but the corpus has %d shard(s): starting %d", n, len(plan.shards),
+                        len(plan.shards))
+            n = len(plan.shards)
+        self.workers = pool.start_workers(cfg.to_dict(), plan.num_classes, plan.channels, n, gpus_each, cpus_each)
+        shares = assign_shards(plan.shards, n)
+        self.owner = {s.id: i for i, share in enumerate(shares) for s in share}
         t0 = time.perf_counter()
-        accepted = 0
-        for shard in tqdm(plan.shards, desc="load shards", unit="shard", file=sys.stderr):
-            loaded = pool.get(self.worker.load_shard.remote(shard.id, shard.url))
-            accepted += loaded["accepted"]
-            if loaded["read_error"]:
-                log.warning("shard %s: %s", shard.id, loaded["read_error"])
-        self.timings["load"] += time.perf_counter() - t0
+        loaded = pool.get_all([w.load_shards.remote([(s.id, s.url) for s in share])
+                               for w, share in zip(self.workers, shares)])
+        seconds = time.perf_counter() - t0
+        self.timings["load"] += seconds
+        results = [r for share in loaded for r in share]
+        for r in results:
+            if r["read_error"]:
+                log.warning("shard %s: %s", r["shard"], r["read_error"])
+        accepted = sum(r["accepted"] for r in results)
+        log.info("loaded %d shard(s) on %d worker(s): %d samples accepted, %d rejected, %.1f s (%.0f images/s)",
+                 len(results), n, accepted, sum(r["rejected"] for r in results), seconds, accepted / max(seconds, 1e-9))
         if accepted == 0:
             raise ConfigRefused("no sample of the corpus can be protected (every sample was rejected)")
 
-    def stop_worker(self) -> None:
-        pool.kill(self.worker)
-        self.worker = None
+    def stop_workers(self) -> None:
+        for w in self.workers:
+            pool.kill(w)
+        self.workers = []
 
     def _attempt(self, unit: str, r: int | None = None, shard: str | None = None) -> None:
         """Log that a unit of work starts (the attempt log lets tests prove nothing finished is redone)."""
@@ -197,9 +211,21 @@ class Run:
             history.append(marker)
             r += 1
 
-    def _load_noise(self, r: int, shards) -> None:
-        for shard in shards:
-            pool.get(self.worker.load_noise_state.remote(shard, fs.read_bytes(self.layout.noise_state(r, shard))))
+    def _restore(self, r: int) -> None:
+        """Every worker loads round r's surrogate checkpoint (the same weights everywhere)."""
+        ckpt = pool.put(fs.read_bytes(self.layout.checkpoint(r)))
+        pool.get_all([w.restore.remote(ckpt) for w in self.workers])
+
+    def _load_noise(self, r: int, units) -> None:
+        """Committed noise state of round r back into the workers: a shard's to its owner, the class noise to all."""
+        refs = []
+        for unit in units:
+            state = pool.put(fs.read_bytes(self.layout.noise_state(r, unit)))
+            if unit == "_classes":
+                refs += [w.load_noise_state.remote(None, state) for w in self.workers]
+            else:
+                refs.append(self.workers[self.owner[unit]].load_noise_state.remote(unit, state))
+        pool.get_all(refs)
 
     def rounds(self) -> None:
         cfg, layout = self.cfg, self.layout
@@ -208,12 +234,12 @@ class Run:
         last = len(self.history) - 1
         if last >= 0:
             log.info("resuming after round %d", last)
-            pool.get(self.worker.restore.remote(fs.read_bytes(layout.checkpoint(last))))
+            self._restore(last)
             self._load_noise(last, self._noise_units())
         if self.history and self.history[-1]["stop"]:
             return
         bar = tqdm(range(last + 1, cfg.max_rounds), desc="rounds", unit="round", file=sys.stderr,
-                   initial=last + 1, total=cfg.max_rounds)
+                   initial=last + 1, total=cfg.max_rounds, disable=not sys.stderr.isatty())
         for r in bar:
             record = self._round(r, clean_ref, final=r == cfg.max_rounds - 1)
             if record.get("probe"):
@@ -231,56 +257,48 @@ class Run:
         return ["_classes"] if self.cfg.mode == "classwise" else [s.id for s in self.plan.shards]
 
     def _round(self, r: int, clean_ref: float | None, final: bool) -> dict:
-        cfg, layout, worker = self.cfg, self.layout, self.worker
-        record: dict = {"round": r, "mode": cfg.mode}
-        # Stage 1: training. Its checkpoint is the unit's output, so a resumed round never retrains.
+        cfg, layout = self.cfg, self.layout
+        record: dict = {"round": r, "mode": cfg.mode, "workers": len(self.workers)}
+        seconds: dict[str, float] = {}
+        # Stage 1: training, data-parallel over the pool. Its checkpoint is the unit's output, so a resumed round
+        # never retrains.
         t0 = time.perf_counter()
         if is_done(layout.train_marker(r), self.chash):
-            pool.get(worker.restore.remote(fs.read_bytes(layout.checkpoint(r))))
+            self._restore(r)
         else:
             self._attempt("train", r)
-            record["train"] = pool.get(worker.train_stage.remote())
-            fs.write_verified(layout.checkpoint(r), pool.get(worker.checkpoint.remote()))
+            results = pool.get_all([w.train_stage.remote(r) for w in self.workers])
+            record["train"] = {"loss": sum(x["loss"] for x in results) / len(results),
+                               "seconds": max(x["seconds"] for x in results)}
+            fs.write_verified(layout.checkpoint(r), pool.get(self.workers[0].checkpoint.remote()))
             write_marker(layout.train_marker(r), self.chash, **record["train"])
-        self.timings["train"] += time.perf_counter() - t0
+        seconds["train"] = time.perf_counter() - t0
+        log.info("round %d train: %d steps, loss %s, %.1f s", r, cfg.train_steps,
+                 f"{record['train']['loss']:.4f}" if "train" in record else "(done before)", seconds["train"])
         # Stage 2: noise, one unit per shard (class-wise: one unit for the class noise).
         t0 = time.perf_counter()
-        image_steps = 0
-        if cfg.mode == "classwise":
-            if is_done(layout.noise_marker(r, "_classes"), self.chash):
-                self._load_noise(r, ["_classes"])
-            else:
-                self._attempt("noise", r, "_classes")
-                for shard in self.plan.shards:
-                    image_steps += pool.get(worker.noise_stage.remote(shard.id, r))["image_steps"]
-                sums, counts = pool.get(worker.class_update_sums.remote())
-                pool.get(worker.apply_class_update.remote(sums, counts))
-                self._commit_noise(r, "_classes")
-        else:
-            for shard in tqdm(self.plan.shards, desc=f"round {r} noise", unit="shard", file=sys.stderr, leave=False):
-                if is_done(layout.noise_marker(r, shard.id), self.chash):
-                    self._load_noise(r, [shard.id])
-                    continue
-                self._attempt("noise", r, shard.id)
-                image_steps += pool.get(worker.noise_stage.remote(shard.id, r))["image_steps"]
-                self._commit_noise(r, shard.id)
-        record["image_steps"] = image_steps
-        self.timings["noise"] += time.perf_counter() - t0
+        record["image_steps"] = self._noise_stage(r)
+        seconds["noise"] = time.perf_counter() - t0
         # Stage 3: the stop check on the data as it will be released, and the probe when the error rule holds.
         self._attempt("check", r)
         t0 = time.perf_counter()
-        err = pool.get(worker.released_error.remote())
-        record["error"] = round(err["wrong"] / max(err["total"], 1), 6)
-        self.timings["check"] += time.perf_counter() - t0
+        errors = pool.get_all([w.released_error.remote() for w in self.workers])
+        record["error"] = round(sum(e["wrong"] for e in errors) / max(sum(e["total"] for e in errors), 1), 6)
+        seconds["check"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         record["probe"] = self._probe(clean_ref) if record["error"] <= cfg.stop_error or final else None
+        seconds["probe"] = time.perf_counter() - t0
         record["stop"] = bool(record["error"] <= cfg.stop_error and record["probe"] and record["probe"]["holds"])
+        record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        for k, v in seconds.items():
+            self.timings[k] += v
         probe_txt = ""
         if record["probe"]:
             p = record["probe"]
             probe_txt = (f"; probe {p['arch']} {100 * p['probe_accuracy']:.1f}% on clean held-out "
                          f"(threshold {100 * p['threshold']:.1f}%, {'holds' if p['holds'] else 'does NOT hold'})")
-        log.info("round %d: surrogate error on released data %.4f (stop at %.4f)%s", r, record["error"],
-                 cfg.stop_error, probe_txt)
+        log.info("round %d: surrogate error on released data %.4f (stop at %.4f)%s; stages %s", r, record["error"],
+                 cfg.stop_error, probe_txt, ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
         write_marker(layout.round_marker(r), self.chash, **record)
         old = r - KEEP_ROUNDS
         if old >= 0:  # keep the last two rounds' noise state and checkpoints; the round records stay
@@ -288,30 +306,122 @@ class Run:
             fs.remove(fs.join(layout.round_dir(old), "noise"), recursive=True)
         return record
 
-    def _commit_noise(self, r: int, unit: str) -> None:
-        """Noise state first, verified; its marker last."""
+    def _noise_stage(self, r: int) -> int:
+        """Round r's noise update of every shard; returns the image-steps it took."""
+        if self.cfg.mode == "classwise":
+            if is_done(self.layout.noise_marker(r, "_classes"), self.chash):
+                self._load_noise(r, ["_classes"])
+                return 0
+            self._attempt("noise", r, "_classes")
+            image_steps = self._run_noise_queue(r, [s.id for s in self.plan.shards], commit=False)
+            # Every worker summed its shards' class updates; the class noise moves by the sum over the pool.
+            parts = pool.get_all([w.class_update_sums.remote() for w in self.workers])
+            sums = pool.put(sum(p[0] for p in parts))
+            counts = pool.put(sum(p[1] for p in parts))
+            pool.get_all([w.apply_class_update.remote(sums, counts) for w in self.workers])
+            self._commit_noise(r, "_classes", 0)
+            return image_steps
+        todo = []
+        for shard in self.plan.shards:
+            if is_done(self.layout.noise_marker(r, shard.id), self.chash):
+                self._load_noise(r, [shard.id])
+            else:
+                todo.append(shard.id)
+        return self._run_noise_queue(r, todo, commit=True)
+
+    def _run_noise_queue(self, r: int, shard_ids: list[str], commit: bool) -> int:
+        """Hand the shards to idle workers, own shards first, then other workers' unstarted ones (see schedule.py).
+
+        Sample-wise (``commit``), each shard's noise state is committed as soon as it is done, and a shard computed
+        by a guest worker goes back to its owner."""
+        cfg, layout = self.cfg, self.layout
+        url = {s.id: s.url for s in self.plan.shards}
+        queue = NoiseQueue({i: [s for s in shard_ids if self.owner[s] == i] for i in range(len(self.workers))})
+        idle = list(range(len(self.workers)))
+        running: dict = {}
+        to_owners = []
+        image_steps = samples = done = 0
+        t0 = time.perf_counter()
+        while len(queue) or running:
+            for i in list(idle):
+                job = queue.next_for(i)
+                if job is None:
+                    continue
+                idle.remove(i)
+                shard, owner = job
+                if commit:
+                    self._attempt("noise", r, shard)
+                if owner == i:
+                    ref = self.workers[i].noise_stage.remote(shard, r)
+                else:
+                    state = layout.noise_state(r - 1, shard) if cfg.mode == "samplewise" and r > 0 else None
+                    ref = self.workers[i].noise_stage_guest.remote(shard, r, url[shard], state)
+                running[ref] = (i, shard, owner)
+            ready, _ = pool.wait(list(running))
+            for ref in ready:
+                i, shard, owner = running.pop(ref)
+                result = pool.get(ref)
+                idle.append(i)
+                if commit:
+                    state = self._commit_noise(r, shard, i)
+                    if owner != i:
+                        to_owners.append(self.workers[owner].load_noise_state.remote(shard, state))
+                image_steps += result["image_steps"]
+                samples += result["samples"]
+                done += 1
+                elapsed = time.perf_counter() - t0
+                log.info("round %d noise: %d/%d shards done (%s on worker %d%s), %.0f images/s", r, done,
+                         len(shard_ids), shard, i, f", owner {owner}" if owner != i else "", samples / max(elapsed, 1e-9))
+        pool.get_all(to_owners)
+        return image_steps
+
+    def _commit_noise(self, r: int, unit: str, worker: int) -> bytes:
+        """Noise state first, verified; its marker last. Returns the state."""
         shard = None if unit == "_classes" else unit
-        sha = fs.write_verified(self.layout.noise_state(r, unit), pool.get(self.worker.noise_state.remote(shard)))
+        state = pool.get(self.workers[worker].noise_state.remote(shard))
+        sha = fs.write_verified(self.layout.noise_state(r, unit), state)
         write_marker(self.layout.noise_marker(r, unit), self.chash, sha256=sha)
+        return state
 
     def _probe(self, clean_ref: float | None) -> dict:
         t0 = time.perf_counter()
-        probe = pool.get(self.worker.run_probe.remote(clean_ref, self.cfg.probe_threshold, PROBE_MARGIN))
-        self.timings["probe"] += time.perf_counter() - t0
+        cfg = self.cfg
+        # The probe trains on the whole release: workers hand their share to the one that trains (object refs, not
+        # via the coordinator). The clean-trained reference, needed once per run, trains on a second worker at the
+        # same time when there is one.
+        parts = [w.probe_data.remote() for w in self.workers]
+        released = self.workers[0].probe_score.remote("released", *parts)
         if clean_ref is None:
+            clean = self.workers[1 % len(self.workers)].probe_score.remote("clean", *parts)
+            clean_ref = round(pool.get(clean)["accuracy"], 4)  # as the round records keep it: resumed == not
             fs.write_bytes(self.layout.probe_record, json.dumps(
-                {"config_hash": self.chash, "probe_clean_accuracy": probe["probe_clean_accuracy"]}).encode())
+                {"config_hash": self.chash, "probe_clean_accuracy": clean_ref}).encode())
+        probe = judge(pool.get(released), clean_ref, arch=cfg.probe_arch, steps=cfg.probe_steps,
+                      threshold=cfg.probe_threshold, margin=PROBE_MARGIN)
+        log.info("probe: %.1f s", time.perf_counter() - t0)
         return probe
 
     # ---- export -----------------------------------------------------------------------------------------------
     def export(self) -> None:
+        """Every worker writes the release of the shards it owns, in parallel; the merged manifest last."""
         t0 = time.perf_counter()
         layout = self.layout
-        self.counts = {"input": 0, "protected": 0, "rejected": 0}
-        for shard in tqdm(self.plan.shards, desc="export", unit="shard", file=sys.stderr):
+        running = {}
+        for shard in self.plan.shards:
             if not is_done(layout.shard_marker(shard.id), self.chash):
                 self._attempt("export", None, shard.id)
-                pool.get(self.worker.export_shard.remote(shard.id, layout.output, layout.work, self.chash))
+                worker = self.workers[self.owner[shard.id]]
+                running[worker.export_shard.remote(shard.id, layout.output, layout.work, self.chash)] = shard.id
+        total, done = len(running), 0
+        while running:
+            ready, _ = pool.wait(list(running))
+            for ref in ready:
+                stats = pool.get(ref)
+                done += 1
+                log.info("export: %d/%d shards written (%s: %d protected, %d rejected)", done, total,
+                         running.pop(ref), stats["protected"], stats["rejected"])
+        self.counts = {"input": 0, "protected": 0, "rejected": 0}
+        for shard in self.plan.shards:
             stats = read_marker(layout.shard_marker(shard.id))
             for k in self.counts:
                 self.counts[k] += stats[k]

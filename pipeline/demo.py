@@ -18,6 +18,8 @@ from pipeline.evaluate import evaluate
 from pipeline.mnist import make_mnist_corpus
 from pipeline.report import sample_pairs, write_report
 from pipeline.storage import fs
+from pipeline.storage.layout import Layout
+from pipeline.storage.markers import read_marker
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ VICTIMS = [("small-cnn", 8)]  # (architecture, epochs)
 VICTIM_SEEDS = [0]
 
 
-def run_demo(output: str, mode: str = "samplewise") -> int:
+def run_demo(output: str, mode: str = "samplewise", *, skip_converged: bool | None = None,
+             cpus_per_worker: float | None = None, keep_work: bool = False) -> int:
     t0 = time.perf_counter()
     os.makedirs(output, exist_ok=True)
     data = os.path.join(output, "data")
@@ -41,7 +44,10 @@ def run_demo(output: str, mode: str = "samplewise") -> int:
     if not fs.exists(os.path.join(data, "test", "test-000000.tar")):
         make_mnist_corpus(data)
     settings = dict(mode=mode, eps="8/255", **DEMO_SETTINGS[mode])
-    cfg = ProtectConfig(inputs=[os.path.join(data, "train")], output=release, **settings)
+    if skip_converged is not None:
+        settings["skip_converged"] = skip_converged
+    cfg = ProtectConfig(inputs=[os.path.join(data, "train")], output=release, cpus_per_worker=cpus_per_worker,
+                        keep_work=keep_work, **settings)
     t_protect = time.perf_counter()
     result = protect(cfg)
     t_protect = time.perf_counter() - t_protect
@@ -65,6 +71,7 @@ def run_demo(output: str, mode: str = "samplewise") -> int:
         "probe_accuracy": p["probe_accuracy"],
         "protection_holds": p["holds"],
         **{f"victim_{k.replace(' ', '_')}": round(v["mean_accuracy"], 4) for k, v in victims.items()},
+        **_image_steps(result.success["work_dir"], result.success["rounds"]),
         "generation_seconds": round(t_protect, 1),
         "total_seconds": round(wall["total"], 1),
         "report": os.path.join(output, "report.md"),
@@ -73,3 +80,12 @@ def run_demo(output: str, mode: str = "samplewise") -> int:
     for k, v in victims.items():
         print(f"victim {v['arch']} trained on {k:<10} clean test accuracy {100 * v['mean_accuracy']:.1f}%")
     return result.exit_code
+
+
+def _image_steps(work: str, rounds: int) -> dict:
+    """Total PGD image-steps of the run, from the round records (only while the work dir is kept: --keep-work)."""
+    records = [read_marker(Layout("", work).round_marker(r)) for r in range(rounds)]
+    if not all(records):
+        return {}
+    return {"image_steps": sum(int(r.get("image_steps", 0)) for r in records),
+            "image_steps_per_round": [int(r.get("image_steps", 0)) for r in records]}

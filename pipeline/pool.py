@@ -37,21 +37,71 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def start_workers(cfg_dict: dict, num_classes: int, channels: int, workers: int | None,
-                  gpus_per_worker: float | None, cpus_per_worker: float | None) -> list:
+class PoolWorker(RoundWorker):
+    """The Ray actor: a ``RoundWorker`` that can also say which machine it runs on."""
+
+    def node(self) -> dict:
+        return {"ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def init_distributed(self, rank: int, world: int, address: str, port: int, ifname: str | None) -> str:
+        if ifname is None and world > 1:  # a multi-node pool: the interface that carries this node's address
+            ifname = _interface_of(ray.util.get_node_ip_address())
+        return super().init_distributed(rank, world, address, port, ifname)
+
+
+def _interface_of(ip: str) -> str | None:
+    """The network interface that carries ``ip`` on this machine (for GLOO/NCCL_SOCKET_IFNAME), if any."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            return name
+    return None
+
+
+def pool_size(workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None) -> tuple[int, float,
+                                                                                                           float]:
+    """DESIGN.md's defaults: one worker per GPU (else 1); 1 GPU each where the cluster has GPUs, else CPU actors
+    with the cluster's CPUs shared out (Ray's own tasks get the logical CPUs beyond the physical ones)."""
     gpus = cluster_gpus()
     workers = workers or (max(1, gpus) if gpus else 1)
     if gpus_per_worker is None:
         gpus_per_worker = 1 if gpus else 0
     if cpus_per_worker is None:
         cpus_per_worker = max(1, (os.cpu_count() or 1) // workers) if not gpus_per_worker else 1
+    return workers, gpus_per_worker, cpus_per_worker
+
+
+def start_workers(cfg_dict: dict, num_classes: int, channels: int, workers: int, gpus_per_worker: float,
+                  cpus_per_worker: float) -> list:
+    """Start the pool and, with more than one worker, join it into one process group for data-parallel training."""
     log.info("starting %d worker(s): %s GPU and %s CPU each", workers, gpus_per_worker, cpus_per_worker)
-    actor = ray.remote(RoundWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)
-    return [actor.remote(cfg_dict, num_classes, channels, i, int(cpus_per_worker)) for i in range(workers)]
+    actor = ray.remote(PoolWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)
+    pool = [actor.remote(cfg_dict, num_classes, channels, i, max(1, int(cpus_per_worker))) for i in range(workers)]
+    nodes = get([w.node.remote() for w in pool])
+    if len({n["node_id"] for n in nodes}) == 1:
+        # One machine: the rendezvous and the all-reduce stay on loopback.
+        address, ifname = "127.0.0.1", _interface_of("127.0.0.1") or "lo"
+    else:
+        address, ifname = nodes[0]["ip"], None  # each worker finds its own interface for its node's address
+    port = get(pool[0].free_port.remote())
+    backends = get_all([w.init_distributed.remote(i, workers, address, port, ifname) for i, w in enumerate(pool)])
+    if workers > 1:
+        log.info("worker pool: %d workers, process group %s on %s:%d", workers, backends[0], address, port)
+    return pool
 
 
 class WorkerDied(RuntimeError):
     """A worker actor (or its process) died; the coordinator replaces it and resumes from the markers."""
+
+
+def wait(refs: list, timeout: float | None = None) -> tuple[list, list]:
+    """The refs that finished (at least one, unless ``timeout`` passes first) and those still running."""
+    return ray.wait(refs, num_returns=1, timeout=timeout)
+
+
+def put(value):
+    return ray.put(value)
 
 
 def get(refs, timeout: float | None = None):
@@ -59,6 +109,16 @@ def get(refs, timeout: float | None = None):
         return ray.get(refs, timeout=timeout)
     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
         raise WorkerDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+
+
+def get_all(refs: list) -> list:
+    """Every result, in order; the first failure raises at once (a dead worker must not leave the caller waiting on
+    peers that are blocked in an all-reduce with it)."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        get(done)
+    return get(list(refs))
 
 
 def kill(actor) -> None:

@@ -37,35 +37,31 @@ def train_probe(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, s
     return fit(model, x, y, steps=steps, batch_size=128, lr=0.05, seed=seed)
 
 
-def run_probe(
-    data: dict,
-    *,
-    arch: str,
-    steps: int,
-    num_classes: int,
-    seed: int,
-    clean_accuracy: float | None,
-    threshold: float | None,
-    margin: float,
-) -> dict:
-    """Probe the release. ``data`` holds ``released``, ``clean`` (uint8 N x C x R x R), ``labels`` and ``keys``.
-
-    ``clean_accuracy`` is the clean-trained reference from an earlier probe of this run (None: compute it now).
-    Returns the ``protection`` record of DESIGN.md plus timing.
-    """
+def probe_score(data: dict, source: str, *, arch: str, steps: int, num_classes: int, seed: int) -> dict:
+    """Train the probe on the ``source`` images ("released" or "clean") of the training split and score it on the
+    clean originals of the held-out split. ``data`` holds ``released``, ``clean`` (uint8 N x C x R x R), ``labels``
+    and ``keys``. The two sources are independent trainings: a pool runs them on two workers at once."""
     t0 = time.perf_counter()
     hold = holdout_mask(data["keys"])
     if hold.all() or not hold.any():
         raise ValueError("the protection probe needs at least 2 samples on each side of its held-out split")
     y = data["labels"]
     train_y, test_y = y[~hold], y[hold]
-    test_clean = data["clean"][hold]
-    chance = float(torch.bincount(test_y, minlength=num_classes).max()) / max(int(test_y.numel()), 1)
-    if clean_accuracy is None:
-        ref = train_probe(arch, data["clean"][~hold], train_y, num_classes, steps, seed)
-        clean_accuracy = accuracy(ref, test_clean, test_y)
-    model = train_probe(arch, data["released"][~hold], train_y, num_classes, steps, seed)
-    probe_accuracy = accuracy(model, test_clean, test_y)
+    model = train_probe(arch, data[source][~hold], train_y, num_classes, steps, seed)
+    return {
+        "accuracy": accuracy(model, data["clean"][hold], test_y),
+        "chance": float(torch.bincount(test_y, minlength=num_classes).max()) / max(int(test_y.numel()), 1),
+        "train_samples": int((~hold).sum()),
+        "test_samples": int(hold.sum()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def judge(released: dict, clean_accuracy: float, *, arch: str, steps: int, threshold: float | None,
+          margin: float) -> dict:
+    """The ``protection`` record of DESIGN.md from the released-trained score and the clean-trained reference."""
+    chance = released["chance"]
+    probe_accuracy = released["accuracy"]
     if threshold is None:
         threshold = chance + margin * (clean_accuracy - chance)
     # The probe only speaks for protection if it can learn the clean content beyond the threshold itself.
@@ -82,7 +78,27 @@ def run_probe(
         "threshold": round(threshold, 4),
         "arch": arch,
         "steps": steps,
-        "train_samples": int((~hold).sum()),
-        "test_samples": int(hold.sum()),
-        "seconds": round(time.perf_counter() - t0, 2),
+        "train_samples": released["train_samples"],
+        "test_samples": released["test_samples"],
+        "seconds": round(released["seconds"], 2),
     }
+
+
+def run_probe(
+    data: dict,
+    *,
+    arch: str,
+    steps: int,
+    num_classes: int,
+    seed: int,
+    clean_accuracy: float | None,
+    threshold: float | None,
+    margin: float,
+) -> dict:
+    """Probe the release in one process: the clean-trained reference (unless ``clean_accuracy`` is known from an
+    earlier probe of this run), the released-trained probe, and the verdict."""
+    kw = dict(arch=arch, steps=steps, num_classes=num_classes, seed=seed)
+    if clean_accuracy is None:
+        clean_accuracy = probe_score(data, "clean", **kw)["accuracy"]
+    return judge(probe_score(data, "released", **kw), clean_accuracy, arch=arch, steps=steps, threshold=threshold,
+                 margin=margin)

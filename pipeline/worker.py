@@ -9,29 +9,27 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from ops import metrics
+from ops.engine import CONVERGED_LOSS, NoiseEngine
 from ops.image import DecodedImage, encode_png, release_native, to_working
-from ops.noise import (
-    apply_classwise_update,
-    classwise_update_sums,
-    decode_noise,
-    encode_noise,
-    pgd_minimize,
-    release_uint8,
-)
+from ops.noise import apply_classwise_update, decode_noise, encode_noise, release_uint8
 from pipeline import faults
 from pipeline.config import ProtectConfig
-from pipeline.probe import run_probe
+from pipeline.probe import probe_score
 from pipeline.samples import Accepted, Rejected, SampleRules, prepare, released_members
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import Layout
 from pipeline.storage.markers import write_marker
-from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, write_tar
+from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, read_ahead, write_tar
 from surrogates import build
 from surrogates.training import load_checkpoint, make_optimizer, predict, save_checkpoint, train_step
 
@@ -64,6 +62,9 @@ class RoundWorker:
         torch.manual_seed(self.cfg.seed)
         self.model = build(self.cfg.surrogate, num_classes, channels).to(self.device)
         self.optimizer = make_optimizer(self.model)
+        # The noise stage's engine (bf16 autocast, channels_last and torch.compile where the device pays for them).
+        self.engine = NoiseEngine(self.model, eps=self.cfg.eps, step_size=self.cfg.step_size,
+                                  steps=self.cfg.pgd_steps, precision=self.cfg.precision)
         self.generator = torch.Generator().manual_seed(self.cfg.seed + 1000 * index)
         self.rules = SampleRules(num_classes, self.cfg.max_pixels, self.cfg.image_key, self.cfg.label_key)
         r = self.cfg.resolution
@@ -73,16 +74,36 @@ class RoundWorker:
         self.class_delta = torch.zeros(num_classes, channels, r, r, device=self.device)
         self._class_sums = torch.zeros_like(self.class_delta)
         self._class_counts = torch.zeros(num_classes, device=self.device)
-        self.shards: dict[str, ShardData] = {}
+        self.shards: dict[str, ShardData] = {}  # every shard held: its own, and guests taken over in a noise stage
+        self.owned: list[str] = []  # the shards this worker trains on, checks, probes and exports
+        self.n_owned = 0  # rows [0, n_owned) of x, y and delta are the owned shards'; guest rows follow
+        self.rank, self.world = index, 1
 
     # ---- data -------------------------------------------------------------------------------------------------
+    def load_shards(self, shards: list[tuple[str, str]]) -> list[dict]:
+        """Stream this worker's shards (id, url), decode them and keep the accepted samples on the device.
+
+        The next shard is fetched while the current one is decoded (``read_ahead``); nothing is copied to local disk.
+        """
+        if self.n_owned != self.x.shape[0]:
+            raise RuntimeError("owned shards are loaded before any guest shard")
+        results = []
+        for (shard, url), items in zip(shards, read_ahead([u for _, u in shards])):
+            results.append(self._decode_into(shard, url, items))
+            self.owned.append(shard)
+            self.n_owned = self.x.shape[0]
+        return results
+
     def load_shard(self, shard: str, url: str) -> dict:
-        """Stream a shard, decode its samples and keep the accepted ones on the device; returns counts."""
+        """One shard (see ``load_shards``)."""
+        return self.load_shards([(shard, url)])[0]
+
+    def _decode_into(self, shard: str, url: str, items) -> dict:
         t0 = time.perf_counter()
         seen: set[str] = set()
         keys, natives, working, labels = [], [], [], []
         rejected, read_error = 0, None
-        for item in iter_samples(url):
+        for item in items:
             if isinstance(item, ShardReadError):
                 read_error = item.message
                 continue
@@ -105,53 +126,126 @@ class RoundWorker:
         return {"shard": shard, "accepted": len(keys), "rejected": rejected, "read_error": read_error,
                 "seconds": time.perf_counter() - t0}
 
+    # ---- data-parallel training across the pool (torch.distributed) -------------------------------------------
+    def free_port(self) -> int:
+        """A free TCP port on this worker's machine, for the process group's rendezvous (rank 0 asks)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def init_distributed(self, rank: int, world: int, address: str, port: int, ifname: str | None) -> str:
+        """Join the pool's process group: NCCL on GPUs, gloo on CPUs; rank 0's weights become everyone's."""
+        self.rank, self.world = rank, world
+        self.generator.manual_seed(self.cfg.seed + 1000 * rank)
+        if world == 1:
+            return "none"
+        if ifname:  # the interface that carries the rendezvous address (loopback when the pool is on one machine)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", ifname)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(minutes=30))
+        with torch.no_grad():
+            for t in [*self.model.parameters(), *self.model.buffers()]:
+                dist.broadcast(t, src=0)
+        return backend
+
+    def _all_reduce_grads(self, grads: list[torch.Tensor], weight: float) -> None:
+        """Replace each worker's gradients by their mean over the pool, weighted by each worker's batch size."""
+        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.ones(1, device=self.device)]) * weight
+        dist.all_reduce(flat)
+        flat = flat[:-1] / flat[-1]
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _sync_buffers(self) -> None:
+        """Batch-norm statistics are per worker while training: average them so every worker holds one model."""
+        with torch.no_grad():
+            for b in self.model.buffers():
+                if b.is_floating_point():
+                    dist.all_reduce(b)
+                    b /= self.world
+                else:
+                    dist.broadcast(b, src=0)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     def _noise_rows(self, sl: slice) -> torch.Tensor:
         if self.cfg.mode == "samplewise":
             return self.delta[sl]
         return self.class_delta[self.y[sl]]
 
     # ---- stage 1: surrogate training ------------------------------------------------------------------------
-    def train_stage(self) -> dict:
-        """``train_steps`` SGD steps on random batches of clip(x + delta) drawn from the data this worker holds."""
-        faults.at_unit("worker", "train")
+    def train_stage(self, round_: int | None = None) -> dict:
+        """``train_steps`` SGD steps on random batches of clip(x + delta) drawn from the data this worker owns.
+
+        With a pool, each step is data-parallel: every worker draws its share of the batch from its own shards and
+        the gradients are averaged over the pool (all-reduce) before the step, so every worker takes the same step.
+        """
+        faults.at_unit("worker", "train", round_)
         t0 = time.perf_counter()
-        n = self.x.shape[0]
+        if round_ is not None:  # the batches of a round depend on (seed, rank, round) only: a resumed round redraws them
+            self.generator.manual_seed(self.cfg.seed + 1000 * self.rank + 7919 * (round_ + 1))
+        n = self.n_owned
+        batch = min(n, -(-self.cfg.batch_size // self.world))
+        hook = (lambda grads: self._all_reduce_grads(grads, float(batch))) if self.world > 1 else None
         losses = []
         for _ in range(self.cfg.train_steps if n else 0):
-            idx = torch.randperm(n, generator=self.generator)[: self.cfg.batch_size].to(self.device)
+            idx = torch.randperm(n, generator=self.generator)[:batch].to(self.device)
             xb = (self.x[idx].to(torch.float32) / 255.0 + self._noise_rows(idx)).clamp_(0.0, 1.0)
-            losses.append(train_step(self.model, self.optimizer, xb, self.y[idx]))
+            losses.append(train_step(self.model, self.optimizer, xb, self.y[idx], all_reduce=hook))
+        if self.world > 1:
+            self._sync_buffers()
         return {"loss": sum(losses) / max(len(losses), 1), "seconds": time.perf_counter() - t0}
 
     # ---- stage 2: noise update --------------------------------------------------------------------------------
     def noise_stage(self, shard: str, round_: int | None = None) -> dict:
         """Update the noise of one shard's samples (sample-wise), or add its class updates to the sums (class-wise).
 
+        Sample-wise with ``skip_converged``, samples whose surrogate loss on their released image is already below
+        ``ops.engine.CONVERGED_LOSS`` keep their noise this round; ``image_steps`` counts the steps actually done.
         ``round_`` only names the unit for logs and fault hooks."""
         faults.at_unit("worker", "noise", round_, shard)
         t0 = time.perf_counter()
         sd = self.shards[shard]
         cfg = self.cfg
         self.model.eval()
-        for start in range(sd.start, sd.end, cfg.batch_size):
-            sl = slice(start, min(start + cfg.batch_size, sd.end))
-            x = self.x[sl].to(torch.float32) / 255.0
-            y = self.y[sl]
-            if cfg.mode == "samplewise":
-                self.delta[sl] = pgd_minimize(
-                    self.model, x, y, self.delta[sl], eps=cfg.eps, step_size=cfg.step_size, steps=cfg.pgd_steps
-                )
-            else:
-                sums, counts = classwise_update_sums(
-                    self.model, x, y, self.class_delta, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.pgd_steps
-                )
+        sl = slice(sd.start, sd.end)
+        n = sd.end - sd.start
+        if cfg.mode == "samplewise":
+            delta, done = self.engine.update_samplewise(
+                self.x[sl], self.y[sl], self.delta[sl], batch_size=cfg.batch_size,
+                skip_below=CONVERGED_LOSS if cfg.skip_converged else None)
+            # The state a rerun resumes from is the quantised one: keep exactly that, so resumed == uninterrupted.
+            self.delta[sl] = decode_noise(encode_noise(delta, cfg.eps), cfg.eps)
+            updated, image_steps = done.updated, done.image_steps
+        else:
+            for start in range(sd.start, sd.end, cfg.batch_size):
+                b = slice(start, min(start + cfg.batch_size, sd.end))
+                sums, counts = self.engine.classwise_sums(self.x[b].to(torch.float32) / 255.0, self.y[b],
+                                                          self.class_delta, pad_to=cfg.batch_size)
                 self._class_sums += sums
                 self._class_counts += counts
-        if cfg.mode == "samplewise":
-            # The state a rerun resumes from is the quantised one: keep exactly that, so resumed == uninterrupted.
-            self.delta[sd.start : sd.end] = decode_noise(encode_noise(self.delta[sd.start : sd.end], cfg.eps), cfg.eps)
-        n = sd.end - sd.start
-        return {"shard": shard, "samples": n, "image_steps": n * cfg.pgd_steps, "seconds": time.perf_counter() - t0}
+            updated, image_steps = n, n * cfg.pgd_steps
+        return {"shard": shard, "samples": n, "updated": updated, "image_steps": image_steps,
+                "seconds": time.perf_counter() - t0}
+
+    def noise_stage_guest(self, shard: str, round_: int, url: str, state_url: str | None) -> dict:
+        """The noise stage of a shard another worker owns (this one was idle): load it once and keep it as a guest
+        (not trained on, checked or exported here), take its noise from the last committed state, update it."""
+        if shard not in self.shards:
+            self._decode_into(shard, url, iter_samples(url))
+        if self.cfg.mode == "samplewise":
+            sd = self.shards[shard]
+            if state_url:
+                self.load_noise_state(shard, fs.read_bytes(state_url))
+            else:
+                self.delta[sd.start : sd.end] = 0.0
+        return {**self.noise_stage(shard, round_), "guest": True}
 
     def class_update_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This worker's class-wise sums of the stage (to be added across workers), then reset."""
@@ -214,7 +308,8 @@ class RoundWorker:
         """The surrogate's errors on the released data of every shard this worker holds (summed by the caller)."""
         t0 = time.perf_counter()
         wrong = total = 0
-        for shard, sd in self.shards.items():
+        for shard in self.owned:
+            sd = self.shards[shard]
             if sd.end == sd.start:
                 continue
             released = self.released_working(shard)
@@ -225,20 +320,24 @@ class RoundWorker:
 
     def probe_data(self) -> dict:
         """Released and clean working images, labels and keys of every sample held (for the protection probe)."""
-        released = [self.released_working(s) for s in self.shards]
-        keys = [k for sd in self.shards.values() for k in sd.keys]
+        released = [self.released_working(s) for s in self.owned]
+        keys = [k for s in self.owned for k in self.shards[s].keys]
+        n = self.n_owned
         return {
-            "released": torch.cat(released).cpu() if released else self.x.cpu(),
-            "clean": self.x.cpu(),
-            "labels": self.y.cpu(),
+            "released": torch.cat(released).cpu() if released else self.x[:n].cpu(),
+            "clean": self.x[:n].cpu(),
+            "labels": self.y[:n].cpu(),
             "keys": keys,
         }
 
-    def run_probe(self, clean_accuracy: float | None, threshold: float | None, margin: float) -> dict:
-        """The protection probe on the data this worker holds (the whole corpus with one worker)."""
+    def probe_score(self, source: str, *parts: dict) -> dict:
+        """Train the protection probe on ``source`` ("released" or "clean") images of the whole corpus: ``parts``
+        are every worker's ``probe_data`` (this one's included), in worker order."""
+        data = {k: torch.cat([p[k] for p in parts]) for k in ("released", "clean", "labels")}
+        data["keys"] = [k for p in parts for k in p["keys"]]
         cfg = self.cfg
-        return run_probe(self.probe_data(), arch=cfg.probe_arch, steps=cfg.probe_steps, num_classes=self.num_classes,
-                         seed=cfg.seed, clean_accuracy=clean_accuracy, threshold=threshold, margin=margin)
+        return probe_score(data, source, arch=cfg.probe_arch, steps=cfg.probe_steps, num_classes=self.num_classes,
+                           seed=cfg.seed)
 
     # ---- export -----------------------------------------------------------------------------------------------
     def export_shard(self, shard: str, output: str, work: str, config_hash: str) -> dict:

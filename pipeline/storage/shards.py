@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -91,6 +93,52 @@ def iter_samples(url: str) -> Iterator[RawSample | ShardReadError]:
         return
     if current is not None:
         yield current
+
+
+_END = object()
+
+
+def read_ahead(urls: list[str], depth: int = 512) -> Iterator[Iterator[RawSample | ShardReadError]]:
+    """For each shard in turn, an iterator over its samples, while a background thread already streams the next.
+
+    The reader thread runs up to ``depth`` samples ahead of the consumer (bounded memory), so fetching a shard from
+    object storage overlaps decoding the one before it. Each shard's iterator must be consumed before the next.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for url in urls:
+                for item in iter_samples(url):
+                    while not stop.is_set():
+                        try:
+                            buffer.put(item, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                buffer.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            buffer.put(exc)
+
+    def one_shard() -> Iterator[RawSample | ShardReadError]:
+        while True:
+            item = buffer.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    thread = threading.Thread(target=reader, name="shard-read-ahead", daemon=True)
+    thread.start()
+    try:
+        for _ in urls:
+            yield one_shard()
+    finally:
+        stop.set()
 
 
 class _TailTracker(io.RawIOBase):
