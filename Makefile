@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/unlearnable demo --output demo-output
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=20
 
 clean:
 	rm -rf $(VENV) demo-output

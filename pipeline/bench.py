@@ -211,6 +211,13 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
                             seed=args.seed).resolved()
         worker = RoundWorker(cfg.to_dict(), args.num_classes, args.channels)
         device = worker.device
+        if args.channels_last is not None or args.compile is not None or args.compile_mode is not None:
+            # The round runs the engine the step was timed with, so that the fraction compares like with like.
+            if args.channels_last is False:
+                worker.model.to(memory_format=torch.contiguous_format)
+            worker.engine = NoiseEngine(worker.model, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.pgd_steps,
+                                        precision=cfg.precision, channels_last=args.channels_last,
+                                        compile=args.compile, compile_mode=args.compile_mode)
         t0 = time.perf_counter()
         for shard, url in shards:
             worker.load_shard(shard, url)

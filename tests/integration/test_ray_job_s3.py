@@ -8,6 +8,7 @@ runtime_env or metadata. The test checks that the secret shows up in no log, no 
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -30,7 +31,7 @@ from conftest import REPO, _stop, free_port, make_bucket, upload_dir
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 # Sample-wise small-cnn on 1,000 real digits: the settings of the demo, scaled to a corpus a test can afford.
 PROTECT = ["--workers", "2", "--resolution", "28", "--pgd-steps", "10", "--step-size", "8/1275", "--train-steps", "10",
-           "--batch-size", "256", "--probe-steps", "150", "--stop-error", "0.02", "--max-rounds", "10"]
+           "--batch-size", "256", "--probe-steps", "150", "--stop-error", "0.02", "--max-rounds", "10", "--keep-work"]
 
 
 def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -78,27 +79,37 @@ def submitted(ray_head, s3_server, tmp_path_factory):
     make_bucket(s3_server, "corpus")
     make_bucket(s3_server, "release")
     upload_dir(s3_server, os.path.join(local, "train"), "s3://corpus/mnist/train")
-    sid = f"protect-{os.getpid()}"
     entrypoint = [sys.executable, "-m", "pipeline", "protect", "--input", "s3://corpus/mnist/train", "--output",
                   "s3://release/mnist", *PROTECT]
-    submit = _ray("job", "submit", "--address", ray_head["address"], "--submission-id", sid, "--no-wait",
-                  "--entrypoint-num-cpus", "0", "--", *entrypoint, env=ray_head["env"])
-    assert submit.returncode == 0, submit.stdout + submit.stderr
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_head["address"])
-    deadline = time.monotonic() + 900
-    while client.get_job_status(sid) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline, "the job did not finish in 15 minutes"
-        time.sleep(3)
-    status = client.get_job_status(sid).value
+
+    def submit(sid: str, env_vars: dict) -> str:
+        # Fault hooks for this test only travel in the runtime_env; credentials never do (they come from the nodes).
+        proc = _ray("job", "submit", "--address", ray_head["address"], "--submission-id", sid, "--no-wait",
+                    "--entrypoint-num-cpus", "0", "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
+                    *entrypoint, env=ray_head["env"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        deadline = time.monotonic() + 900
+        while client.get_job_status(sid) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            assert time.monotonic() < deadline, "the job did not finish in 15 minutes"
+            time.sleep(3)
+        return client.get_job_status(sid).value
+
+    # First submission: the coordinator is SIGKILLed as round 3's noise stage reaches shard 2 (a lost head node).
+    first = submit(f"protect-a-{os.getpid()}", {"UNLEARNABLE_FAULT": "coordinator:noise:3:train-000002"})
+    # The same command again resumes; this time a worker dies in round 4 and the pool is restarted.
+    sid = f"protect-b-{os.getpid()}"
+    status = submit(sid, {"UNLEARNABLE_FAULT": "worker:noise:4:train-000001",
+                          "UNLEARNABLE_FAULT_ONCE": str(local / "worker-fault-done")})
     logs = _ray("job", "logs", "--address", ray_head["address"], sid, env=ray_head["env"]).stdout
     listing = _ray("job", "list", "--address", ray_head["address"], env=ray_head["env"]).stdout
     listing += json.dumps(vars(client.get_job_info(sid)), default=str)
     s3 = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key=s3_server["AWS_ACCESS_KEY_ID"],
                            secret=s3_server["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True,
                            use_listings_cache=False)
-    return {"status": status, "logs": logs, "listing": listing, "s3": s3, "local": str(local), "sid": sid}
+    return {"first": first, "status": status, "logs": logs, "listing": listing, "s3": s3, "local": str(local)}
 
 
 def _fail(submitted) -> str:
@@ -118,7 +129,7 @@ def test_two_workers_shared_the_corpus_and_the_logs_show_progress(submitted):
     logs = submitted["logs"]
     assert "starting 2 worker(s)" in logs and "process group gloo" in logs, _fail(submitted)
     # A person following `ray job logs -f` sees the round, the stage, shards done of total, images/s and the error.
-    assert re.search(r"round 0 noise: 4/4 shards done .*images/s", logs), _fail(submitted)
+    assert re.search(r"round \d+ noise: 4/4 shards done .*images/s", logs), _fail(submitted)
     assert re.search(r"round \d+: surrogate error on released data \d\.\d+", logs), _fail(submitted)
     assert re.search(r"export: 4/4 shards written", logs), _fail(submitted)
 
@@ -147,8 +158,23 @@ def test_release_in_the_bucket_is_bounded_and_has_every_key_once(submitted):
     assert sorted(r["key"] for r in rows) == sorted(keys)
     assert all(r["status"] == "protected" and 0 <= r["linf"] <= 8 for r in rows)
     assert sum(r["linf"] > 0 for r in rows) >= 0.9 * len(rows)
-    # The work dir (noise state, checkpoints) was beside the output, never in it, and is gone after the release.
-    assert not s3.exists("release/mnist.work/run.json")
+    # The work dir (noise state, checkpoints; kept here with --keep-work) is beside the output, never in it.
+    assert s3.exists("release/mnist.work/run.json") and not any("round-" in p for p in s3.find("release/mnist"))
+
+
+def test_a_killed_job_resubmitted_resumes_and_survives_a_worker_death(submitted):
+    assert submitted["first"] == "FAILED" and submitted["status"] == "SUCCEEDED", _fail(submitted)
+    s3 = submitted["s3"]
+    attempts = [json.loads(s3.cat_file(p)) for p in s3.find("release/mnist.work/attempts")]
+    units = collections.Counter((a["unit"], a["round"], a["shard"]) for a in attempts)
+    success = json.loads(s3.cat_file("release/mnist/_SUCCESS.json"))
+    # Nothing finished was redone across the resubmission and the pool restart: every round trained once.
+    assert [units[("train", r, None)] for r in range(success["rounds"])] == [1] * success["rounds"]
+    assert max(n for (unit, _, _), n in units.items() if unit == "check") == 1
+    assert units[("noise", 0, "train-000002")] == 1 and units[("noise", 3, "train-000002")] == 1
+    assert units[("noise", 4, "train-000001")] == 2  # the unit the worker died in, and only units in flight, twice
+    assert all(n <= 2 for n in units.values())
+    assert "restarting the pool" in submitted["logs"] and "resuming after round 2" in submitted["logs"]
 
 
 def test_credentials_never_reach_logs_job_metadata_or_the_release(submitted, s3_server):
