@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-converged", action=argparse.BooleanOptionalAction, default=SKIP_CONVERGED_DEFAULT,
                    help="skip the PGD steps of samples the surrogate already fits (see protect --help)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs (and torch threads) of the demo's worker (default: the machine's cores)")
+                   help="CPUs (and torch threads) of the demo's worker; unset: the machine's cores")
     p.add_argument("--keep-work", action="store_true",
                    help="keep the work dir (round records with their image-steps, noise state) after the release")
 

@@ -97,6 +97,10 @@ class ProtectConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 <= self.stop_error <= 1:
             raise ValueError(f"--stop-error must be in [0, 1], got {self.stop_error}")
+        for name in ("workers", "gpus_per_worker", "cpus_per_worker"):
+            value = getattr(self, name)
+            if value is not None and (value < 0 or (value == 0 and name != "gpus_per_worker")):
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.probe_threshold is not None and not 0 <= self.probe_threshold <= 1:
             raise ValueError(f"--probe-threshold must be an accuracy in [0, 1], got {self.probe_threshold}")
         if self.precision not in PRECISIONS:

@@ -456,6 +456,8 @@ class Run:
                          "probe_accuracy": h["probe"]["probe_accuracy"] if h.get("probe") else None}
                         for h in self.history],
             "timings": {k: round(v, 2) for k, v in self.timings.items()},
+            # PGD image-steps actually taken (rounds done before a resume included): the work the release cost.
+            "image_steps": sum(h.get("image_steps", 0) for h in self.history),
         }
         # _SUCCESS.json is written last of all: its presence means the release is complete.
         fs.write_bytes(layout.success, json.dumps(success, indent=2, default=str).encode())

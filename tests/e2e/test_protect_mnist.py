@@ -144,3 +144,16 @@ def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, t
     assert p["probe_accuracy"] > p["threshold"] and p["probe_clean_accuracy"] > 0.5
     assert "PROTECTION DOES NOT HOLD" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("unlearnable:")
+
+
+def test_dry_run_prints_the_frozen_plan_and_the_work_and_runs_nothing(mnist_small, tmp_path):
+    out = str(tmp_path / "never-written")
+    proc = run_cli("protect", "--input", os.path.join(mnist_small["root"], "train"), "--output", out, "--dry-run",
+                   "--rate", "1000", "--pgd-steps", "20", "--train-steps", "10", "--batch-size", "512")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout)
+    assert info["plan"]["shards"] == 3 and info["plan"]["samples"] == 300 and info["plan"]["classes"] == 10
+    per_round = 300 * 20 + 10 * 512
+    assert info["work"]["image_steps_per_round"] == per_round
+    assert info["estimate"]["gpu_hours_per_round"] == round(per_round / 1000 / 3600, 4)
+    assert not os.path.exists(out) and not os.path.exists(out + ".work")
