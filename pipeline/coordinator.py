@@ -7,6 +7,7 @@ no image data: workers load shards, keep the noise state and write the release.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -403,23 +404,31 @@ class Run:
 
     # ---- export -----------------------------------------------------------------------------------------------
     def export(self) -> None:
-        """Every worker writes the release of the shards it owns, in parallel; the merged manifest last."""
+        """Every worker writes the release of the shards it owns, one at a time, the workers in parallel; the merged
+        manifest last. (One export in flight per worker: an attempt is logged when its work starts, not queued.)"""
         t0 = time.perf_counter()
         layout = self.layout
-        running = {}
+        todo = {i: collections.deque() for i in range(len(self.workers))}
         for shard in self.plan.shards:
             if not is_done(layout.shard_marker(shard.id), self.chash):
-                self._attempt("export", None, shard.id)
-                worker = self.workers[self.owner[shard.id]]
-                running[worker.export_shard.remote(shard.id, layout.output, layout.work, self.chash)] = shard.id
-        total, done = len(running), 0
-        while running:
+                todo[self.owner[shard.id]].append(shard.id)
+        total, done = sum(len(q) for q in todo.values()), 0
+        running: dict = {}
+        while any(todo.values()) or running:
+            busy = {w for w, _ in running.values()}
+            for i, queue in todo.items():
+                if queue and i not in busy:
+                    shard = queue.popleft()
+                    self._attempt("export", None, shard)
+                    ref = self.workers[i].export_shard.remote(shard, layout.output, layout.work, self.chash)
+                    running[ref] = (i, shard)
             ready, _ = pool.wait(list(running))
             for ref in ready:
+                _, shard = running.pop(ref)
                 stats = pool.get(ref)
                 done += 1
-                log.info("export: %d/%d shards written (%s: %d protected, %d rejected)", done, total,
-                         running.pop(ref), stats["protected"], stats["rejected"])
+                log.info("export: %d/%d shards written (%s: %d protected, %d rejected)", done, total, shard,
+                         stats["protected"], stats["rejected"])
         self.counts = {"input": 0, "protected": 0, "rejected": 0}
         for shard in self.plan.shards:
             stats = read_marker(layout.shard_marker(shard.id))

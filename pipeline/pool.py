@@ -62,7 +62,8 @@ def _interface_of(ip: str) -> str | None:
 def pool_size(workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None) -> tuple[int, float,
                                                                                                            float]:
     """DESIGN.md's defaults: one worker per GPU (else 1); 1 GPU each where the cluster has GPUs, else CPU actors
-    with the cluster's CPUs shared out (Ray's own tasks get the logical CPUs beyond the physical ones)."""
+    with this machine's cores shared out (Ray's own tasks get the logical CPUs beyond the physical ones). On a
+    CPU-only cluster of other machines, pass ``--cpus-per-worker``."""
     gpus = cluster_gpus()
     workers = workers or (max(1, gpus) if gpus else 1)
     if gpus_per_worker is None:

@@ -57,23 +57,34 @@ def reference(mnist_small, tmp_path_factory):
 
 
 def test_sigkill_in_train_noise_and_export_then_rerun_is_byte_identical(reference, tmp_path):
+    """Kill the coordinator in a training stage, a noise stage and the export; between the kills, status and verify
+    tell the truth about the half-finished run and a live lease stops a second coordinator. The rerun finishes the
+    release byte for byte as the uninterrupted run did, and no finished unit is ever computed again."""
     out = str(tmp_path / "release")
-    kills = ["coordinator:train:1:", "coordinator:noise:1:train-000001", "coordinator:export::train-000001"]
-    for fault in kills:
-        proc = _protect(reference["train"], out, fault=fault)
-        assert proc.returncode == -9, f"{fault}: expected SIGKILL, got {proc.returncode}\n{proc.stderr[-2000:]}"
-        assert not os.path.exists(os.path.join(out, "_SUCCESS.json"))
+    train = reference["train"]
+    proc = _protect(train, out, fault="coordinator:train:1:")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    _live_lease_refuses_a_second_coordinator(train, out)
+    proc = _protect(train, out, fault="coordinator:noise:1:train-000001")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert "taking over a stale lease" in proc.stderr  # the killed coordinator's process is gone
+    _status_and_verify_say_in_progress(out)
+    proc = _protect(train, out, fault="coordinator:export::train-000001")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not os.path.exists(os.path.join(out, "_SUCCESS.json"))
     # The export was cut after train-000000 was committed: its marker exists, train-000001's does not.
     assert os.path.exists(os.path.join(out, "train-000000_stats.json"))
     assert not os.path.exists(os.path.join(out, "train-000001_stats.json"))
-    proc = _protect(reference["train"], out)
+    proc = _protect(train, out)
     assert proc.returncode == reference["code"], proc.stderr[-3000:]
     assert "resuming after round 1" in proc.stderr
     # Same seed, one worker, CPU: the released shards are the uninterrupted run's, byte for byte.
     assert _tars(out) == reference["tars"]
     summary = _verify(out)
     assert summary["input"] == 300 and summary["protected"] == 300
-    # No unit whose marker was written was computed again: every unit started exactly once over the four runs
+    info = json.loads(run_cli("status", out, "--json").stdout)
+    assert info["complete"] is True and info["counts"]["input"] == 300
+    # No unit whose marker was written was computed again: every unit started exactly once over the runs
     # (the killed attempt dies in the hook before it is logged).
     attempts = _attempts(out)
     repeated = [u for u, n in collections.Counter(attempts).items() if n > 1]
@@ -82,6 +93,36 @@ def test_sigkill_in_train_noise_and_export_then_rerun_is_byte_identical(referenc
     expected = ({("train", r, None) for r in (0, 1)} | {("noise", r, s) for r in (0, 1) for s in shards}
                 | {("check", r, None) for r in (0, 1)} | {("export", None, s) for s in shards})
     assert set(attempts) == expected
+
+
+def _live_lease_refuses_a_second_coordinator(train: str, out: str) -> None:
+    """A live lease (fresh heartbeat, a live process) stops a second coordinator with a clear message and exit 3.
+    The killed coordinator's lease is stale (its process is gone): impersonate a live one with this test's pid."""
+    lease = os.path.join(out + ".work", "lease.json")
+    stale = open(lease).read()
+    held = json.loads(stale)
+    held["pid"] = os.getpid()
+    held["heartbeat"] = time.time()
+    open(lease, "w").write(json.dumps(held))
+    proc = _protect(train, out)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "another coordinator" in proc.stderr.strip().splitlines()[-1]
+    open(lease, "w").write(stale)
+
+
+def _status_and_verify_say_in_progress(out: str) -> None:
+    """Killed in round 1's noise stage as it reached train-000001: one shard of three is done."""
+    st = run_cli("status", out, "--json")
+    assert st.returncode == 3, st.stderr[-2000:]  # incomplete
+    info = json.loads(st.stdout)
+    assert info["complete"] is False and info["state"] == "in progress"
+    assert info["rounds_done"] == 1 and info["round"] == 1 and info["stage"] == "noise"
+    assert info["shards"] == {"total": 3, "done": 1, "left": 2, "failed": 0}
+    assert info["last_error_on_released_data"] is not None
+    text = run_cli("status", out)
+    assert "in progress" in text.stdout and "shards: 1/3 done, 2 left" in text.stdout
+    ver = run_cli("verify", out)
+    assert ver.returncode == 1 and "not complete" in (ver.stdout + ver.stderr)
 
 
 def test_a_worker_that_dies_mid_noise_stage_is_replaced_and_the_run_completes(reference, tmp_path):
@@ -114,29 +155,6 @@ def test_changed_config_is_refused_naming_fields_and_overwrite_starts_over(refer
     _verify(out)
 
 
-def test_status_and_verify_tell_the_truth_about_a_half_finished_run(reference, tmp_path):
-    out = str(tmp_path / "release")
-    proc = _protect(reference["train"], out, fault="coordinator:noise:1:train-000002")
-    assert proc.returncode == -9
-    st = run_cli("status", out, "--json")
-    assert st.returncode == 3, st.stderr[-2000:]  # incomplete
-    info = json.loads(st.stdout)
-    assert info["complete"] is False and info["state"] == "in progress"
-    assert info["rounds_done"] == 1 and info["round"] == 1 and info["stage"] == "noise"
-    assert info["shards"] == {"total": 3, "done": 2, "left": 1, "failed": 0}
-    assert info["last_error_on_released_data"] is not None
-    text = run_cli("status", out)
-    assert "in progress" in text.stdout and "shards: 2/3 done, 1 left" in text.stdout
-    ver = run_cli("verify", out)
-    assert ver.returncode == 1 and "not complete" in (ver.stdout + ver.stderr)
-    # The rerun finishes it, and then both say so.
-    proc = _protect(reference["train"], out)
-    assert proc.returncode == reference["code"], proc.stderr[-3000:]
-    info = json.loads(run_cli("status", out, "--json").stdout)
-    assert info["complete"] is True and info["counts"]["input"] == 300
-    _verify(out)
-
-
 def test_verify_catches_a_tampered_release(reference, tmp_path):
     out = str(tmp_path / "release")
     shutil.copytree(reference["out"], out)
@@ -149,27 +167,3 @@ def test_verify_catches_a_tampered_release(reference, tmp_path):
     assert proc.returncode == 1
     text = proc.stdout + proc.stderr
     assert "train-000001.tar does not match its marker" in text and "unexpected object" in text
-
-
-def test_a_second_coordinator_on_a_live_run_is_refused(reference, tmp_path):
-    """A live lease (fresh heartbeat, a live process) stops a second coordinator with a clear message and exit 3."""
-    out = str(tmp_path / "release")
-    work = out + ".work"
-    first = _protect(reference["train"], out, fault="coordinator:train:0:")
-    assert first.returncode == -9
-    # The killed coordinator's lease is stale (its process is gone); impersonate a live one with this test's pid.
-    lease = os.path.join(work, "lease.json")
-    held = json.load(open(lease))
-    held["pid"] = os.getpid()
-    held["heartbeat"] = time.time()
-    open(lease, "w").write(json.dumps(held))
-    proc = _protect(reference["train"], out)
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "another coordinator" in proc.stderr.strip().splitlines()[-1]
-    # Once that coordinator is gone (pid no longer alive), the stale lease is taken over and the run completes.
-    held["pid"] = 2 ** 22 + 12345  # no such process
-    open(lease, "w").write(json.dumps(held))
-    proc = _protect(reference["train"], out)
-    assert proc.returncode == reference["code"], proc.stderr[-3000:]
-    assert "taking over a stale lease" in proc.stderr
-    assert _tars(out) == reference["tars"]
