@@ -34,6 +34,7 @@ def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subpro
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout,
                           env=full_env, cwd=REPO)
 
+
 ACCESS_KEY, SECRET_KEY = "unlearnable-test", "unlearnable-test-secret"
 
 
@@ -55,7 +56,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, log_path: 
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s: {open(log_path).read()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM the server we started (it stops what it spawned), then SIGKILL whatever is left of its group."""
     if proc.poll() is None:
         proc.terminate()
@@ -96,7 +97,7 @@ def s3_server(tmp_path_factory):
         _wait_until_s3_answers(env)
         yield env
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def _wait_until_s3_answers(env: dict, timeout: float = 60) -> None:

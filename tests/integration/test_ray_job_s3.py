@@ -26,7 +26,7 @@ import pytest
 import s3fs
 from PIL import Image
 
-from conftest import REPO, _stop, free_port, make_bucket, upload_dir
+from conftest import REPO, free_port, make_bucket, stop_server, upload_dir
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 # Sample-wise small-cnn on 1,000 real digits: the demo's PGD settings, 20 train steps a round (measured here: the stop
@@ -66,7 +66,7 @@ def ray_head(s3_server):
             time.sleep(2)
         yield {"address": address, "env": client_env}
     finally:
-        _stop(proc, timeout=10)  # a head drains for up to 30 s on SIGTERM; nothing of it is needed here
+        stop_server(proc, timeout=10)  # a head drains for up to 30 s on SIGTERM; nothing of it is needed here
         shutil.rmtree(temp, ignore_errors=True)
 
 
