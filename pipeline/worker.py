@@ -170,10 +170,6 @@ class RoundWorker:
                 else:
                     dist.broadcast(b, src=0)
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
     def _noise_rows(self, sl: slice) -> torch.Tensor:
         if self.cfg.mode == "samplewise":
             return self.delta[sl]
