@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs (and torch threads) of the demo's worker; unset: the machine's cores")
     p.add_argument("--keep-work", action="store_true",
-                   help="keep the work dir (round records with their image-steps, noise state) after the release")
+                   help="keep the work dir (round records, noise state, checkpoints) after the release")
 
     p = sub.add_parser("bench", help="time the noise step (engine against the paper-style fp32 baseline) and a "
                                      "whole round in-process", formatter_class=_Formatter)

@@ -461,7 +461,7 @@ class Run:
             "protection": protection,
             "counts": self.counts,
             "work_dir": layout.work,
-            "history": [{"round": h["round"], "error": h["error"],
+            "history": [{"round": h["round"], "error": h["error"], "image_steps": h.get("image_steps", 0),
                          "probe_accuracy": h["probe"]["probe_accuracy"] if h.get("probe") else None}
                         for h in self.history],
             "timings": {k: round(v, 2) for k, v in self.timings.items()},

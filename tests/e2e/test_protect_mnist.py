@@ -61,6 +61,9 @@ def test_stop_rule_is_met_on_released_data_and_recorded(protected_run):
     assert (success["stop_reason"] == "stop_rule") == success["protection"]["holds"]
     assert success["rounds"] == len(success["history"]) and 1 <= success["rounds"] <= 3
     assert all(h["probe_accuracy"] is not None for h in success["history"])  # error rule met -> probe every round
+    # The PGD work the release cost: 300 samples x 3 steps every round.
+    assert [h["image_steps"] for h in success["history"]] == [900] * success["rounds"]
+    assert success["image_steps"] == 900 * success["rounds"]
     assert 0.0 <= success["surrogate_error"] <= 1.0
     p = success["protection"]
     assert {"holds", "probe_accuracy", "probe_clean_accuracy", "chance", "threshold"} <= set(p)
