@@ -17,6 +17,7 @@ Synthetic images are fine here: the bench is about bytes and speed, not learning
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -66,6 +67,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _timed(stages: dict, name: str, device: torch.device):
+    """Seconds of the block, device work included, into ``stages[name]``."""
+    t = time.perf_counter()
+    yield
+    _sync(device)
+    stages[name] = time.perf_counter() - t
 
 
 def _surrogate_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> float:
@@ -197,6 +207,7 @@ def _synthetic_shards(root: str, shards: int, per_shard: int, resolution: int, c
 def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
     """Two rounds of the workers' round code in-process; the second (warm: compiled, caches filled) is reported."""
     from pipeline.config import ProtectConfig
+    from pipeline.storage import fs
     from pipeline.worker import RoundWorker
 
     per_shard = args.round_samples or 2 * args.batch_size
@@ -219,35 +230,26 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
                                         precision=cfg.precision, channels_last=args.channels_last,
                                         compile=args.compile, compile_mode=args.compile_mode)
         t0 = time.perf_counter()
-        for shard, url in shards:
-            worker.load_shard(shard, url)
+        worker.load_shards(shards)  # as a pool worker loads its share: the next shard read while one decodes
         _sync(device)
         decode_s = time.perf_counter() - t0
         state_dir = os.path.join(tmp, "work")
         os.makedirs(state_dir)
         stages: dict = {}
         for r in range(2):
-            stages = {"train": 0.0, "noise": 0.0, "check": 0.0, "writes": 0.0}
-            image_steps = 0
-            t = time.perf_counter()
-            worker.train_stage()
-            _sync(device)
-            stages["train"] = time.perf_counter() - t
-            t = time.perf_counter()
-            for shard, _ in shards:
-                image_steps += worker.noise_stage(shard, r)["image_steps"]
-            _sync(device)
-            stages["noise"] = time.perf_counter() - t
-            t = time.perf_counter()
-            worker.released_error()
-            _sync(device)
-            stages["check"] = time.perf_counter() - t
-            t = time.perf_counter()
-            # What the coordinator commits each round: every shard's noise state and the surrogate checkpoint.
-            for shard, _ in shards:
-                _write(os.path.join(state_dir, f"r{r}-{shard}.pt"), worker.noise_state(shard))
-            _write(os.path.join(state_dir, f"r{r}-checkpoint.pt"), worker.checkpoint())
-            stages["writes"] = time.perf_counter() - t
+            stages = {}
+            with _timed(stages, "train", device):
+                worker.train_stage()
+            with _timed(stages, "noise", device):
+                image_steps = sum(worker.noise_stage(shard, r)["image_steps"] for shard, _ in shards)
+            with _timed(stages, "check", device):
+                worker.released_error()
+            with _timed(stages, "writes", device):
+                # What the coordinator commits each round, the way it commits it: every shard's noise state and the
+                # surrogate checkpoint, written and verified.
+                for shard, _ in shards:
+                    fs.write_verified(os.path.join(state_dir, f"r{r}-{shard}.pt"), worker.noise_state(shard))
+                fs.write_verified(os.path.join(state_dir, f"r{r}-checkpoint.pt"), worker.checkpoint())
         round_s = sum(stages.values())
         rate = image_steps / round_s
         return {
@@ -264,13 +266,6 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
             "with_decode_img_steps_per_s": image_steps / (round_s + decode_s),
             "engine": worker.engine.describe(),
         }
-
-
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _device_name(device: torch.device) -> str:
