@@ -322,13 +322,9 @@ class Run:
             pool.get_all([w.apply_class_update.remote(sums, counts) for w in self.workers])
             self._commit_noise(r, "_classes", 0)
             return image_steps
-        todo = []
-        for shard in self.plan.shards:
-            if is_done(self.layout.noise_marker(r, shard.id), self.chash):
-                self._load_noise(r, [shard.id])
-            else:
-                todo.append(shard.id)
-        return self._run_noise_queue(r, todo, commit=True)
+        done = [s.id for s in self.plan.shards if is_done(self.layout.noise_marker(r, s.id), self.chash)]
+        self._load_noise(r, done)
+        return self._run_noise_queue(r, [s.id for s in self.plan.shards if s.id not in done], commit=True)
 
     def _run_noise_queue(self, r: int, shard_ids: list[str], commit: bool) -> int:
         """Hand the shards to idle workers, own shards first, then other workers' unstarted ones (see schedule.py).
