@@ -35,6 +35,9 @@ from ops.noise import project
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# How the surrogate is compiled: auto = torch.compile's default mode on a CUDA GPU, eager elsewhere; off = eager;
+# the others are torch.compile modes (reduce-overhead adds CUDA graphs).
+COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 
 # A sample counts as converged when the surrogate gives its released image the right class with probability >= 0.99
 # (cross-entropy below -ln 0.99 ~= 0.01): a long way from the decision boundary that the error stop rule counts at
@@ -52,6 +55,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def compile_args(choice: str) -> dict:
+    """``--compile`` as ``NoiseEngine`` keywords: {"compile": bool | None, "compile_mode": str | None}."""
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, not {choice!r}")
+    if choice == "auto":
+        return {"compile": None, "compile_mode": None}
+    if choice == "off":
+        return {"compile": False, "compile_mode": None}
+    return {"compile": True, "compile_mode": None if choice == "default" else choice}
 
 
 def pin(t: torch.Tensor) -> torch.Tensor:
@@ -142,22 +156,24 @@ class NoiseEngine:
         self._forward = self.model
         self._compiled = False
 
-    def _autocast(self):
+    def autocast(self):
+        """The engine's precision as a context: bf16 autocast, or nothing (fp32). The train stage runs in it too."""
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _format(self, t: torch.Tensor) -> torch.Tensor:
+    def format(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch in the engine's memory format (channels_last when on)."""
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last and t.dim() == 4 else t
 
     def _logits(self, image: torch.Tensor) -> torch.Tensor:
         if self._compiled:
             try:
-                with self._autocast():
+                with self.autocast():
                     return self._forward(image)
             except Exception as exc:  # noqa: BLE001 - compilation happens at the first call; fall back, then retry
                 self._fall_back(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        with self._autocast():
+        with self.autocast():
             return self._forward(image)
 
     # ---- the update ------------------------------------------------------------------------------------------
@@ -180,7 +196,7 @@ class NoiseEngine:
             delta = torch.cat([delta, delta[:1].expand(pad, *delta.shape[1:])])
             weight = torch.zeros(n + pad, device=x.device)
             weight[:n] = 1.0 / n
-        x, delta = self._format(x), self._format(delta.detach().clone())
+        x, delta = self.format(x), self.format(delta.detach().clone())
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.requires_grad_(False)
@@ -188,7 +204,7 @@ class NoiseEngine:
             for _ in range(self.steps):
                 # As in ops.noise.pgd_minimize: the gradient at the clipped image itself, not through the clip (which
                 # passes no gradient at 0 and 1); the projection keeps x + delta in [0, 1].
-                image = self._format((x + delta).clamp(0.0, 1.0)).requires_grad_(True)
+                image = self.format((x + delta).clamp(0.0, 1.0)).requires_grad_(True)
                 logits = self._logits(image).float()
                 if weight is None:
                     loss = F.cross_entropy(logits, y)
@@ -202,6 +218,17 @@ class NoiseEngine:
                 p.requires_grad_(True)
         return delta[:n].contiguous().detach()
 
+    @torch.inference_mode()
+    def predict(self, x_uint8: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Arg-max class of uint8 images (the stop check), eager, in the engine's precision and memory format."""
+        self.model.eval()
+        out = []
+        for start in range(0, x_uint8.shape[0], batch_size):
+            image = self.format(x_uint8[start : start + batch_size].to(torch.float32) / 255.0)
+            with self.autocast():
+                out.append(self.model(image).argmax(1))
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x_uint8.device)
+
     @torch.no_grad()
     def sample_losses(
         self, x_uint8: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, batch_size: int
@@ -212,8 +239,8 @@ class NoiseEngine:
             sl = slice(start, start + batch_size)
             levels = (x_uint8[sl].to(torch.float32) + delta[sl] * 255.0).round_().clamp_(0, 255)
             # Eager even when compiled: one forward a round is not worth a second graph (and its recompiles).
-            with self._autocast():
-                logits = self.model(self._format(levels / 255.0)).float()
+            with self.autocast():
+                logits = self.model(self.format(levels / 255.0)).float()
             out.append(F.cross_entropy(logits, y[sl], reduction="none"))
         return torch.cat(out) if out else torch.empty(0, device=x_uint8.device)
 

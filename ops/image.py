@@ -91,20 +91,22 @@ def _to_channels(img: Image.Image) -> DecodedImage:
 
 
 def match_channels(color: torch.Tensor, channels: int) -> torch.Tensor:
-    """Bring a C x H x W image to the corpus's working channel count (grayscale is replicated into RGB)."""
-    if color.shape[0] == channels:
+    """Bring a C x H x W image (or an N x C x H x W batch) to the corpus's working channel count (grayscale is
+    replicated into RGB)."""
+    have = color.shape[-3]
+    if have == channels:
         return color
-    if color.shape[0] == 1 and channels == 3:
-        return color.expand(3, -1, -1).contiguous()
-    if color.shape[0] == 3 and channels == 1:
+    if have == 1 and channels == 3:
+        return color.expand(*color.shape[:-3], 3, *color.shape[-2:]).contiguous()
+    if have == 3 and channels == 1:
         return to_gray(color)
-    raise ValueError(f"cannot map {color.shape[0]} channels to {channels}")
+    raise ValueError(f"cannot map {have} channels to {channels}")
 
 
 def to_gray(color: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma of a 3 x H x W uint8 or float tensor, as 1 x H x W of the same dtype."""
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(3, 1, 1)
-    gray = (color.to(torch.float32) * w).sum(0, keepdim=True)
+    """ITU-R 601 luma of a (N x) 3 x H x W uint8 or float tensor, as (N x) 1 x H x W of the same dtype."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=color.device).view(3, 1, 1)
+    gray = (color.to(torch.float32) * w).sum(-3, keepdim=True)
     return gray.round().clamp(0, 255).to(torch.uint8) if color.dtype == torch.uint8 else gray.to(color.dtype)
 
 
@@ -137,12 +139,18 @@ def release_native(color: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     One-channel noise on an RGB image is added to every channel; three-channel noise on a grayscale image is
     averaged to one channel, so grayscale stays grayscale.
     """
-    noise = resize_noise(delta[None].to(torch.float32), (color.shape[1], color.shape[2]))[0]
-    if noise.shape[0] == 3 and color.shape[0] == 1:
-        noise = noise.mean(0, keepdim=True)
-    elif noise.shape[0] == 1 and color.shape[0] == 3:
-        noise = noise.expand(3, -1, -1)
-    return release_uint8(color, noise)
+    return release_native_batch(color[None], delta[None])[0]
+
+
+def release_native_batch(colors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """``release_native`` on N images of one native size (uint8 N x C x H x W) and their noise (N x C' x R x R), in
+    one call on whatever device they are on (the stop check runs it on the worker's device)."""
+    noise = resize_noise(deltas.to(torch.float32), (colors.shape[-2], colors.shape[-1]))
+    if noise.shape[1] == 3 and colors.shape[1] == 1:
+        noise = noise.mean(1, keepdim=True)
+    elif noise.shape[1] == 1 and colors.shape[1] == 3:
+        noise = noise.expand(-1, 3, -1, -1)
+    return release_uint8(colors, noise)
 
 
 def encode_png(color: torch.Tensor, alpha: torch.Tensor | None = None) -> bytes:

@@ -59,6 +59,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-shards", type=int, default=2, help="generated shards for the round")
     p.add_argument("--round-samples", type=int, default=None, help="samples per shard (default: 2 x batch size)")
     p.add_argument("--train-steps", type=int, default=10, help="surrogate SGD steps in the round's train stage")
+    p.add_argument("--train-batch-size", type=int, default=None,
+                   help="the round's training batch (default: --batch-size, which is the noise batch)")
+    p.add_argument("--native-size", type=int, default=None,
+                   help="side of the round's generated images (default: --resolution); another size makes decode, "
+                        "the stop check and the release resize every image, as with photos")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -181,7 +186,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     return out
 
 
-def _synthetic_shards(root: str, shards: int, per_shard: int, resolution: int, channels: int, num_classes: int,
+def _synthetic_shards(root: str, shards: int, per_shard: int, size: int, channels: int, num_classes: int,
                       seed: int) -> list[tuple[str, str]]:
     """Shards of smooth random images (PNG, like photos: not incompressible noise) with ``cls`` labels."""
     from ops.image import encode_png
@@ -191,7 +196,7 @@ def _synthetic_shards(root: str, shards: int, per_shard: int, resolution: int, c
     out = []
     for s in range(shards):
         coarse = torch.rand(per_shard, channels, 8, 8, generator=g)
-        imgs = F.interpolate(coarse, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        imgs = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
         imgs = (imgs + 0.05 * torch.randn(imgs.shape, generator=g)).clamp(0, 1).mul(255).round().to(torch.uint8)
         labels = torch.randint(0, num_classes, (per_shard,), generator=g).tolist()
         samples = [RawSample(f"s{s:03d}-{i:06d}", {"png": encode_png(imgs[i]), "cls": str(labels[i]).encode()})
@@ -213,12 +218,13 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
     per_shard = args.round_samples or 2 * args.batch_size
     with tempfile.TemporaryDirectory(prefix="unlearnable-bench-") as tmp:
         t0 = time.perf_counter()
-        shards = _synthetic_shards(tmp, args.round_shards, per_shard, args.resolution, args.channels,
-                                   args.num_classes, args.seed)
+        shards = _synthetic_shards(tmp, args.round_shards, per_shard, args.native_size or args.resolution,
+                                   args.channels, args.num_classes, args.seed)
         generate_s = time.perf_counter() - t0
         cfg = ProtectConfig(inputs=[tmp], output=os.path.join(tmp, "out"), surrogate=args.surrogate,
                             resolution=args.resolution, pgd_steps=args.steps, train_steps=args.train_steps,
-                            batch_size=args.batch_size, num_classes=args.num_classes, precision=args.precision,
+                            batch_size=args.train_batch_size or args.batch_size, noise_batch_size=args.batch_size,
+                            num_classes=args.num_classes, precision=args.precision,
                             seed=args.seed).resolved()
         worker = RoundWorker(cfg.to_dict(), args.num_classes, args.channels)
         device = worker.device
@@ -254,6 +260,8 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
         rate = image_steps / round_s
         return {
             "samples": per_shard * args.round_shards,
+            "native_size": args.native_size or args.resolution,
+            "train_batch_size": cfg.batch_size,
             "shards": args.round_shards,
             "image_steps": image_steps,
             "generate_shards_s": generate_s,
@@ -284,8 +292,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         args.surrogate = "resnet18" if device.type == "cuda" else "small-cnn"
     if args.batch_size is None:
         args.batch_size = 512 if device.type == "cuda" else 128
-    for name in ("resolution", "batch_size", "steps", "iters", "round_shards"):
-        if getattr(args, name) < 1:
+    for name in ("resolution", "batch_size", "steps", "iters", "round_shards", "train_batch_size", "native_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     result = bench_step(args, device)
     result["round"] = bench_round(args, result["engine_img_steps_per_s"]) if args.round else None
@@ -320,8 +328,9 @@ def format_table(res: dict) -> str:
         lines.append("MFU: GPU only (no CUDA device)")
     rd = res.get("round")
     if rd:
-        lines += ["", (f"whole round in-process ({rd['samples']} samples in {rd['shards']} generated shards, "
-                       f"{rd['image_steps']:,} image-steps; decode once {rd['decode_s']:.2f} s):")]
+        lines += ["", (f"whole round in-process ({rd['samples']} samples of {rd['native_size']} px in {rd['shards']} "
+                       f"generated shards, train batch {rd['train_batch_size']}, {rd['image_steps']:,} image-steps; "
+                       f"decode once {rd['decode_s']:.2f} s):")]
         lines.append("  " + "  ".join(f"{k} {rd[k + '_s']:.2f} s" for k in ("train", "noise", "check", "writes"))
                      + f"  = round {rd['round_s']:.2f} s")
         frac = rd["fraction_of_step_rate"]

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from ops.engine import CONVERGED_LOSS, PRECISIONS
+from ops.engine import COMPILE_CHOICES, CONVERGED_LOSS, PRECISIONS
 from pipeline.config import (
     DEFAULT_PROBE_ARCH,
     DEFAULT_PROBE_STEPS,
@@ -64,7 +64,10 @@ def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None
     p.add_argument("--step-size", default=d["step_size"], help="PGD step (default: eps/10)")
     p.add_argument("--pgd-steps", type=int, default=d["pgd_steps"], help="default: 20 sample-wise, 1 class-wise")
     p.add_argument("--train-steps", type=int, default=d["train_steps"], help="surrogate SGD steps per round")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="surrogate training batch")
+    p.add_argument("--noise-batch-size", type=int, default=None,
+                   help="images per PGD batch in the noise stage and the stop check (default: --batch-size; "
+                        "larger often pays on a GPU: measure with `unlearnable bench --batch-size`)")
     p.add_argument("--stop-error", type=float, default=0.01, help="stop when the error on released data is at most this")
     p.add_argument("--probe-arch", default=DEFAULT_PROBE_ARCH, help="the protection probe's model")
     p.add_argument("--probe-steps", type=int, default=d["probe_steps"], help="the probe's training steps")
@@ -73,7 +76,11 @@ def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None
                         "(clean-trained probe - chance))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
-                   help="the noise stage's surrogate precision (auto: bf16 autocast on a GPU with bf16, else fp32)")
+                   help="the surrogate's precision in the noise stage, training and the stop check "
+                        "(auto: bf16 autocast on a GPU with bf16, else fp32)")
+    p.add_argument("--compile", choices=list(COMPILE_CHOICES), default="auto",
+                   help="torch.compile the noise stage's surrogate (auto: on a GPU only; reduce-overhead adds CUDA "
+                        "graphs; off: eager)")
     p.add_argument("--skip-converged", action=argparse.BooleanOptionalAction, default=SKIP_CONVERGED_DEFAULT,
                    help="sample-wise: skip this round's PGD steps for samples whose surrogate loss on their released "
                         f"image is already below {CONVERGED_LOSS:.4f} (p >= 0.99)")

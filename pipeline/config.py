@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
-from ops.engine import PRECISIONS
+from ops.engine import COMPILE_CHOICES, PRECISIONS
 from ops.image import DEFAULT_MAX_PIXELS
 from ops.noise import parse_fraction
 
@@ -34,6 +34,7 @@ HASH_FIELDS = (
     "pgd_steps",
     "train_steps",
     "batch_size",
+    "noise_batch_size",
     "stop_error",
     "probe_arch",
     "probe_steps",
@@ -44,6 +45,7 @@ HASH_FIELDS = (
     "image_key",
     "label_key",
     "precision",
+    "compile",
     "skip_converged",
 )
 
@@ -60,6 +62,9 @@ class ProtectConfig:
     pgd_steps: int | None = None  # default 20 (sample-wise), 1 (class-wise)
     train_steps: int = 10
     batch_size: int = 512
+    # Images per PGD batch in the noise stage (and the stop check): default the training batch. The noise stage runs
+    # the surrogate in eval mode, so the batch changes speed, not the algorithm; bigger pays on a GPU (bench).
+    noise_batch_size: int | None = None
     stop_error: float = 0.01
     probe_arch: str = DEFAULT_PROBE_ARCH
     probe_steps: int = DEFAULT_PROBE_STEPS
@@ -76,6 +81,7 @@ class ProtectConfig:
     image_key: str | None = None
     label_key: str = "cls"
     precision: str = "auto"  # the noise stage's surrogate: auto = bf16 autocast on a CUDA GPU with bf16, else fp32
+    compile: str = "auto"  # the noise stage's surrogate: auto = torch.compile on a CUDA GPU, eager elsewhere
     skip_converged: bool = SKIP_CONVERGED_DEFAULT
     keep_work: bool = False
     overwrite: bool = False
@@ -92,7 +98,10 @@ class ProtectConfig:
             raise ValueError(f"--step-size must be in (0, eps], got {self.step_size}")
         if self.pgd_steps is None:
             self.pgd_steps = 20 if self.mode == "samplewise" else 1
-        for name in ("resolution", "pgd_steps", "train_steps", "batch_size", "max_rounds", "probe_steps"):
+        if self.noise_batch_size is None:
+            self.noise_batch_size = self.batch_size
+        for name in ("resolution", "pgd_steps", "train_steps", "batch_size", "noise_batch_size", "max_rounds",
+                     "probe_steps"):
             if getattr(self, name) < (0 if name == "train_steps" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 <= self.stop_error <= 1:
@@ -105,6 +114,8 @@ class ProtectConfig:
             raise ValueError(f"--probe-threshold must be an accuracy in [0, 1], got {self.probe_threshold}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, not {self.compile!r}")
         if not self.inputs:
             raise ValueError("at least one --input is required")
         from surrogates import available

@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from ops import metrics
-from ops.engine import CONVERGED_LOSS, NoiseEngine
-from ops.image import DecodedImage, encode_png, release_native, to_working
+from ops.engine import CONVERGED_LOSS, NoiseEngine, compile_args, to_device
+from ops.image import (DecodedImage, encode_png, match_channels, release_native, release_native_batch, resize_uint8,
+                       to_working)
 from ops.noise import apply_classwise_update, decode_noise, encode_noise, release_uint8
 from pipeline import faults
 from pipeline.config import ProtectConfig
@@ -31,7 +32,7 @@ from pipeline.storage.layout import Layout
 from pipeline.storage.markers import write_marker
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, read_ahead, write_tar
 from surrogates import build
-from surrogates.training import load_checkpoint, make_optimizer, predict, save_checkpoint, train_step
+from surrogates.training import load_checkpoint, make_optimizer, save_checkpoint, train_step
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class RoundWorker:
         self.optimizer = make_optimizer(self.model)
         # The noise stage's engine (bf16 autocast, channels_last and torch.compile where the device pays for them).
         self.engine = NoiseEngine(self.model, eps=self.cfg.eps, step_size=self.cfg.step_size,
-                                  steps=self.cfg.pgd_steps, precision=self.cfg.precision)
+                                  steps=self.cfg.pgd_steps, precision=self.cfg.precision,
+                                  **compile_args(self.cfg.compile))
         self.generator = torch.Generator().manual_seed(self.cfg.seed + 1000 * index)
         self.rules = SampleRules(num_classes, self.cfg.max_pixels, self.cfg.image_key, self.cfg.label_key)
         r = self.cfg.resolution
@@ -118,8 +120,9 @@ class RoundWorker:
         r = self.cfg.resolution
         x = torch.stack(working) if working else torch.empty(0, self.channels, r, r, dtype=torch.uint8)
         start = self.x.shape[0]
-        self.x = torch.cat([self.x, x.to(self.device)])
-        self.y = torch.cat([self.y, torch.tensor(labels, dtype=torch.long, device=self.device)])
+        # Uploaded once per shard, through pinned host memory on a GPU (ops.engine.to_device).
+        self.x = torch.cat([self.x, to_device(x, self.device)])
+        self.y = torch.cat([self.y, to_device(torch.tensor(labels, dtype=torch.long), self.device)])
         self.delta = torch.cat([self.delta, torch.zeros(x.shape, device=self.device)])
         same = all(tuple(n.color.shape) == (self.channels, r, r) for n in natives)
         self.shards[shard] = ShardData(shard, url, start, self.x.shape[0], keys, natives, same, rejected, read_error)
@@ -193,7 +196,9 @@ class RoundWorker:
         for _ in range(self.cfg.train_steps if n else 0):
             idx = torch.randperm(n, generator=self.generator)[:batch].to(self.device)
             xb = (self.x[idx].to(torch.float32) / 255.0 + self._noise_rows(idx)).clamp_(0.0, 1.0)
-            losses.append(train_step(self.model, self.optimizer, xb, self.y[idx], all_reduce=hook))
+            # In the engine's precision and memory format (bf16 autocast, channels_last on a GPU; fp32 on a CPU).
+            losses.append(train_step(self.model, self.optimizer, self.engine.format(xb), self.y[idx],
+                                     all_reduce=hook, autocast=self.engine.autocast))
         if self.world > 1:
             self._sync_buffers()
         return {"loss": sum(losses) / max(len(losses), 1), "seconds": time.perf_counter() - t0}
@@ -214,16 +219,16 @@ class RoundWorker:
         n = sd.end - sd.start
         if cfg.mode == "samplewise":
             delta, done = self.engine.update_samplewise(
-                self.x[sl], self.y[sl], self.delta[sl], batch_size=cfg.batch_size,
+                self.x[sl], self.y[sl], self.delta[sl], batch_size=cfg.noise_batch_size,
                 skip_below=CONVERGED_LOSS if cfg.skip_converged else None)
             # The state a rerun resumes from is the quantised one: keep exactly that, so resumed == uninterrupted.
             self.delta[sl] = decode_noise(encode_noise(delta, cfg.eps), cfg.eps)
             updated, image_steps = done.updated, done.image_steps
         else:
-            for start in range(sd.start, sd.end, cfg.batch_size):
-                b = slice(start, min(start + cfg.batch_size, sd.end))
+            for start in range(sd.start, sd.end, cfg.noise_batch_size):
+                b = slice(start, min(start + cfg.noise_batch_size, sd.end))
                 sums, counts = self.engine.classwise_sums(self.x[b].to(torch.float32) / 255.0, self.y[b],
-                                                          self.class_delta, pad_to=cfg.batch_size)
+                                                          self.class_delta, pad_to=cfg.noise_batch_size)
                 self._class_sums += sums
                 self._class_counts += counts
             updated, image_steps = n, n * cfg.pgd_steps
@@ -288,17 +293,32 @@ class RoundWorker:
 
     # ---- stage 3: the stop check on released data ------------------------------------------------------------
     def released_working(self, shard: str) -> torch.Tensor:
-        """What a victim sees of this shard: released uint8 at native size, resized to the working resolution."""
+        """What a victim sees of this shard: released uint8 at native size, resized to the working resolution.
+
+        Computed on the worker's device, the images of one native size together (``release_native_batch``): on a
+        GPU no per-sample host work even when natives differ from the working size. Same pixels as the export's
+        per-image ``release_native`` on the same device (tested)."""
         sd = self.shards[shard]
         sl = slice(sd.start, sd.end)
         noise = self._noise_rows(sl)
         if sd.native_is_working:
             return release_uint8(self.x[sl], noise)
-        out = [
-            to_working(release_native(nat.color, noise[i].cpu()), self.cfg.resolution, self.channels)
-            for i, nat in enumerate(sd.natives)
-        ]
-        return torch.stack(out).to(self.device) if out else self.x[sl].clone()
+        r = self.cfg.resolution
+        out = torch.empty_like(self.x[sl])
+        by_shape: dict[tuple, list[int]] = {}
+        for i, nat in enumerate(sd.natives):
+            by_shape.setdefault(tuple(nat.color.shape), []).append(i)
+        # A GPU takes a batch's worth at once; a CPU is fastest a few images at a time (a 128-image chunk of 256-px
+        # photos ran at half the per-image speed here: the float intermediates overflow the caches).
+        chunk = self.cfg.noise_batch_size if self.device.type == "cuda" else 4
+        for rows in by_shape.values():
+            for start in range(0, len(rows), chunk):
+                part = rows[start : start + chunk]
+                colors = to_device(torch.stack([sd.natives[i].color for i in part]), self.device)
+                idx = torch.tensor(part, device=self.device)
+                released = release_native_batch(colors, noise[idx])
+                out[idx] = resize_uint8(match_channels(released, self.channels), (r, r))
+        return out
 
     def released_error(self) -> dict:
         """The surrogate's errors on the released data of every shard this worker holds (summed by the caller)."""
@@ -308,8 +328,7 @@ class RoundWorker:
             sd = self.shards[shard]
             if sd.end == sd.start:
                 continue
-            released = self.released_working(shard)
-            pred = predict(self.model, released.to(torch.float32) / 255.0, self.cfg.batch_size)
+            pred = self.engine.predict(self.released_working(shard), self.cfg.noise_batch_size)
             wrong += int((pred != self.y[sd.start : sd.end]).sum())
             total += sd.end - sd.start
         return {"wrong": wrong, "total": total, "seconds": time.perf_counter() - t0}

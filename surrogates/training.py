@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 
@@ -31,14 +32,18 @@ def train_step(
     y: torch.Tensor,
     grad_clip: float = OptimConfig.grad_clip,
     all_reduce=None,
+    autocast=None,
 ) -> float:
     """One SGD step on a batch (already perturbed and clipped by the caller); returns the batch loss.
 
     ``all_reduce``, when given, is called on the list of gradients before clipping (data-parallel training).
+    ``autocast``, when given, makes the context the forward pass and loss run in (mixed precision: the backward
+    pass runs outside it, the weights and their gradients stay fp32).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
+    with autocast() if autocast is not None else contextlib.nullcontext():
+        loss = F.cross_entropy(model(x).float(), y)
     loss.backward()
     if all_reduce is not None:
         all_reduce([p.grad for p in model.parameters() if p.grad is not None])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops.engine import CONVERGED_LOSS, NoiseEngine, reference_noise_pass
+from ops.engine import CONVERGED_LOSS, NoiseEngine, compile_args, reference_noise_pass
 from ops.noise import classwise_update_sums, pgd_minimize
 from pipeline.config import HASH_FIELDS, ProtectConfig
 from surrogates import build
@@ -202,6 +202,21 @@ def test_worker_noise_stage_reports_the_image_steps_it_did(mnist_small, monkeypa
 
 
 def test_precision_and_skip_converged_are_hashed_and_validated():
-    assert "skip_converged" in HASH_FIELDS and "precision" in HASH_FIELDS
+    assert {"skip_converged", "precision", "compile", "noise_batch_size"} <= set(HASH_FIELDS)
     with pytest.raises(ValueError, match="precision"):
         ProtectConfig(inputs=["x"], output="y", precision="fp8").resolved()
+    with pytest.raises(ValueError, match="--compile"):
+        ProtectConfig(inputs=["x"], output="y", compile="fast").resolved()
+    with pytest.raises(ValueError, match="--noise-batch-size"):
+        ProtectConfig(inputs=["x"], output="y", noise_batch_size=0).resolved()
+
+
+def test_compile_choice_reaches_the_engine():
+    assert compile_args("auto") == {"compile": None, "compile_mode": None}
+    assert compile_args("off") == {"compile": False, "compile_mode": None}
+    assert compile_args("default") == {"compile": True, "compile_mode": None}
+    assert compile_args("reduce-overhead") == {"compile": True, "compile_mode": "reduce-overhead"}
+    model = build("small-cnn", 10, 3)
+    assert NoiseEngine(model, **PGD, **compile_args("auto")).compile_requested is False  # on a CPU
+    engine = NoiseEngine(model, **PGD, **compile_args("reduce-overhead"))
+    assert engine.compile_requested and engine.compile_mode == "reduce-overhead"

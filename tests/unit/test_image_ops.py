@@ -16,6 +16,7 @@ from ops.image import (
     encode_png,
     match_channels,
     release_native,
+    release_native_batch,
     resize_noise,
     resize_uint8,
     to_gray,
@@ -326,6 +327,25 @@ def test_release_native_three_channel_noise_on_gray_stays_gray():
     assert out.shape == (1, 30, 17)
     assert out.dtype == torch.uint8
     assert linf(out, color) <= 8
+
+
+@pytest.mark.parametrize(("image_channels", "noise_channels"), [(3, 3), (1, 1), (3, 1), (1, 3)])
+def test_release_native_batch_is_release_native_image_by_image(image_channels, noise_channels):
+    colors = torch.randint(0, 256, (5, image_channels, 23, 41), dtype=torch.uint8)
+    noise = torch.stack([_noise(noise_channels, seed) for seed in range(5)])
+    batch = release_native_batch(colors, noise)
+    assert batch.shape == colors.shape and batch.dtype == torch.uint8
+    for i in range(5):
+        assert torch.equal(batch[i], release_native(colors[i], noise[i]))
+
+
+def test_match_channels_on_a_batch_is_match_channels_per_image():
+    rgb = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8)
+    gray = torch.randint(0, 256, (4, 1, 5, 6), dtype=torch.uint8)
+    for images, channels in ((rgb, 1), (gray, 3), (rgb, 3)):
+        batch = match_channels(images, channels)
+        assert batch.shape == (4, channels, 5, 6)
+        assert all(torch.equal(batch[i], match_channels(images[i], channels)) for i in range(4))
 
 
 def test_release_native_zero_noise_is_identity():

@@ -6,8 +6,11 @@ import os
 
 import torch
 
+from ops.image import encode_png, release_native, to_working
 from pipeline.config import ProtectConfig
+from pipeline.storage.shards import RawSample, write_tar
 from pipeline.worker import RoundWorker
+from surrogates.training import predict
 
 
 def _worker(mnist_small, mode: str) -> tuple[RoundWorker, list[str]]:
@@ -46,3 +49,72 @@ def test_samplewise_noise_stage_moves_background_and_stroke_pixels(mnist_small):
     x, d = worker.x[sd.start : sd.end], worker.delta[sd.start : sd.end]
     assert (d[x == 0] > 0).float().mean() > 0.1 and (d[x == 255] < 0).float().mean() > 0.1
     assert d.abs().max() <= worker.cfg.eps + 1e-6
+
+
+def test_stop_check_on_photos_of_mixed_sizes_is_the_per_image_release(tmp_path):
+    """Natives of several sizes and channel counts: the stop check's released images (computed a size group at a
+    time) are exactly what the export's per-image release, resized to the working resolution, gives a victim."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(3, 40, 52), (1, 40, 52), (3, 40, 52), (3, 17, 70), (1, 33, 33), (3, 40, 52), (3, 32, 32)] * 3
+    samples = []
+    for i, shape in enumerate(shapes):
+        image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        samples.append(RawSample(f"img-{i:03d}", {"png": encode_png(image), "cls": str(i % 10).encode()}))
+    (tmp_path / "photos-000000.tar").write_bytes(write_tar(samples))
+    cfg = ProtectConfig(inputs=[str(tmp_path)], output="/unused", surrogate="small-cnn", resolution=32,
+                        batch_size=8, num_classes=10).resolved()
+    worker = RoundWorker(cfg.to_dict(), 10, 3, threads=1)
+    worker.load_shard("photos-000000", str(tmp_path / "photos-000000.tar"))
+    sd = worker.shards["photos-000000"]
+    assert not sd.native_is_working and len(sd.keys) == len(shapes)
+    worker.delta.uniform_(-cfg.eps, cfg.eps, generator=g)
+    released = worker.released_working("photos-000000")
+    expected = torch.stack([to_working(release_native(nat.color, worker.delta[i]), 32, 3)
+                            for i, nat in enumerate(sd.natives)])
+    assert torch.equal(released, expected)
+    assert (released.to(torch.int32) - worker.x.to(torch.int32)).abs().sum() > 0  # the noise is in it
+    # The stop check counts the surrogate's errors on exactly those images.
+    wrong = int((predict(worker.model, expected.float() / 255.0) != worker.y).sum())
+    check = worker.released_error()
+    assert (check["wrong"], check["total"]) == (wrong, len(shapes))
+
+
+def test_noise_stage_cuts_batches_of_the_noise_batch_size(mnist_small, monkeypatch):
+    train = os.path.join(mnist_small["root"], "train")
+    cfg = ProtectConfig(inputs=[train], output="/unused", surrogate="gap-cnn", resolution=28, pgd_steps=1,
+                        train_steps=1, batch_size=16, noise_batch_size=48, num_classes=10).resolved()
+    assert ProtectConfig(inputs=[train], output="/u", batch_size=16).resolved().noise_batch_size == 16  # default
+    worker = RoundWorker(cfg.to_dict(), 10, 1, threads=1)
+    shard = min(n[:-4] for n in os.listdir(train) if n.endswith(".tar"))
+    worker.load_shard(shard, os.path.join(train, f"{shard}.tar"))
+    seen: list[int] = []
+    minimize = worker.engine.minimize
+    monkeypatch.setattr(worker.engine, "minimize",
+                        lambda x, *a, **k: seen.append(x.shape[0]) or minimize(x, *a, **k))
+    worker.noise_stage(shard, 0)
+    n = worker.x.shape[0]
+    assert seen == [48] * (n // 48) + ([n % 48] if n % 48 else [])
+    train_batches: list[int] = []
+    monkeypatch.setattr(worker.model, "forward", lambda x, f=worker.model.forward: train_batches.append(x.shape[0])
+                        or f(x))
+    worker.train_stage()
+    assert train_batches == [16]  # the training batch is still --batch-size
+
+
+def test_train_stage_runs_in_the_engines_precision(mnist_small):
+    """--precision bf16: the train stage's forward runs under bf16 autocast, the weights stay fp32 and learn."""
+    train = os.path.join(mnist_small["root"], "train")
+    cfg = ProtectConfig(inputs=[train], output="/unused", surrogate="small-cnn", resolution=28, train_steps=3,
+                        batch_size=64, num_classes=10, precision="bf16").resolved()
+    worker = RoundWorker(cfg.to_dict(), 10, 1, threads=1)
+    shard = min(n[:-4] for n in os.listdir(train) if n.endswith(".tar"))
+    worker.load_shard(shard, os.path.join(train, f"{shard}.tar"))
+    dtypes: list[torch.dtype] = []
+    first_conv = next(m for m in worker.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    before = [p.detach().clone() for p in worker.model.parameters()]
+    out = worker.train_stage(0)
+    assert dtypes == [torch.bfloat16] * 3
+    assert all(p.dtype == torch.float32 for p in worker.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, worker.model.parameters()))
+    assert 0 < out["loss"] < 10
