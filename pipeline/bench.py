@@ -66,6 +66,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "the stop check and the release resize every image, as with photos")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true",
+                   help="also check correctness on this device (noise within eps and as strong as the baseline's, "
+                        "no compile fallback, the round's released images equal to the export's per-image release on "
+                        "the CPU within one level); exit 1 when a check fails")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -173,6 +177,14 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     out["engine_linf"] = float(delta.abs().max())
     if "baseline_img_steps_per_s" in out:
         out["ratio"] = out["engine_img_steps_per_s"] / out["baseline_img_steps_per_s"]
+    if args.check:
+        checks = {"engine |delta| <= eps": out["engine_linf"] <= EPS + 1e-6,
+                  "compiled when asked (no fallback)": not (engine.compile_requested and engine.fallback_reason)}
+        if "baseline_loss_after" in out:
+            # Same updates from the same start: the engine's noise must be as strong (bf16 may differ a little).
+            checks["engine loss after <= baseline's + 0.02"] = (out["engine_loss_after"]
+                                                                <= out["baseline_loss_after"] + 0.02)
+        out["checks"] = checks
 
     small = min(b, 8)
     flops = count_step_flops(baseline_model, x[:small], y[:small]) / small
@@ -256,6 +268,7 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
                 for shard, _ in shards:
                     fs.write_verified(os.path.join(state_dir, f"r{r}-{shard}.pt"), worker.noise_state(shard))
                 fs.write_verified(os.path.join(state_dir, f"r{r}-checkpoint.pt"), worker.checkpoint())
+        checks = _check_release(worker, shards[0][0]) if args.check else None
         round_s = sum(stages.values())
         rate = image_steps / round_s
         return {
@@ -273,7 +286,24 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
             "fraction_of_step_rate": rate / step_rate if step_rate else None,
             "with_decode_img_steps_per_s": image_steps / (round_s + decode_s),
             "engine": worker.engine.describe(),
+            **({"checks": checks} if checks is not None else {}),
         }
+
+
+def _check_release(worker, shard: str, limit: int = 64) -> dict:
+    """The stop check's released images (on the worker's device, a size group at a time) against the export's
+    per-image release on the CPU: the same pixels up to float rounding on another device."""
+    from ops.image import release_native, to_working
+
+    sd = worker.shards[shard]
+    n = min(limit, sd.end - sd.start)
+    on_device = worker.released_working(shard)[:n].cpu().to(torch.int32)
+    noise = worker._noise_rows(slice(sd.start, sd.start + n)).cpu()
+    reference = torch.stack([to_working(release_native(sd.natives[i].color, noise[i]), worker.cfg.resolution,
+                                        worker.channels) for i in range(n)]).to(torch.int32)
+    diff = (on_device - reference).abs()
+    return {"stop-check images within 1 level of the export's": int(diff.max()) <= 1,
+            "stop-check images >= 99.9% identical pixels": float((diff == 0).float().mean()) >= 0.999}
 
 
 def _device_name(device: torch.device) -> str:
@@ -340,6 +370,11 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def failed_checks(res: dict) -> list[str]:
+    checks = {**res.get("checks", {}), **((res.get("round") or {}).get("checks") or {})}
+    return [name for name, ok in checks.items() if not ok]
+
+
 def bench_cli(args: argparse.Namespace) -> int:
     try:
         res = run_bench(args)
@@ -347,6 +382,10 @@ def bench_cli(args: argparse.Namespace) -> int:
         print(f"unlearnable bench: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(res, indent=2, default=str) if args.json else format_table(res))
+    if args.check:
+        failed = failed_checks(res)
+        print(f"checks: {'FAILED: ' + '; '.join(failed) if failed else 'all passed'}", file=sys.stderr)
+        return 1 if failed else 0
     return 0
 
 

@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -330,52 +331,65 @@ class Run:
         """Hand the shards to idle workers, own shards first, then other workers' unstarted ones (see schedule.py).
 
         Sample-wise (``commit``), each shard's noise state is committed as soon as it is done, and a shard computed
-        by a guest worker goes back to its owner."""
+        by a guest worker goes back to its owner. The commit (storage write, read-back, marker) runs on a coordinator
+        thread while the worker already computes its next shard: at 224 px a shard's state is ~150 kB an image, and
+        writing it must not idle the GPU."""
         cfg, layout = self.cfg, self.layout
         url = {s.id: s.url for s in self.plan.shards}
         queue = NoiseQueue({i: [s for s in shard_ids if self.owner[s] == i] for i in range(len(self.workers))})
         idle = list(range(len(self.workers)))
         running: dict = {}
         to_owners = []
+        commits: list[Future] = []
         image_steps = samples = done = 0
         t0 = time.perf_counter()
-        while len(queue) or running:
-            for i in list(idle):
-                job = queue.next_for(i)
-                if job is None:
-                    continue
-                idle.remove(i)
-                shard, owner = job
-                if commit:
-                    self._attempt("noise", r, shard)
-                if owner == i:
-                    ref = self.workers[i].noise_stage.remote(shard, r)
-                else:
-                    state = layout.noise_state(r - 1, shard) if cfg.mode == "samplewise" and r > 0 else None
-                    ref = self.workers[i].noise_stage_guest.remote(shard, r, url[shard], state)
-                running[ref] = (i, shard, owner)
-            ready, _ = pool.wait(list(running))
-            for ref in ready:
-                i, shard, owner = running.pop(ref)
-                result = pool.get(ref)
-                idle.append(i)
-                if commit:
-                    state = self._commit_noise(r, shard, i)
-                    if owner != i:
-                        to_owners.append(self.workers[owner].load_noise_state.remote(shard, state))
-                image_steps += result["image_steps"]
-                samples += result["samples"]
-                done += 1
-                elapsed = time.perf_counter() - t0
-                log.info("round %d noise: %d/%d shards done (%s on worker %d%s), %.0f images/s", r, done,
-                         len(shard_ids), shard, i, f", owner {owner}" if owner != i else "", samples / max(elapsed, 1e-9))
+        with ThreadPoolExecutor(max_workers=max(2, len(self.workers)), thread_name_prefix="commit") as writers:
+            while len(queue) or running:
+                for i in list(idle):
+                    job = queue.next_for(i)
+                    if job is None:
+                        continue
+                    idle.remove(i)
+                    shard, owner = job
+                    if commit:
+                        self._attempt("noise", r, shard)
+                    if owner == i:
+                        ref = self.workers[i].noise_stage.remote(shard, r)
+                    else:
+                        state = layout.noise_state(r - 1, shard) if cfg.mode == "samplewise" and r > 0 else None
+                        ref = self.workers[i].noise_stage_guest.remote(shard, r, url[shard], state)
+                    running[ref] = (i, shard, owner)
+                ready, _ = pool.wait(list(running))
+                for ref in ready:
+                    i, shard, owner = running.pop(ref)
+                    result = pool.get(ref)
+                    if commit:
+                        # Asked for before the worker's next shard (an actor runs its calls in order), written while
+                        # that shard computes; a guest's result goes to the owner as the same object, not via here.
+                        state_ref = self.workers[i].noise_state.remote(shard)
+                        commits.append(writers.submit(self._commit_state, r, shard, state_ref))
+                        if owner != i:
+                            to_owners.append(self.workers[owner].load_noise_state.remote(shard, state_ref))
+                    idle.append(i)
+                    image_steps += result["image_steps"]
+                    samples += result["samples"]
+                    done += 1
+                    elapsed = time.perf_counter() - t0
+                    log.info("round %d noise: %d/%d shards done (%s on worker %d%s), %.0f images/s", r, done,
+                             len(shard_ids), shard, i, f", owner {owner}" if owner != i else "",
+                             samples / max(elapsed, 1e-9))
+            for f in commits:
+                f.result()  # a failed write fails the stage, as it did inline
         pool.get_all(to_owners)
         return image_steps
 
     def _commit_noise(self, r: int, unit: str, worker: int) -> bytes:
         """Noise state first, verified; its marker last. Returns the state."""
         shard = None if unit == "_classes" else unit
-        state = pool.get(self.workers[worker].noise_state.remote(shard))
+        return self._commit_state(r, unit, self.workers[worker].noise_state.remote(shard))
+
+    def _commit_state(self, r: int, unit: str, state_ref) -> bytes:
+        state = pool.get(state_ref)
         sha = fs.write_verified(self.layout.noise_state(r, unit), state)
         write_marker(self.layout.noise_marker(r, unit), self.chash, sha256=sha)
         return state

@@ -25,7 +25,8 @@ def test_bench_prints_the_table_with_baseline_engine_ratio_and_round():
 
 
 def test_bench_json_has_the_figures_as_positive_numbers():
-    proc = run_cli(*TINY, "--json", timeout=300)
+    # --check on photos of another size than the working one: the round's stop check resizes every image.
+    proc = run_cli(*TINY, "--json", "--check", "--native-size", "23", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
     for key in ("baseline_img_steps_per_s", "engine_img_steps_per_s", "ratio", "gflop_per_img_step"):
@@ -39,3 +40,21 @@ def test_bench_json_has_the_figures_as_positive_numbers():
     for key in ("decode_s", "train_s", "noise_s", "check_s", "writes_s", "round_img_steps_per_s",
                 "fraction_of_step_rate"):
         assert rd[key] > 0, (key, rd)
+    assert rd["native_size"] == 23
+    assert len(res["checks"]) == 3 and len(rd["checks"]) == 2 and "checks: all passed" in proc.stderr
+
+
+def test_bench_check_fails_loudly_when_the_noise_breaks_its_budget(monkeypatch, capsys):
+    import argparse
+
+    import ops.engine
+    from pipeline import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_bench_args(parser)
+    args = parser.parse_args([*TINY[1:], "--check", "--no-round"])
+    # An engine whose projection blows the noise up instead of keeping it in the eps-ball (the baseline keeps its
+    # own clamp).
+    monkeypatch.setattr(ops.engine, "project", lambda delta, x, eps: 10 * delta)
+    assert bench.bench_cli(args) == 1
+    assert "checks: FAILED: engine |delta| <= eps" in capsys.readouterr().err
