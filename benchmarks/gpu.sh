@@ -38,7 +38,8 @@ except ValueError:
 print(json.dumps({"name": sys.argv[1], **res}))
 PY
   rm -f "$OUT/$name.tmp"
-  echo "$name: exit $rc (1 = a check failed, 124 = timed out) in $((SECONDS - t)) s" | tee -a "$OUT/summary.txt"
+  echo "$name: exit $rc in $((SECONDS - t)) s (0 ok; 1 a check failed or an error, see bench.log; 124 timed out)" \
+    | tee -a "$OUT/summary.txt"
 }
 
 R18="--surrogate resnet18 --resolution 32 --steps 20"
@@ -54,4 +55,3 @@ run r18-32-b512-cudagraphs 120 $R18 --batch-size 512 --iters 5 --compile-mode re
 # What bf16, channels_last and compile each bring: the plain fp32 eager engine.
 run r18-32-b512-fp32-eager 60 $R18 --batch-size 512 --iters 3 --precision fp32 --no-compile --no-channels-last \
   --no-round --no-baseline
-cat "$OUT/summary.txt"
