@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -258,16 +259,23 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
             stages = {}
             with _timed(stages, "train", device):
                 worker.train_stage()
-            with _timed(stages, "noise", device):
-                image_steps = sum(worker.noise_stage(shard, r)["image_steps"] for shard, _ in shards)
-            with _timed(stages, "check", device):
-                worker.released_error()
-            with _timed(stages, "writes", device):
-                # What the coordinator commits each round, the way it commits it: every shard's noise state and the
-                # surrogate checkpoint, written and verified.
-                for shard, _ in shards:
-                    fs.write_verified(os.path.join(state_dir, f"r{r}-{shard}.pt"), worker.noise_state(shard))
-                fs.write_verified(os.path.join(state_dir, f"r{r}-checkpoint.pt"), worker.checkpoint())
+            with ThreadPoolExecutor(max_workers=1) as writer:
+                # As the coordinator commits: a shard's noise state is taken from the worker when the shard is done
+                # and written (and read back) on a thread while the next shard computes; "writes" is what is left to
+                # wait for after the noise stage, plus the checkpoint.
+                pending = []
+                with _timed(stages, "noise", device):
+                    image_steps = 0
+                    for shard, _ in shards:
+                        image_steps += worker.noise_stage(shard, r)["image_steps"]
+                        pending.append(writer.submit(fs.write_verified, os.path.join(state_dir, f"r{r}-{shard}.pt"),
+                                                     worker.noise_state(shard)))
+                with _timed(stages, "check", device):
+                    worker.released_error()
+                with _timed(stages, "writes", device):
+                    for f in pending:
+                        f.result()
+                    fs.write_verified(os.path.join(state_dir, f"r{r}-checkpoint.pt"), worker.checkpoint())
         checks = _check_release(worker, shards[0][0]) if args.check else None
         round_s = sum(stages.values())
         rate = image_steps / round_s
