@@ -8,6 +8,7 @@ modes become 8-bit RGB (grayscale 16-bit becomes 8-bit grayscale).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -59,7 +60,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     except ImageRejected:
         raise
     except Exception as exc:  # Pillow raises many types for bad data; each becomes one clear rejection.
-        raise ImageRejected(f"undecodable image: {type(exc).__name__}: {exc}") from exc
+        # Without object reprs ("<_io.BytesIO object at 0x...>"): the manifest's bytes must not change between runs.
+        message = re.sub(r" <[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc))
+        raise ImageRejected(f"undecodable image: {type(exc).__name__}: {message}") from exc
     if img.width < 1 or img.height < 1:
         raise ImageRejected("image has no pixels")
     return _to_channels(img)

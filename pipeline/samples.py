@@ -6,13 +6,16 @@ the same way everywhere and ends in exactly one manifest row.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from ops.image import DecodedImage, ImageRejected, decode_image
-from pipeline.storage.shards import RawSample
+from pipeline.storage.shards import RawSample, ShardReadError
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # The manifest error of a repeated key; ``verify`` recognises these rows by it.
@@ -73,11 +76,21 @@ def is_image_member(ext: str) -> bool:
 
 def prepare(sample: RawSample, rules: SampleRules, seen_keys: set[str]) -> Accepted | Rejected:
     """Validate and decode one sample; ``seen_keys`` (the shard's keys so far) rejects a repeated key."""
+    return screen(sample, seen_keys) or decode_sample(sample, rules)
+
+
+def screen(sample: RawSample, seen_keys: set[str]) -> Rejected | None:
+    """The part of ``prepare`` that depends on the samples before this one (runs in shard order)."""
     if sample.truncated:
         return Rejected(sample.key, "sample cut off: the shard is truncated inside it")
     if sample.key in seen_keys:
         return Rejected(sample.key, REPEATED_KEY_ERROR)
     seen_keys.add(sample.key)
+    return None
+
+
+def decode_sample(sample: RawSample, rules: SampleRules) -> Accepted | Rejected:
+    """The part of ``prepare`` that depends on this sample alone (any thread may run it)."""
     member = find_image_member(sample.members, rules.image_key)
     if member is None:
         wanted = f"'.{rules.image_key}'" if rules.image_key else "png|jpg|jpeg|webp"
@@ -93,6 +106,39 @@ def prepare(sample: RawSample, rules: SampleRules, seen_keys: set[str]) -> Accep
     except ImageRejected as exc:
         return Rejected(sample.key, str(exc), label=label, source_sha256=sha)
     return Accepted(sample.key, label, member, image, sha)
+
+
+def prepare_each(
+    items: Iterable[RawSample | ShardReadError], rules: SampleRules, threads: int
+) -> Iterator[tuple[RawSample | ShardReadError, Accepted | Rejected | ShardReadError]]:
+    """``prepare`` over a shard's items as (item, outcome) pairs, in shard order (so the outcome is the sequential
+    one), with the decoding (Pillow, hashing: no torch) on ``threads`` threads. A read error is its own outcome."""
+
+    def work(job: tuple) -> tuple:
+        item, early = job
+        return item, early if early is not None else decode_sample(item, rules)
+
+    seen: set[str] = set()
+    jobs = ((item, item if isinstance(item, ShardReadError) else screen(item, seen)) for item in items)
+    return ordered_map(work, jobs, threads)
+
+
+def ordered_map(fn: Callable, items: Iterable, threads: int, depth: int | None = None) -> Iterator:
+    """``map(fn, items)`` on ``threads`` threads with at most ``depth`` (default 4 x threads) items in flight, results
+    in input order. Pillow's decode and encode and hashlib release the GIL, so threads give real parallelism. Keep
+    torch out of ``fn``: its own intra-op threads, started from every thread, would oversubscribe the cores."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    depth = depth or 4 * threads
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="samples") as pool:
+        pending: collections.deque[Future] = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def released_members(sample: RawSample, png: bytes, image_member: str) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -26,7 +27,7 @@ from ops.noise import apply_classwise_update, decode_noise, encode_noise, releas
 from pipeline import faults
 from pipeline.config import ProtectConfig
 from pipeline.probe import probe_score
-from pipeline.samples import Accepted, Rejected, SampleRules, prepare, released_members
+from pipeline.samples import Rejected, SampleRules, ordered_map, prepare_each, released_members
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import Layout
 from pipeline.storage.markers import write_marker
@@ -59,6 +60,7 @@ class RoundWorker:
         self.channels = channels
         if threads:
             torch.set_num_threads(max(1, int(threads)))
+        self.threads = torch.get_num_threads()  # also the decode and PNG-encode threads (pipeline.samples)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(self.cfg.seed)
         self.model = build(self.cfg.surrogate, num_classes, channels).to(self.device)
@@ -102,14 +104,12 @@ class RoundWorker:
 
     def _decode_into(self, shard: str, url: str, items) -> dict:
         t0 = time.perf_counter()
-        seen: set[str] = set()
         keys, natives, working, labels = [], [], [], []
         rejected, read_error = 0, None
-        for item in items:
-            if isinstance(item, ShardReadError):
-                read_error = item.message
+        for _, result in prepare_each(items, self.rules, self.threads):
+            if isinstance(result, ShardReadError):
+                read_error = result.message
                 continue
-            result = prepare(item, self.rules, seen)
             if isinstance(result, Rejected):
                 rejected += 1
                 continue
@@ -361,40 +361,48 @@ class RoundWorker:
         t0 = time.perf_counter()
         layout = Layout(output, work)
         sd = self.shards[shard]
-        seen: set[str] = set()
-        out_samples: list[RawSample] = []
-        rows: list[dict] = []
-        index = 0
         noise = self._noise_rows(slice(sd.start, sd.end)).cpu()
-        linf_max = 0
-        read_error = None
-        for item in iter_samples(sd.url):
-            if isinstance(item, ShardReadError):
-                read_error = item.message
-                continue
-            result = prepare(item, self.rules, seen)
-            if isinstance(result, Rejected):
-                rows.append(manifest.row(result.key, shard, "rejected", error=result.error, label=result.label,
-                                         source_sha256=result.source_sha256))
-                continue
-            assert isinstance(result, Accepted)
-            if index >= len(sd.keys) or sd.keys[index] != result.key:
-                raise RuntimeError(f"shard {shard} changed since it was loaded (sample {result.key})")
-            original = result.image.color
-            released = release_native(original, noise[index])
-            png = encode_png(released, result.image.alpha)
-            out_samples.append(RawSample(result.key, released_members(item, png, result.image_member)))
-            linf = metrics.linf(released, original)
-            linf_max = max(linf_max, linf)
-            rows.append(
-                manifest.row(
-                    result.key, shard, "protected", label=result.label, width=result.image.width,
-                    height=result.image.height, source_sha256=result.source_sha256,
-                    output_sha256=_sha256(png), output_member=f"{result.key}.png", linf=linf,
-                    l2=metrics.l2(released, original), psnr=metrics.psnr(released, original),
-                )
-            )
-            index += 1
+        state = {"index": 0, "linf_max": 0, "read_error": None}
+
+        def released() -> Iterator[tuple]:
+            """In shard order: a finished manifest row (rejections), or a released image still to encode as PNG."""
+            for item, result in prepare_each(iter_samples(sd.url), self.rules, self.threads):
+                if isinstance(result, ShardReadError):
+                    state["read_error"] = result.message
+                    continue
+                if isinstance(result, Rejected):
+                    yield manifest.row(result.key, shard, "rejected", error=result.error, label=result.label,
+                                       source_sha256=result.source_sha256), None
+                    continue
+                index = state["index"]
+                if index >= len(sd.keys) or sd.keys[index] != result.key:
+                    raise RuntimeError(f"shard {shard} changed since it was loaded (sample {result.key})")
+                original = result.image.color
+                image = release_native(original, noise[index])
+                linf = metrics.linf(image, original)
+                state["linf_max"] = max(state["linf_max"], linf)
+                row = dict(label=result.label, width=result.image.width, height=result.image.height,
+                           source_sha256=result.source_sha256, output_member=f"{result.key}.png", linf=linf,
+                           l2=metrics.l2(image, original), psnr=metrics.psnr(image, original))
+                state["index"] = index + 1
+                yield row, (item, result, image)
+
+        def encode(job: tuple) -> tuple[dict, RawSample | None]:
+            row, accepted = job
+            if accepted is None:
+                return row, None
+            item, result, image = accepted
+            png = encode_png(image, result.image.alpha)  # zlib: the slow part of the export, on the threads
+            sample = RawSample(result.key, released_members(item, png, result.image_member))
+            return manifest.row(result.key, shard, "protected", output_sha256=_sha256(png), **row), sample
+
+        rows: list[dict] = []
+        out_samples: list[RawSample] = []
+        for row, sample in ordered_map(encode, released(), self.threads):
+            rows.append(row)
+            if sample is not None:
+                out_samples.append(sample)
+        index, linf_max, read_error = state["index"], state["linf_max"], state["read_error"]
         if index != len(sd.keys):
             raise RuntimeError(f"shard {shard} changed since it was loaded: {index} of {len(sd.keys)} samples found")
         tar_sha = fs.write_verified(layout.shard_tar(shard), write_tar(out_samples))

@@ -16,7 +16,7 @@ from pipeline import mnist
 from pipeline.config import HASH_FIELDS, ProtectConfig, config_hash, differing_fields
 from pipeline.make_shards import make_shards
 from pipeline.plan import Plan, PlanError, ShardPlan, build_plan, expand_inputs
-from pipeline.samples import Accepted, Rejected, SampleRules, prepare, released_members
+from pipeline.samples import Accepted, Rejected, SampleRules, ordered_map, prepare, prepare_each, released_members
 from pipeline.storage import fs
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, write_tar
 
@@ -44,6 +44,51 @@ def _cfg(**kw) -> ProtectConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- samples
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_prepare_each_on_threads_is_prepare_in_shard_order(threads):
+    """Repeated keys, truncation, bad images and labels, a read error: on threads the outcome is the sequential one."""
+    items = []
+    for i in range(40):
+        members = {"png": _img_bytes(value=i, size=(6 + i % 5, 5)), "cls": str(i % 10).encode()}
+        if i % 7 == 3:
+            members["png"] = b"not an image"
+        if i % 11 == 5:
+            members["cls"] = b"x"
+        items.append(RawSample(f"k{i % 30:03d}", members, truncated=(i == 39)))  # keys 0-9 repeat once
+    items.insert(20, ShardReadError("cut"))
+    seen: set[str] = set()
+    expected = [it if isinstance(it, ShardReadError) else prepare(it, _rules(), seen) for it in items]
+    got = [outcome for _, outcome in prepare_each(iter(items), _rules(), threads)]
+    assert [type(o) for o in got] == [type(o) for o in expected]
+    for a, b in zip(got, expected):
+        assert vars(a).keys() == vars(b).keys()
+        for name in vars(a):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x.color.equal(y.color) if name == "image" else x == y), (name, x, y)
+    assert sum(isinstance(o, Accepted) for o in got) > 10 and sum(isinstance(o, Rejected) for o in got) > 10
+
+
+def test_ordered_map_keeps_order_bounds_in_flight_and_raises():
+    import threading
+    import time as _time
+
+    live, peak, lock = [0], [0], threading.Lock()
+
+    def slow_square(x: int) -> int:
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        _time.sleep(0.002 * (x % 3))
+        with lock:
+            live[0] -= 1
+        return x * x
+
+    assert list(ordered_map(slow_square, range(50), threads=4, depth=6)) == [x * x for x in range(50)]
+    assert 1 < peak[0] <= 4
+    with pytest.raises(ZeroDivisionError):
+        list(ordered_map(lambda x: 1 // (x - 7), range(20), threads=3))
 
 
 def test_prepare_accepts_a_png_with_a_label():
