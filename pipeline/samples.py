@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,22 +124,25 @@ def prepare_each(
     return ordered_map(work, jobs, threads)
 
 
-def ordered_map(fn: Callable, items: Iterable, threads: int, depth: int | None = None) -> Iterator:
-    """``map(fn, items)`` on ``threads`` threads with at most ``depth`` (default 4 x threads) items in flight, results
-    in input order. Pillow's decode and encode and hashlib release the GIL, so threads give real parallelism. Keep
-    torch out of ``fn``: its own intra-op threads, started from every thread, would oversubscribe the cores."""
+def ordered_map(fn: Callable, items: Iterable, threads: int, chunk: int = 16, depth: int = 4) -> Iterator:
+    """``map(fn, items)`` on ``threads`` threads, results in input order. Items go to the threads ``chunk`` at a time
+    (tiny images cost less than a task hand-off), with at most ``depth`` x ``threads`` chunks in flight. Pillow's
+    decode and encode and hashlib release the GIL, so threads give real parallelism on photos. Keep torch out of
+    ``fn``: its own intra-op threads, started from every thread, would oversubscribe the cores."""
     if threads <= 1:
         yield from map(fn, items)
         return
-    depth = depth or 4 * threads
+    it = iter(items)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="samples") as pool:
         pending: collections.deque[Future] = collections.deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        while True:
+            part = list(itertools.islice(it, chunk))
+            if part:
+                pending.append(pool.submit(lambda xs: [fn(x) for x in xs], part))
+            if pending and (not part or len(pending) >= depth * threads):
+                yield from pending.popleft().result()
+            elif not part:
+                return
 
 
 def released_members(sample: RawSample, png: bytes, image_member: str) -> dict[str, bytes]:

@@ -85,7 +85,7 @@ def test_ordered_map_keeps_order_bounds_in_flight_and_raises():
             live[0] -= 1
         return x * x
 
-    assert list(ordered_map(slow_square, range(50), threads=4, depth=6)) == [x * x for x in range(50)]
+    assert list(ordered_map(slow_square, range(50), threads=4, chunk=3, depth=2)) == [x * x for x in range(50)]
     assert 1 < peak[0] <= 4
     with pytest.raises(ZeroDivisionError):
         list(ordered_map(lambda x: 1 // (x - 7), range(20), threads=3))
