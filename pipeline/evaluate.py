@@ -15,7 +15,7 @@ import torch
 
 from ops.image import to_working
 from pipeline.plan import expand_inputs
-from pipeline.samples import Accepted, SampleRules, prepare
+from pipeline.samples import Accepted, SampleRules, prepare_each
 from pipeline.storage.shards import ShardReadError, iter_samples
 from surrogates import build
 from surrogates.training import accuracy, fit
@@ -28,12 +28,10 @@ def load_images(inputs: list[str], resolution: int, channels: int | None = None)
     rules = SampleRules(num_classes=None, max_pixels=50_000_000)  # type: ignore[arg-type]
     images, labels = [], []
     for url in expand_inputs(inputs):
-        seen: set[str] = set()
-        for item in iter_samples(url):
-            if isinstance(item, ShardReadError):
-                log.warning("%s: %s", url, item.message)
+        for _, result in prepare_each(iter_samples(url), rules, torch.get_num_threads()):
+            if isinstance(result, ShardReadError):
+                log.warning("%s: %s", url, result.message)
                 continue
-            result = prepare(item, rules, seen)
             if isinstance(result, Accepted):
                 images.append(result.image.color)
                 labels.append(result.label)
