@@ -130,13 +130,22 @@ def matmul_flops_per_s(device: torch.device, n: int = 8192, iters: int = 20) -> 
 def bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     from surrogates import build
 
+    from surrogates.training import make_optimizer, train_step
+
     torch.manual_seed(args.seed)
-    model = build(args.surrogate, args.num_classes, args.channels).to(device).eval()
-    baseline_model = copy.deepcopy(model)  # the engine may convert its model to channels_last; the baseline must not
+    model = build(args.surrogate, args.num_classes, args.channels).to(device)
     g = torch.Generator().manual_seed(args.seed)
     b, r = args.batch_size, args.resolution
     x_host = torch.rand(b, args.channels, r, r, generator=g)
     y_host = torch.randint(0, args.num_classes, (b,), generator=g)
+    # Timed on a surrogate trained --train-steps steps (on this batch), as the round's noise stage follows its train
+    # stage: a freshly initialised small CNN ran 1.1-1.4x slower per step than a trained one on a CPU here, which
+    # made the round look faster than the step. Training also lets the PGD steps move the loss (the quality check).
+    optimizer = make_optimizer(model)
+    for _ in range(args.train_steps):
+        train_step(model, optimizer, x_host.to(device), y_host.to(device))
+    model.eval().zero_grad(set_to_none=True)
+    baseline_model = copy.deepcopy(model)  # the engine may convert its model to channels_last; the baseline must not
     step_size = EPS / 10
     out: dict = {"surrogate": args.surrogate, "resolution": r, "batch_size": b, "steps": args.steps,
                  "iters": args.iters, "device": _device_name(device), "torch": torch.__version__,
