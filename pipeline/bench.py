@@ -59,7 +59,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="also time a whole round in-process on generated shards")
     p.add_argument("--round-shards", type=int, default=2, help="generated shards for the round")
     p.add_argument("--round-samples", type=int, default=None, help="samples per shard (default: 2 x batch size)")
-    p.add_argument("--train-steps", type=int, default=10, help="surrogate SGD steps in the round's train stage")
+    p.add_argument("--train-steps", type=int, default=10,
+                   help="surrogate SGD steps in the round's train stage, and before the step is timed")
     p.add_argument("--train-batch-size", type=int, default=None,
                    help="the round's training batch (default: --batch-size, which is the noise batch)")
     p.add_argument("--native-size", type=int, default=None,
