@@ -218,17 +218,6 @@ class NoiseEngine:
                 p.requires_grad_(True)
         return delta[:n].contiguous().detach()
 
-    @torch.inference_mode()
-    def predict(self, x_uint8: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Arg-max class of uint8 images (the stop check), eager, in the engine's precision and memory format."""
-        self.model.eval()
-        out = []
-        for start in range(0, x_uint8.shape[0], batch_size):
-            image = self.format(x_uint8[start : start + batch_size].to(torch.float32) / 255.0)
-            with self.autocast():
-                out.append(self.model(image).argmax(1))
-        return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x_uint8.device)
-
     @torch.no_grad()
     def sample_losses(
         self, x_uint8: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, batch_size: int

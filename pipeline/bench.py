@@ -130,7 +130,6 @@ def matmul_flops_per_s(device: torch.device, n: int = 8192, iters: int = 20) -> 
 
 def bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     from surrogates import build
-
     from surrogates.training import make_optimizer, train_step
 
     torch.manual_seed(args.seed)
@@ -142,9 +141,10 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     # Timed on a surrogate trained --train-steps steps (on this batch), as the round's noise stage follows its train
     # stage: a freshly initialised small CNN ran 1.1-1.4x slower per step than a trained one on a CPU here, which
     # made the round look faster than the step. Training also lets the PGD steps move the loss (the quality check).
+    x, y = to_device(x_host, device), to_device(y_host, device)  # once per shard, through pinned memory
     optimizer = make_optimizer(model)
     for _ in range(args.train_steps):
-        train_step(model, optimizer, x_host.to(device), y_host.to(device))
+        train_step(model, optimizer, x, y)
     model.eval().zero_grad(set_to_none=True)
     baseline_model = copy.deepcopy(model)  # the engine may convert its model to channels_last; the baseline must not
     step_size = EPS / 10
@@ -170,7 +170,6 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict:
 
     engine = NoiseEngine(model, eps=EPS, step_size=step_size, steps=args.steps, precision=args.precision,
                          channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode)
-    x, y = to_device(x_host, device), to_device(y_host, device)  # once per shard, through pinned memory
     delta = torch.zeros_like(x)
     t0 = time.perf_counter()
     engine.minimize(x, y, delta.clone(), pad_to=b)  # warm-up: compiles here when compiling

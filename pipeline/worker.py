@@ -33,7 +33,7 @@ from pipeline.storage.layout import Layout
 from pipeline.storage.markers import write_marker
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, read_ahead, write_tar
 from surrogates import build
-from surrogates.training import load_checkpoint, make_optimizer, save_checkpoint, train_step
+from surrogates.training import load_checkpoint, make_optimizer, predict, save_checkpoint, train_step
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,10 @@ class RoundWorker:
             sd = self.shards[shard]
             if sd.end == sd.start:
                 continue
-            pred = self.engine.predict(self.released_working(shard), self.cfg.noise_batch_size)
+            # In the engine's precision and memory format, as the train stage; uint8 levels to floats a batch at a time.
+            pred = predict(self.model, self.released_working(shard), self.cfg.noise_batch_size,
+                           autocast=self.engine.autocast,
+                           prepare=lambda batch: self.engine.format(batch.to(torch.float32) / 255.0))
             wrong += int((pred != self.y[sd.start : sd.end]).sum())
             total += sd.end - sd.start
         return {"wrong": wrong, "total": total, "seconds": time.perf_counter() - t0}
@@ -362,29 +365,30 @@ class RoundWorker:
         layout = Layout(output, work)
         sd = self.shards[shard]
         noise = self._noise_rows(slice(sd.start, sd.end)).cpu()
-        state = {"index": 0, "linf_max": 0, "read_error": None}
+        index = linf_max = 0
+        read_error = None
 
         def released() -> Iterator[tuple]:
             """In shard order: a finished manifest row (rejections), or a released image still to encode as PNG."""
+            nonlocal index, linf_max, read_error
             for item, result in prepare_each(iter_samples(sd.url), self.rules, self.threads):
                 if isinstance(result, ShardReadError):
-                    state["read_error"] = result.message
+                    read_error = result.message
                     continue
                 if isinstance(result, Rejected):
                     yield manifest.row(result.key, shard, "rejected", error=result.error, label=result.label,
                                        source_sha256=result.source_sha256), None
                     continue
-                index = state["index"]
                 if index >= len(sd.keys) or sd.keys[index] != result.key:
                     raise RuntimeError(f"shard {shard} changed since it was loaded (sample {result.key})")
                 original = result.image.color
                 image = release_native(original, noise[index])
                 linf = metrics.linf(image, original)
-                state["linf_max"] = max(state["linf_max"], linf)
+                linf_max = max(linf_max, linf)
                 row = dict(label=result.label, width=result.image.width, height=result.image.height,
                            source_sha256=result.source_sha256, output_member=f"{result.key}.png", linf=linf,
                            l2=metrics.l2(image, original), psnr=metrics.psnr(image, original))
-                state["index"] = index + 1
+                index += 1
                 yield row, (item, result, image)
 
         def encode(job: tuple) -> tuple[dict, RawSample | None]:
@@ -402,7 +406,6 @@ class RoundWorker:
             rows.append(row)
             if sample is not None:
                 out_samples.append(sample)
-        index, linf_max, read_error = state["index"], state["linf_max"], state["read_error"]
         if index != len(sd.keys):
             raise RuntimeError(f"shard {shard} changed since it was loaded: {index} of {len(sd.keys)} samples found")
         tar_sha = fs.write_verified(layout.shard_tar(shard), write_tar(out_samples))

@@ -54,11 +54,16 @@ def train_step(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Arg-max class of every image, in eval mode, in batches."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, autocast=None, prepare=None) -> torch.Tensor:
+    """Arg-max class of every image, in eval mode, in batches. ``prepare`` maps each batch to the model's input
+    (e.g. uint8 levels to floats in a memory format); ``autocast`` as in ``train_step``."""
     model.eval()
-    out = [model(x[i : i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        batch = x[i : i + batch_size] if prepare is None else prepare(x[i : i + batch_size])
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            out.append(model(batch).argmax(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
 
 
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator | None) -> bytes:
