@@ -59,17 +59,36 @@ def _interface_of(ip: str) -> str | None:
     return None
 
 
+def gpu_worker_cpus(nodes: list[dict], gpus_per_worker: float) -> int:
+    """CPUs for a GPU worker (its decode, encode and prefetch threads): its share of a GPU node's CPUs, i.e. the
+    node's CPUs divided by its GPUs, times the worker's GPUs. ``nodes`` is ``ray.nodes()``; CPU-only nodes (a
+    ``num-gpus: 0`` head) do not count, and with GPU nodes of different shapes the leanest one decides, so that a
+    worker fits on any of them. At least 1."""
+    ratios = []
+    for node in nodes:
+        res = node.get("Resources") or {}
+        if node.get("Alive", True) and res.get("GPU", 0) > 0 and res.get("CPU", 0) > 0:
+            ratios.append(res["CPU"] / res["GPU"])
+    if not ratios:
+        return 1
+    return max(1, int(min(ratios) * gpus_per_worker + 1e-9))
+
+
 def pool_size(workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None) -> tuple[int, float,
                                                                                                            float]:
     """DESIGN.md's defaults: one worker per GPU (else 1); 1 GPU each where the cluster has GPUs, else CPU actors
-    with this machine's cores shared out (Ray's own tasks get the logical CPUs beyond the physical ones). On a
-    CPU-only cluster of other machines, pass ``--cpus-per-worker``."""
+    with this machine's cores shared out (Ray's own tasks get the logical CPUs beyond the physical ones). A GPU
+    worker gets its GPU node's CPUs divided by the node's GPUs (``gpu_worker_cpus``). ``--cpus-per-worker``
+    overrides either; on a CPU-only cluster of other machines, pass it."""
     gpus = cluster_gpus()
     workers = workers or (max(1, gpus) if gpus else 1)
     if gpus_per_worker is None:
         gpus_per_worker = 1 if gpus else 0
     if cpus_per_worker is None:
-        cpus_per_worker = max(1, (os.cpu_count() or 1) // workers) if not gpus_per_worker else 1
+        if gpus_per_worker:
+            cpus_per_worker = gpu_worker_cpus(ray.nodes(), gpus_per_worker)
+        else:
+            cpus_per_worker = max(1, (os.cpu_count() or 1) // workers)
     return workers, gpus_per_worker, cpus_per_worker
 
 
