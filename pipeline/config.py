@@ -118,6 +118,11 @@ class ProtectConfig:
             raise ValueError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, not {self.compile!r}")
         if not self.inputs:
             raise ValueError("at least one --input is required")
+        from pipeline.storage.fs import check_no_credentials
+
+        for flag, url in [("--input", u) for u in self.inputs] + [("--output", self.output),
+                                                                  ("--work-dir", self.work_dir or "")]:
+            check_no_credentials(url, flag)
         from surrogates import available
 
         for name in (self.surrogate, self.probe_arch):

@@ -23,11 +23,11 @@ from tqdm import tqdm
 from pipeline import faults, pool
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.config import PROBE_MARGIN, ProtectConfig, config_hash, differing_fields
-from pipeline.plan import Plan, build_plan
+from pipeline.plan import Plan, build_plan, expand_inputs
 from pipeline.probe import judge
 from pipeline.schedule import NoiseQueue, assign_shards
 from pipeline.storage import fs, manifest
-from pipeline.storage.layout import Layout, check_work_dir_outside, default_work_dir
+from pipeline.storage.layout import Layout, check_locations, default_work_dir
 from pipeline.storage.markers import is_done, read_marker, write_marker
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ KEEP_ROUNDS = 2  # noise state and checkpoints of the last two rounds are kept; 
 
 
 MAX_WORKER_REPLACEMENTS = 3
+
+
+# Config fields that say where the originals and the noise state live: kept out of the public _SUCCESS.json.
+PRIVATE_CONFIG = ("inputs", "work_dir", "ray_address")
 
 
 class ConfigRefused(ValueError):
@@ -77,7 +81,8 @@ def prepare_run(cfg: ProtectConfig) -> tuple[Layout, Plan, str]:
     cfg.resolved()
     output = fs.strip_url(cfg.output)
     work = fs.strip_url(cfg.work_dir) if cfg.work_dir else default_work_dir(output)
-    check_work_dir_outside(output, work)
+    # Before anything is written (--overwrite's removal included): the originals must never be touched.
+    check_locations(cfg.inputs, expand_inputs(cfg.inputs), output, work)
     layout = Layout(output, work)
     if cfg.overwrite:
         log.warning("--overwrite: removing the previous release in %s and work dir %s", output, work)
@@ -460,7 +465,8 @@ class Run:
                         100 * protection["probe_accuracy"], 100 * protection["threshold"])
         self.timings["total"] = time.perf_counter() - t_start
         success = {
-            "config": cfg.to_dict(),
+            # Public: where the originals and the noise live stays in the work dir's run.json.
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in PRIVATE_CONFIG},
             "config_hash": self.chash,
             "plan_digest": self.plan.digest,
             "hashed_config": cfg.hashed_fields(),
@@ -470,7 +476,6 @@ class Run:
             "surrogate_error": final["error"],
             "protection": protection,
             "counts": self.counts,
-            "work_dir": layout.work,
             "history": [{"round": h["round"], "error": h["error"], "image_steps": h.get("image_steps", 0),
                          "probe_accuracy": h["probe"]["probe_accuracy"] if h.get("probe") else None}
                         for h in self.history],

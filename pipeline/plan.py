@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
 
 
+# Shard ids whose release files would collide with the release's own (manifest.parquet beside <shard>.parquet).
+RESERVED_SHARD_IDS = ("manifest", "_SUCCESS")
+
+
 class PlanError(ValueError):
     """The inputs cannot form a corpus (no shards, two shards with one id, ...)."""
 
@@ -90,6 +94,9 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     seen: dict[str, str] = {}
     for url in urls:
         sid = shard_id(url)
+        if sid in RESERVED_SHARD_IDS or sid.startswith("."):
+            raise PlanError(f"the input shard {url} has the id {sid!r}, which the release reserves for its own files "
+                            f"({', '.join(RESERVED_SHARD_IDS)}, names starting with '.'); rename the shard")
         if sid in seen:
             raise PlanError(f"two inputs have the shard id {sid!r}: {seen[sid]} and {url}")
         seen[sid] = url

@@ -6,6 +6,8 @@ the same way everywhere and ends in exactly one manifest row.
 
 from __future__ import annotations
 
+import re
+
 import collections
 import hashlib
 import itertools
@@ -57,17 +59,24 @@ def find_image_member(members: dict[str, bytes], image_key: str | None) -> str |
     return None
 
 
+PLAIN_LABEL = re.compile(rb"[0-9]{1,40}\n?")
+# Labels index the surrogate's output layer: a label of 10**12 would ask for a model no machine holds.
+MAX_LABEL = 1_000_000
+
+
 def parse_label(members: dict[str, bytes], label_key: str, num_classes: int | None) -> int:
     """The sample's class from its label member (integer text); ValueError says what is wrong."""
     if label_key not in members:
         raise ValueError(f"no label member '.{label_key}'")
-    text = members[label_key].decode("utf-8", errors="replace").strip()
-    try:
-        label = int(text)
-    except ValueError:
-        raise ValueError(f"label '.{label_key}' is not an integer: {text[:40]!r}") from None
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        raise ValueError(f"label {label} out of range [0, {num_classes})")
+    raw = members[label_key]
+    # Plain ASCII digits only (an optional trailing newline, as `echo 3 > k.cls` writes): int() would also take
+    # " 2 ", "+2", "0_3" and non-ASCII digits such as "３", so two spellings could name one class unnoticed.
+    if not PLAIN_LABEL.fullmatch(raw):
+        text = raw.decode("utf-8", errors="replace")
+        raise ValueError(f"label '.{label_key}' is not an integer (plain ASCII digits): {text[:40]!r}")
+    label = int(raw)
+    if label >= MAX_LABEL or (num_classes is not None and label >= num_classes):
+        raise ValueError(f"label {label} out of range [0, {num_classes or MAX_LABEL})")
     return label
 
 

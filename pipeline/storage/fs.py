@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,6 +43,32 @@ def join(url: str, *parts: str) -> str:
 def strip_url(url: str) -> str:
     """A URL without a trailing slash (``s3://bkt/out/`` and ``s3://bkt/out`` are the same output)."""
     return url.rstrip("/") if len(url.rstrip("/")) > 0 else url
+
+
+def check_no_credentials(url: str, flag: str) -> None:
+    """Refuse a URL that carries credentials (``s3://KEY:SECRET@bucket``) without repeating them anywhere."""
+    if "://" in url:
+        netloc = url.split("://", 1)[1].split("/", 1)[0]
+        if "@" in netloc:
+            raise ValueError(f"{flag} holds credentials in its URL; remove them and use the standard AWS chain "
+                             "(environment, profile or role)")
+
+
+def location(url: str) -> tuple[str, str]:
+    """Where ``url`` really is, for comparing places: ("file", real path) or (scheme, "bucket/normalised/prefix")."""
+    url = strip_url(url)
+    if "://" not in url or url.startswith("file://"):
+        return "file", os.path.realpath(url.removeprefix("file://"))
+    scheme, rest = url.split("://", 1)
+    return scheme, posixpath.normpath("/" + rest).lstrip("/")
+
+
+def overlaps(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """True when two locations are equal or one contains the other."""
+    if a[0] != b[0]:
+        return False
+    pa, pb = a[1].rstrip("/") + "/", b[1].rstrip("/") + "/"
+    return pa.startswith(pb) or pb.startswith(pa)
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5) -> T:
@@ -91,6 +118,8 @@ def write_bytes(url: str, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            # Release files are read by anyone the owner publishes them to (mkstemp makes 0600).
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

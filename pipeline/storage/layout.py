@@ -19,9 +19,32 @@ def default_work_dir(output: str) -> str:
 
 
 def check_work_dir_outside(output: str, work: str) -> None:
-    out, wk = fs.strip_url(output) + "/", fs.strip_url(work) + "/"
-    if wk.startswith(out) or out.startswith(wk):
+    out, wk = fs.location(output), fs.location(work)
+    if fs.overlaps(out, wk):
         raise ValueError(f"work dir {work} overlaps the output {output}: noise state must never land in the release")
+
+
+def check_locations(inputs: list[str], input_shards: list[str], output: str, work: str) -> None:
+    """Refuse (ValueError, before anything is written) any overlap of the inputs, OUTPUT and WORK.
+
+    Compared as resolved locations (real paths; bucket and normalised prefix), so another spelling of the same
+    place (``D/x/../out``, a relative path, a symlink) is the same place. An input folder must not equal or contain
+    OUTPUT or WORK (a rerun would read the release as input, a clean-up would delete originals), and neither may
+    equal or contain an input shard (the export would overwrite an original).
+    """
+    check_work_dir_outside(output, work)
+    targets = {"--output": fs.location(output), "--work-dir": fs.location(work)}
+    folders = [spec for spec in inputs if not spec.endswith(".tar") and "{" not in spec]
+    for spec in folders:
+        where = fs.location(spec)
+        for flag, target in targets.items():
+            if fs.overlaps(where, target):
+                raise ValueError(f"{flag} overlaps the input folder {spec}: the originals must never be touched")
+    for url in input_shards:
+        where = fs.location(url)
+        for flag, target in targets.items():
+            if fs.overlaps(where, target):
+                raise ValueError(f"{flag} contains the input shard {url}: the originals must never be touched")
 
 
 @dataclass(frozen=True)

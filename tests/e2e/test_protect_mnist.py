@@ -22,7 +22,7 @@ from conftest import run_cli
 FAST = ["--resolution", "28", "--pgd-steps", "3", "--step-size", "2/255", "--train-steps", "5",
         "--batch-size", "128", "--probe-steps", "30"]
 SUCCESS_KEYS = {"config", "config_hash", "versions", "rounds", "stop_reason", "surrogate_error", "protection",
-                "counts", "work_dir", "timings"}
+                "counts", "timings"}
 
 
 def _originals(shard_dir: str) -> dict[str, np.ndarray]:
@@ -48,6 +48,8 @@ def test_protect_exit_status_matches_the_recorded_protection(protected_run):
     assert proc.returncode in (0, 4), proc.stderr[-3000:]
     success = json.load(open(os.path.join(protected_run["out"], "_SUCCESS.json")))
     assert SUCCESS_KEYS <= set(success)
+    # Public: where the originals and the noise state live stays in the work dir's run.json.
+    assert "work_dir" not in success and not {"inputs", "work_dir"} & set(success["config"])
     holds = success["protection"]["holds"]
     assert proc.returncode == (0 if holds else 4)
     if not holds:

@@ -93,7 +93,7 @@ def test_ordered_map_keeps_order_bounds_in_flight_and_raises():
 
 def test_prepare_accepts_a_png_with_a_label():
     png = _img_bytes("L", (6, 5))
-    result = prepare(RawSample("k1", {"png": png, "cls": b" 3\n"}), _rules(), set())
+    result = prepare(RawSample("k1", {"png": png, "cls": b"3\n"}), _rules(), set())
     assert isinstance(result, Accepted)
     assert (result.key, result.label, result.image_member) == ("k1", 3, "png")
     assert (result.image.width, result.image.height) == (6, 5)
@@ -115,12 +115,18 @@ def test_prepare_accepts_a_jpg_when_there_is_no_png():
         ({"png": "PNG", "cls": b"three"}, "not an integer"),
         ({"png": "PNG", "cls": b"1.0"}, "not an integer"),
         ({"png": "PNG", "cls": b"10"}, "out of range"),
-        ({"png": "PNG", "cls": b"-1"}, "out of range"),
+        ({"png": "PNG", "cls": b"-1"}, "not an integer"),
+        ({"png": "PNG", "cls": b" 2 \n"}, "not an integer"),
+        ({"png": "PNG", "cls": "３".encode()}, "not an integer"),
+        ({"png": "PNG", "cls": "٣".encode()}, "not an integer"),
+        ({"png": "PNG", "cls": b"0_3"}, "not an integer"),
+        ({"png": "PNG", "cls": b"+2"}, "not an integer"),
         ({"png": b"\x89PNG\r\n\x1a\n garbage", "cls": b"1"}, "undecodable"),
         ({"png": b"", "cls": b"1"}, "empty"),
         ({"png": "BIG", "cls": b"1"}, "max-pixels"),
     ],
     ids=["no-image", "missing-label", "text-label", "float-label", "label-too-big", "negative-label",
+         "spaces-around-label", "fullwidth-digit", "arabic-indic-digit", "underscore-label", "plus-label",
          "undecodable", "empty-image", "over-max-pixels"],
 )
 def test_prepare_rejects_with_a_clear_error(members, error):
@@ -482,3 +488,11 @@ def test_mnist_write_shards_gives_28x28_grayscale_pngs_and_integer_cls(cached_mn
     # and the protect pipeline's own rules accept them
     seen: set[str] = set()
     assert all(isinstance(prepare(s, _rules(), seen), Accepted) for s in got)
+
+
+def test_a_label_too_large_for_any_model_is_rejected_without_num_classes():
+    from pipeline.samples import parse_label
+
+    with pytest.raises(ValueError, match="out of range"):
+        parse_label({"cls": b"1000000000000"}, "cls", None)
+    assert parse_label({"cls": b"999999\n"}, "cls", None) == 999999
