@@ -82,7 +82,8 @@ def prepare_run(cfg: ProtectConfig) -> tuple[Layout, Plan, str]:
     output = fs.strip_url(cfg.output)
     work = fs.strip_url(cfg.work_dir) if cfg.work_dir else default_work_dir(output)
     # Before anything is written (--overwrite's removal included): the originals must never be touched.
-    check_locations(cfg.inputs, expand_inputs(cfg.inputs), output, work)
+    input_shards = expand_inputs(cfg.inputs)
+    check_locations(cfg.inputs, input_shards, output, work)
     layout = Layout(output, work)
     if cfg.overwrite:
         log.warning("--overwrite: removing the previous release in %s and work dir %s", output, work)
@@ -92,7 +93,7 @@ def prepare_run(cfg: ProtectConfig) -> tuple[Layout, Plan, str]:
     if record is not None and fs.exists(layout.plan):
         plan = Plan.from_parquet(fs.read_bytes(layout.plan))
     else:
-        plan = build_plan(cfg.inputs, cfg.num_classes, cfg.image_key, cfg.label_key)
+        plan = build_plan(input_shards, cfg.num_classes, cfg.image_key, cfg.label_key)  # listed once, above
     if cfg.num_classes is None:
         cfg.num_classes = plan.num_classes
     digest = plan.digest

@@ -6,11 +6,10 @@ the same way everywhere and ends in exactly one manifest row.
 
 from __future__ import annotations
 
-import re
-
 import collections
 import hashlib
 import itertools
+import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass

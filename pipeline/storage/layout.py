@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from braceexpand import braceexpand
+
 from pipeline.storage import fs
 
 
@@ -34,17 +36,14 @@ def check_locations(inputs: list[str], input_shards: list[str], output: str, wor
     """
     check_work_dir_outside(output, work)
     targets = {"--output": fs.location(output), "--work-dir": fs.location(work)}
-    folders = [spec for spec in inputs if not spec.endswith(".tar") and "{" not in spec]
-    for spec in folders:
-        where = fs.location(spec)
-        for flag, target in targets.items():
-            if fs.overlaps(where, target):
-                raise ValueError(f"{flag} overlaps the input folder {spec}: the originals must never be touched")
-    for url in input_shards:
+    folders = [item for spec in inputs for item in braceexpand(spec) if not item.endswith(".tar")]
+    places = [(url, "overlaps the input folder") for url in folders] + [(url, "contains the input shard")
+                                                                         for url in input_shards]
+    for url, what in places:
         where = fs.location(url)
         for flag, target in targets.items():
             if fs.overlaps(where, target):
-                raise ValueError(f"{flag} contains the input shard {url}: the originals must never be touched")
+                raise ValueError(f"{flag} {what} {url}: the originals must never be touched")
 
 
 @dataclass(frozen=True)

@@ -132,3 +132,12 @@ def test_a_shard_id_the_release_reserves_is_refused(capsys, corpus, name):
     line = _refused(capsys, corpus, "--input", corpus, "--output", os.path.join(os.path.dirname(corpus), "out"))
     assert f"{name!r}" in line and "reserves" in line
 
+
+
+def test_output_inside_a_folder_named_by_a_brace_pattern_is_refused(capsys, corpus):
+    other = os.path.join(os.path.dirname(corpus), "more")
+    os.mkdir(other)
+    os.rename(os.path.join(corpus, "train-1.tar"), os.path.join(other, "train-1.tar"))
+    pattern = os.path.join(os.path.dirname(corpus), "{in,more}")
+    line = _refused(capsys, corpus, "--input", pattern, "--output", os.path.join(corpus, "protected"))
+    assert "input folder" in line
