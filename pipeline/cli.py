@@ -102,17 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="train a victim from scratch on shards and score it on clean test shards",
                        formatter_class=_Formatter)
-    p.add_argument("--train", action="append", required=True, help="training shards (pattern, tar or folder)")
-    p.add_argument("--test", action="append", required=True, help="clean test shards")
-    p.add_argument("--arch", default="resnet18", help="victim model")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--pad", type=int, default=4, help="random-crop padding")
-    p.add_argument("--flip", action="store_true", help="random horizontal flips (leave off for digits)")
-    p.add_argument("--seed", type=int, action="append", default=None, help="victim seed; repeat for several")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    from pipeline.evaluate import add_evaluate_args
+
+    add_evaluate_args(p)
 
     p = sub.add_parser("demo", help="bundled real data (MNIST), end to end: protect, victims, report.md + report.png",
                        formatter_class=_Formatter)

@@ -77,6 +77,21 @@ def evaluate(train: list[str], test: list[str], *, arch: str = "resnet18", epoch
     }
 
 
+def add_evaluate_args(p) -> None:
+    """The ``evaluate`` command's arguments (the CLI builds its parser from this)."""
+    p.add_argument("--train", action="append", required=True, help="training shards (pattern, tar or folder)")
+    p.add_argument("--test", action="append", required=True, help="clean test shards")
+    p.add_argument("--arch", default="resnet18", help="victim model")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--pad", type=int, default=4, help="random-crop padding")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips (leave off for digits)")
+    p.add_argument("--seed", type=int, action="append", default=None, help="victim seed; repeat for several")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def evaluate_cli(args) -> int:
     result = evaluate(args.train, args.test, arch=args.arch, epochs=args.epochs, resolution=args.resolution,
                       batch_size=args.batch_size, lr=args.lr, pad=args.pad, flip=args.flip, seeds=args.seed)
