@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -146,3 +147,76 @@ def accuracy(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor) -> float:
     if y.numel() == 0:
         return float("nan")
     return float((predict(model, x_uint8.to(torch.float32) / 255.0) == y).float().mean())
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(model: nn.Module):
+    """Batch norm layers keep normalising with batch statistics in training mode but leave their running statistics
+    (and batch counts) as they were."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            saved.append((m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()))
+            m.momentum = 0.0  # running <- (1 - momentum) running + momentum batch: unchanged
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+def fit_epochs(
+    model: nn.Module,
+    x_uint8: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    pad: int = 0,
+    flip: bool = False,
+    seed: int = 0,
+    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    adversary: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
+) -> nn.Module:
+    """``fit``'s recipe in whole epochs (victims under a countermeasure): the same optimiser, one-cycle schedule,
+    shuffled batches and crop/flip, over ``epochs`` x (n // batch_size) steps. With no ``augment`` and no
+    ``adversary`` it draws the same random numbers as ``fit`` and trains the same weights.
+
+    ``augment(images, labels, generator) -> (images, targets)`` transforms each batch after crop/flip (targets may be
+    probabilities: mixup, cutmix); ``adversary(model, images, targets, generator) -> images`` replaces the batch by
+    adversarial images before the step (adversarial training: the attack sees the model in training mode, batch
+    statistics and all, but its forward passes do not move batch norm's running statistics, so that the victim's
+    eval-mode statistics come from the batches it trains on, as many as without the attack);
+    ``on_epoch(epoch, model)`` is called after each epoch, from 1 (early stopping scores the model there; the
+    model is put back in training mode after it)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = x_uint8.shape[0]
+    batch_size = min(batch_size, n)
+    per_epoch = n // batch_size
+    steps = max(1, epochs * per_epoch)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, per_epoch * batch_size, batch_size):
+            idx = order[start : start + batch_size]
+            xb = random_crop_flip(x_uint8[idx].to(torch.float32) / 255.0, pad, flip, generator)
+            targets = y[idx]
+            if augment is not None:
+                xb, targets = augment(xb, targets, generator)
+            if adversary is not None:
+                with _running_stats_frozen(model):
+                    xb = adversary(model, xb, targets, generator)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), targets).backward()
+            opt.step()
+            sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch, model)
+    model.eval()
+    return model
