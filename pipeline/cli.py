@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from ops.engine import COMPILE_CHOICES, CONVERGED_LOSS, PRECISIONS
@@ -22,6 +23,8 @@ from pipeline.config import (
 )
 from pipeline.coordinator import EXIT_BAD_ARGS, EXIT_INCOMPLETE, ConfigRefused
 from pipeline.lease import LeaseHeld
+
+EXIT_VERIFY_FAILED = 1  # verify: the release does not hold what it claims (its problems are printed)
 
 log = logging.getLogger("unlearnable")
 
@@ -45,7 +48,11 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=50_000_000, help="reject larger images (decompression bombs)")
     p.add_argument("--image-key", default=None, help="image member extension (default: first of png|jpg|jpeg|webp)")
     p.add_argument("--label-key", default="cls", help="label member extension (integer text)")
-    p.add_argument("--keep-work", action="store_true", help="keep the noise state and checkpoints after the release")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep the noise state and checkpoints after the release (a later rerun can then repair a "
+                        "damaged release; they can also undo the protection: never publish them)")
+    p.add_argument("--manifest-source-hash", action="store_true",
+                   help="add each original's sha256 to the manifest (it lets anyone confirm a guessed original)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run at this output and start over")
     p.add_argument("--dry-run", action="store_true",
                    help="print the frozen plan (shards, samples, classes) and the work it takes; run nothing")
@@ -157,11 +164,45 @@ def _status_text(info: dict) -> str:
     return "\n".join(lines)
 
 
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of the AWS credential variables replaced: they never reach a log or an error."""
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+class _RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error a Ray task raised, rather than Ray's wrapper (whose text holds the remote traceback)."""
+    return getattr(exc, "cause", None) or exc
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = _cause(exc)
+    lines = str(cause).strip().splitlines()
+    text = lines[0] if lines else ""
+    if not isinstance(cause, (ConfigRefused, LeaseHeld, ValueError)):
+        text = f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+    return redact(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactingFilter())
     try:
         if args.command == "protect" and args.dry_run:
             from pipeline.estimate import estimate
@@ -204,16 +245,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             from pipeline.inspection import verify
 
-            ok, problems, summary = verify(args.output)
+            verdict = verify(args.output)
             if args.json:
-                print(json.dumps({"ok": ok, "problems": problems, **summary}, indent=2))
+                print(json.dumps({"ok": verdict.ok, "problems": verdict.problems, "bad_shards": verdict.bad_shards,
+                                  **verdict.summary}, indent=2))
             else:
-                print(("OK: " if ok else "FAILED: ") + json.dumps(summary))
-                for problem in problems:
+                print(("OK: " if verdict.ok else "FAILED: ") + json.dumps(verdict.summary))
+                for problem in verdict.problems:
                     print(f"  {problem}")
-            if not ok:
-                print(f"unlearnable: verify found {len(problems)} problem(s); first: {problems[0]}", file=sys.stderr)
-            return 0 if ok else 1
+            if not verdict.ok:
+                print(f"unlearnable: verify found {len(verdict.problems)} problem(s); first: {verdict.problems[0]}",
+                      file=sys.stderr)
+            return 0 if verdict.ok else EXIT_VERIFY_FAILED
         if args.command == "make-shards":
             from pipeline.make_shards import make_shards
 
@@ -221,18 +264,23 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(written, indent=2))
             return 0
     except (ConfigRefused, ValueError) as exc:
-        print(f"unlearnable: {exc}", file=sys.stderr)
+        print(f"unlearnable: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_ARGS
     except LeaseHeld as exc:
-        print(f"unlearnable: {exc}", file=sys.stderr)
+        print(f"unlearnable: {_one_line(exc)}", file=sys.stderr)
         return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         print("unlearnable: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INCOMPLETE
-    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into exit 3 and one line
-        log.exception("run failed")
-        print(f"unlearnable: incomplete ({type(exc).__name__}: {exc}); rerun the same command to resume",
-              file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into one line and an exit status
+        log.debug("run failed", exc_info=True)  # the traceback only with --verbose
+        from pipeline.storage.fs import is_permanent
+
+        if is_permanent(_cause(exc)):
+            print(f"unlearnable: {_one_line(exc)} (a rerun will not mend this: fix the location or its permissions)",
+                  file=sys.stderr)
+            return EXIT_BAD_ARGS
+        print(f"unlearnable: incomplete ({_one_line(exc)}); rerun the same command to resume", file=sys.stderr)
         return EXIT_INCOMPLETE
     return EXIT_BAD_ARGS
 

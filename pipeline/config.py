@@ -47,7 +47,10 @@ HASH_FIELDS = (
     "precision",
     "compile",
     "skip_converged",
+    "manifest_source_hash",
 )
+# The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
+MIN_RESOLUTION = 8
 
 
 @dataclass
@@ -83,6 +86,7 @@ class ProtectConfig:
     precision: str = "auto"  # the noise stage's surrogate: auto = bf16 autocast on a CUDA GPU with bf16, else fp32
     compile: str = "auto"  # the noise stage's surrogate: auto = torch.compile on a CUDA GPU, eager elsewhere
     skip_converged: bool = SKIP_CONVERGED_DEFAULT
+    manifest_source_hash: bool = False  # a public sha256 of every original in the manifest (off: see manifest.py)
     keep_work: bool = False
     overwrite: bool = False
 
@@ -104,6 +108,8 @@ class ProtectConfig:
                      "probe_steps"):
             if getattr(self, name) < (0 if name == "train_steps" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.resolution < MIN_RESOLUTION:
+            raise ValueError(f"--resolution must be at least {MIN_RESOLUTION} pixels, got {self.resolution}")
         if not 0 <= self.stop_error <= 1:
             raise ValueError(f"--stop-error must be in [0, 1], got {self.stop_error}")
         for name in ("workers", "gpus_per_worker", "cpus_per_worker"):

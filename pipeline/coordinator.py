@@ -8,6 +8,7 @@ no image data: workers load shards, keep the noise state and write the release.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -21,14 +22,16 @@ import torch
 from tqdm import tqdm
 
 from pipeline import faults, pool
-from pipeline.lease import Lease, LeaseHeld
 from pipeline.config import PROBE_MARGIN, ProtectConfig, config_hash, differing_fields
+from pipeline.inspection import verify, verify_shards
+from pipeline.lease import Lease
 from pipeline.plan import Plan, build_plan, expand_inputs
 from pipeline.probe import judge
 from pipeline.schedule import NoiseQueue, assign_shards
 from pipeline.storage import fs, manifest
-from pipeline.storage.layout import Layout, check_locations, default_work_dir
-from pipeline.storage.markers import is_done, read_marker, write_marker
+from pipeline.storage.layout import ROUND_DIR, Layout, check_locations, default_work_dir
+from pipeline.storage.markers import DamagedUnit, commit, drop, is_done, load_checked, read_marker, write_marker
+from pipeline.storage.shards import shard_id
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,15 @@ class RunResult:
 
 
 def _read_json(url: str) -> dict | None:
+    """A JSON record, or None when it is missing or damaged (a torn write or changed bytes: never trusted)."""
     try:
-        return json.loads(fs.read_bytes(url))
+        record = json.loads(fs.read_bytes(url))
     except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError):
+        log.warning("%s is damaged: ignored", url)
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _versions() -> dict:
@@ -76,8 +84,17 @@ def _own_version() -> str:
         return "unknown"
 
 
-def prepare_run(cfg: ProtectConfig) -> tuple[Layout, Plan, str]:
-    """Resolve paths, freeze (or reload) the plan, check the config against an existing run."""
+@dataclass
+class Prepared:
+    layout: Layout
+    plan: Plan
+    chash: str
+    success: dict | None  # the run record of a complete release with this config, else None
+
+
+def prepare_run(cfg: ProtectConfig) -> Prepared:
+    """Resolve paths, freeze (or reload) the plan, check the config against an existing run. A complete release
+    with this config gets nothing written (a rerun of a finished run leaves nothing behind)."""
     cfg.resolved()
     output = fs.strip_url(cfg.output)
     work = fs.strip_url(cfg.work_dir) if cfg.work_dir else default_work_dir(output)
@@ -86,19 +103,20 @@ def prepare_run(cfg: ProtectConfig) -> tuple[Layout, Plan, str]:
     check_locations(cfg.inputs, input_shards, output, work)
     layout = Layout(output, work)
     if cfg.overwrite:
-        log.warning("--overwrite: removing the previous release in %s and work dir %s", output, work)
-        fs.remove(work, recursive=True)
-        fs.remove(output, recursive=True)
+        log.warning("--overwrite: removing the previous release in %s and the work dir's files in %s", output, work)
+        previous_run = _read_json(layout.run_record) or {}
+        layout.remove_release([shard_id(u) for u in input_shards])
+        layout.remove_work(created=bool(previous_run.get("work_dir_created")))
     record = _read_json(layout.run_record)
-    if record is not None and fs.exists(layout.plan):
-        plan = Plan.from_parquet(fs.read_bytes(layout.plan))
-    else:
+    plan = _load_plan(layout, record)
+    if plan is None:
         plan = build_plan(input_shards, cfg.num_classes, cfg.image_key, cfg.label_key)  # listed once, above
     if cfg.num_classes is None:
         cfg.num_classes = plan.num_classes
     digest = plan.digest
     chash = config_hash(cfg, digest)
-    previous = record or _read_json(layout.success)
+    success = _read_json(layout.success)
+    previous = record or success
     if previous is not None and previous.get("config_hash") != chash:
         recorded = dict(previous.get("hashed_config") or {}, plan=previous.get("plan_digest"))
         current = dict(cfg.hashed_fields(), plan=digest)
@@ -107,22 +125,42 @@ def prepare_run(cfg: ProtectConfig) -> tuple[Layout, Plan, str]:
             f"{output} belongs to a run with a different config (differs in: {', '.join(fields)}); "
             "rerun with the same arguments to resume, or pass --overwrite to start over"
         )
-    if record is None:
-        fs.write_bytes(layout.plan, plan.to_parquet())
+    complete = success is not None and success.get("config_hash") == chash
+    if not complete and (record is None or record.get("plan_sha256") is None or not fs.exists(layout.plan)):
+        created = (record or {}).get("work_dir_created", not fs.exists(work))
+        plan_bytes = plan.to_parquet()
+        fs.write_bytes(layout.plan, plan_bytes)
         run = {"config": cfg.to_dict(), "hashed_config": cfg.hashed_fields(), "config_hash": chash,
-               "plan_digest": digest, "created": time.time()}
+               "plan_digest": digest, "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
+               "work_dir_created": created, "created": time.time()}
         fs.write_bytes(layout.run_record, json.dumps(run, indent=2, default=str).encode())
-    return layout, plan, chash
+    return Prepared(layout, plan, chash, success if complete else None)
+
+
+def _load_plan(layout: Layout, record: dict | None) -> Plan | None:
+    """The frozen plan, checked against the sha256 in ``run.json``; None (rebuild it) when either is missing or
+    they disagree."""
+    if record is None or not record.get("plan_sha256"):
+        return None
+    try:
+        data = fs.read_bytes(layout.plan)
+    except FileNotFoundError:
+        return None
+    if hashlib.sha256(data).hexdigest() != record["plan_sha256"]:
+        log.warning("%s does not match its sha256 in run.json: the plan is built again", layout.plan)
+        return None
+    return Plan.from_parquet(data)
 
 
 def protect(cfg: ProtectConfig) -> RunResult:
     """Run (or resume) a protection; returns the exit status of DESIGN.md and the ``_SUCCESS.json`` record."""
     t_start = time.perf_counter()
-    layout, plan, chash = prepare_run(cfg)
-    done = _read_json(layout.success)
-    if done is not None and done.get("config_hash") == chash:
-        log.info("release in %s is already complete", layout.output)
-        return RunResult(EXIT_OK if done["protection"]["holds"] else EXIT_UNPROTECTED, done)
+    prepared = prepare_run(cfg)
+    layout, plan, chash = prepared.layout, prepared.plan, prepared.chash
+    if prepared.success is not None:
+        done = _finished_run(cfg, prepared)
+        if done is not None:
+            return done
     lease = Lease(layout.lease)
     lease.acquire()
     started = pool.connect(cfg.ray_address)
@@ -149,6 +187,69 @@ def protect(cfg: ProtectConfig) -> RunResult:
         pool.shutdown(started)
         lease.release()
     return run.finish(t_start)
+
+
+def _finished_run(cfg: ProtectConfig, prepared: Prepared) -> RunResult | None:
+    """A rerun of a finished run: verify the release first. Intact: finish the clean-up a kill may have cut short
+    and return. Damaged shards: drop their markers and return None (the run resumes from the kept state and
+    rewrites them), or refuse when the state to rewrite them is gone."""
+    layout, done = prepared.layout, prepared.success
+    verdict = verify(layout.output, [s.id for s in prepared.plan.shards])
+    if verdict.ok:
+        log.info("release in %s is already complete and verifies", layout.output)
+        _clean_up(cfg, layout)
+        return RunResult(EXIT_OK if done["protection"]["holds"] else EXIT_UNPROTECTED, done)
+    log.warning("the finished release in %s does not verify (%d problem(s); first: %s)", layout.output,
+                len(verdict.problems), verdict.problems[0])
+    if not verdict.bad_shards:
+        # Only the merged manifest or the run record's counts are wrong: both are rebuilt from the shards.
+        _rewrite_merged(layout, prepared.plan, done)
+        _clean_up(cfg, layout)
+        return RunResult(EXIT_OK if done["protection"]["holds"] else EXIT_UNPROTECTED, done)
+    final = done["rounds"] - 1
+    try:
+        Run.check_round_state(layout, prepared.chash, final, _noise_units(cfg, prepared.plan))
+    except DamagedUnit as exc:
+        bad = ", ".join(verdict.bad_shards[:5]) + (" ..." if len(verdict.bad_shards) > 5 else "")
+        raise ConfigRefused(
+            f"the release in {layout.output} is damaged (shards {bad}) and the noise state that could rewrite them is "
+            f"gone ({exc.url.rsplit('/', 1)[-1]}: only --keep-work keeps it); restore those shards' files from a "
+            "copy of the release, or rerun with --overwrite to protect the corpus again") from None
+    log.warning("rewriting %d damaged shard(s) from the kept state: %s", len(verdict.bad_shards),
+                ", ".join(verdict.bad_shards))
+    fs.remove(layout.success)  # first: the release is not complete until the shards are rewritten
+    drop(*[layout.shard_marker(s) for s in verdict.bad_shards])
+    return None
+
+
+def _rewrite_merged(layout: Layout, plan: Plan, success: dict) -> None:
+    counts, parts = _shard_counts(layout, plan)
+    fs.write_verified(layout.manifest, manifest.merge(parts))
+    fs.write_bytes(layout.success, json.dumps({**success, "counts": counts, "shards": len(plan.shards)}, indent=2,
+                                              default=str).encode())
+    log.warning("manifest.parquet and the counts in _SUCCESS.json rewritten from the shards' manifests")
+
+
+def _shard_counts(layout: Layout, plan: Plan) -> tuple[dict, list[bytes]]:
+    counts = {"input": 0, "protected": 0, "rejected": 0}
+    for shard in plan.shards:
+        stats = read_marker(layout.shard_marker(shard.id))
+        for k in counts:
+            counts[k] += stats[k]
+    return counts, [fs.read_bytes(layout.shard_manifest(s.id)) for s in plan.shards]
+
+
+def _noise_units(cfg: ProtectConfig, plan: Plan) -> list[str]:
+    return ["_classes"] if cfg.mode == "classwise" else [s.id for s in plan.shards]
+
+
+def _clean_up(cfg: ProtectConfig, layout: Layout) -> None:
+    """Delete the work dir's files (the noise state can undo the protection) unless --keep-work. A kill during it
+    is finished by the next rerun, which finds the release complete and comes here again."""
+    if cfg.keep_work:
+        return
+    record = _read_json(layout.run_record) or {}
+    layout.remove_work(created=bool(record.get("work_dir_created")))
 
 
 def _record_error(layout: Layout, exc: BaseException) -> None:
@@ -219,31 +320,64 @@ class Run:
             history.append(marker)
             r += 1
 
-    def _restore(self, r: int) -> None:
-        """Every worker loads round r's surrogate checkpoint (the same weights everywhere)."""
-        ckpt = pool.put(fs.read_bytes(self.layout.checkpoint(r)))
-        pool.get_all([w.restore.remote(ckpt) for w in self.workers])
+    @staticmethod
+    def check_round_state(layout: Layout, chash: str, r: int, units: list[str]) -> tuple[bytes, dict[str, bytes]]:
+        """Round r's checkpoint and every noise unit's state, each checked against its marker's sha256;
+        ``DamagedUnit`` names the first that is missing or damaged."""
+        ckpt = load_checked(layout.checkpoint(r), layout.train_marker(r), chash)
+        return ckpt, {u: load_checked(layout.noise_state(r, u), layout.noise_marker(r, u), chash) for u in units}
 
-    def _load_noise(self, r: int, units) -> None:
-        """Committed noise state of round r back into the workers: a shard's to its owner, the class noise to all."""
+    def _send_checkpoint(self, ckpt: bytes) -> None:
+        """Every worker loads the surrogate checkpoint (the same weights everywhere)."""
+        ref = pool.put(ckpt)
+        pool.get_all([w.restore.remote(ref) for w in self.workers])
+
+    def _send_noise(self, states: dict[str, bytes]) -> None:
+        """Checked noise state back into the workers: a shard's to its owner, the class noise to all."""
         refs = []
-        for unit in units:
-            state = pool.put(fs.read_bytes(self.layout.noise_state(r, unit)))
+        for unit, data in states.items():
+            state = pool.put(data)
             if unit == "_classes":
                 refs += [w.load_noise_state.remote(None, state) for w in self.workers]
             else:
                 refs.append(self.workers[self.owner[unit]].load_noise_state.remote(unit, state))
         pool.get_all(refs)
 
+    def _drop_rounds_from(self, r: int) -> None:
+        """Round r and every later round are no longer finished: their records go (their checked units stay)."""
+        later = [int(n.split("-")[1]) for n in fs.listdir(self.layout.work) if ROUND_DIR.fullmatch(n)]
+        drop(*[self.layout.round_marker(k) for k in sorted(set(later) | {r}) if k >= r])
+
+    def _dropped(self, exc: DamagedUnit, r: int) -> None:
+        """A damaged unit of round r: its marker goes, so the unit is recomputed (never loaded)."""
+        layout = self.layout
+        marker = {layout.checkpoint(r): layout.train_marker(r)}.get(exc.url)
+        if marker is None:
+            marker = exc.url[: -len(".pt")] + ".json"  # a noise state's marker sits beside it
+        log.warning("%s; recomputing it", exc)
+        drop(marker)
+
     def rounds(self) -> None:
         cfg, layout = self.cfg, self.layout
         self.history = self._finished_rounds()
         clean_ref = (_read_json(layout.probe_record) or {}).get("probe_clean_accuracy")
-        last = len(self.history) - 1
-        if last >= 0:
+        # Resume from the last finished round whose state checks out; a damaged unit sends the run back a round
+        # (its marker dropped, recomputed from the round before), as far back as round 0 from scratch. Nothing
+        # reaches the workers before the whole round has checked out.
+        while self.history:
+            last = len(self.history) - 1
+            try:
+                ckpt, states = self.check_round_state(layout, self.chash, last, self._noise_units())
+            except DamagedUnit as exc:
+                self._dropped(exc, last)
+                self._drop_rounds_from(last)
+                self.history.pop()
+                continue
             log.info("resuming after round %d", last)
-            self._restore(last)
-            self._load_noise(last, self._noise_units())
+            self._send_checkpoint(ckpt)
+            self._send_noise(states)
+            break
+        last = len(self.history) - 1
         if self.history and self.history[-1]["stop"]:
             return
         bar = tqdm(range(last + 1, cfg.max_rounds), desc="rounds", unit="round", file=sys.stderr,
@@ -262,7 +396,20 @@ class Run:
             self.history[-1] = {**self.history[-1], "probe": self._probe(clean_ref)}
 
     def _noise_units(self) -> list[str]:
-        return ["_classes"] if self.cfg.mode == "classwise" else [s.id for s in self.plan.shards]
+        return _noise_units(self.cfg, self.plan)
+
+    def _checked_units(self, r: int, units: list[str]) -> dict[str, bytes]:
+        """The state of round r's units that are done and check out; a damaged one's marker is dropped."""
+        states = {}
+        for unit in units:
+            if not is_done(self.layout.noise_marker(r, unit), self.chash):
+                continue
+            try:
+                states[unit] = load_checked(self.layout.noise_state(r, unit), self.layout.noise_marker(r, unit),
+                                            self.chash)
+            except DamagedUnit as exc:
+                self._dropped(exc, r)
+        return states
 
     def _round(self, r: int, clean_ref: float | None, final: bool) -> dict:
         cfg, layout = self.cfg, self.layout
@@ -271,15 +418,21 @@ class Run:
         # Stage 1: training, data-parallel over the pool. Its checkpoint is the unit's output, so a resumed round
         # never retrains.
         t0 = time.perf_counter()
+        trained = None
         if is_done(layout.train_marker(r), self.chash):
-            self._restore(r)
+            try:
+                trained = load_checked(layout.checkpoint(r), layout.train_marker(r), self.chash)
+            except DamagedUnit as exc:
+                self._dropped(exc, r)
+        if trained is not None:
+            self._send_checkpoint(trained)
         else:
             self._attempt("train", r)
             results = pool.get_all([w.train_stage.remote(r) for w in self.workers])
             record["train"] = {"loss": sum(x["loss"] for x in results) / len(results),
                                "seconds": max(x["seconds"] for x in results)}
-            fs.write_verified(layout.checkpoint(r), pool.get(self.workers[0].checkpoint.remote()))
-            write_marker(layout.train_marker(r), self.chash, **record["train"])
+            commit(layout.checkpoint(r), pool.get(self.workers[0].checkpoint.remote()), layout.train_marker(r),
+                   self.chash, **record["train"])
         seconds["train"] = time.perf_counter() - t0
         log.info("round %d train: %d steps, loss %s, %.1f s", r, cfg.train_steps,
                  f"{record['train']['loss']:.4f}" if "train" in record else "(done before)", seconds["train"])
@@ -310,15 +463,16 @@ class Run:
         write_marker(layout.round_marker(r), self.chash, **record)
         old = r - KEEP_ROUNDS
         if old >= 0:  # keep the last two rounds' noise state and checkpoints; the round records stay
-            fs.remove(layout.checkpoint(old))
-            fs.remove(fs.join(layout.round_dir(old), "noise"), recursive=True)
+            layout.remove_round_state(old)
         return record
 
     def _noise_stage(self, r: int) -> int:
-        """Round r's noise update of every shard; returns the image-steps it took."""
+        """Round r's noise update of every shard; returns the image-steps it took. Units done before (a resumed
+        stage) are loaded once they check out against their markers; a damaged one is recomputed."""
+        done = self._checked_units(r, self._noise_units())
+        self._send_noise(done)
         if self.cfg.mode == "classwise":
-            if is_done(self.layout.noise_marker(r, "_classes"), self.chash):
-                self._load_noise(r, ["_classes"])
+            if done:
                 return 0
             self._attempt("noise", r, "_classes")
             image_steps = self._run_noise_queue(r, [s.id for s in self.plan.shards], commit=False)
@@ -329,8 +483,6 @@ class Run:
             pool.get_all([w.apply_class_update.remote(sums, counts) for w in self.workers])
             self._commit_noise(r, "_classes", 0)
             return image_steps
-        done = [s.id for s in self.plan.shards if is_done(self.layout.noise_marker(r, s.id), self.chash)]
-        self._load_noise(r, done)
         return self._run_noise_queue(r, [s.id for s in self.plan.shards if s.id not in done], commit=True)
 
     def _run_noise_queue(self, r: int, shard_ids: list[str], commit: bool) -> int:
@@ -340,7 +492,7 @@ class Run:
         by a guest worker goes back to its owner. The commit (storage write, read-back, marker) runs on a coordinator
         thread while the worker already computes its next shard: at 224 px a shard's state is ~150 kB an image, and
         writing it must not idle the GPU."""
-        cfg, layout = self.cfg, self.layout
+        cfg = self.cfg
         url = {s.id: s.url for s in self.plan.shards}
         queue = NoiseQueue({i: [s for s in shard_ids if self.owner[s] == i] for i in range(len(self.workers))})
         idle = list(range(len(self.workers)))
@@ -362,7 +514,7 @@ class Run:
                     if owner == i:
                         ref = self.workers[i].noise_stage.remote(shard, r)
                     else:
-                        state = layout.noise_state(r - 1, shard) if cfg.mode == "samplewise" and r > 0 else None
+                        state = self._guest_state(r, shard, owner) if cfg.mode == "samplewise" else None
                         ref = self.workers[i].noise_stage_guest.remote(shard, r, url[shard], state)
                     running[ref] = (i, shard, owner)
                 ready, _ = pool.wait(list(running))
@@ -389,6 +541,18 @@ class Run:
         pool.get_all(to_owners)
         return image_steps
 
+    def _guest_state(self, r: int, shard: str, owner: int):
+        """The noise a guest starts a shard's round r from: round r-1's committed state, checked against its marker;
+        when it does not check out, the owner's copy in memory (it waits for the owner's current shard)."""
+        if r == 0:
+            return None
+        try:
+            return pool.put(load_checked(self.layout.noise_state(r - 1, shard), self.layout.noise_marker(r - 1, shard),
+                                         self.chash))
+        except DamagedUnit as exc:
+            log.warning("%s; the guest takes the owner's copy", exc)
+            return self.workers[owner].noise_state.remote(shard)
+
     def _commit_noise(self, r: int, unit: str, worker: int) -> bytes:
         """Noise state first, verified; its marker last. Returns the state."""
         shard = None if unit == "_classes" else unit
@@ -396,8 +560,7 @@ class Run:
 
     def _commit_state(self, r: int, unit: str, state_ref) -> bytes:
         state = pool.get(state_ref)
-        sha = fs.write_verified(self.layout.noise_state(r, unit), state)
-        write_marker(self.layout.noise_marker(r, unit), self.chash, sha256=sha)
+        commit(self.layout.noise_state(r, unit), state, self.layout.noise_marker(r, unit), self.chash)
         return state
 
     def _probe(self, clean_ref: float | None) -> dict:
@@ -425,6 +588,13 @@ class Run:
         t0 = time.perf_counter()
         layout = self.layout
         todo = {i: collections.deque() for i in range(len(self.workers))}
+        # Shards released by an earlier coordinator are checked against their markers first: one changed or lost
+        # since then is released again (the state to do so is here).
+        earlier = [s.id for s in self.plan.shards if is_done(layout.shard_marker(s.id), self.chash)]
+        damaged = verify_shards(layout.output, earlier, self.chash, bound=int(round(self.cfg.eps * 255)))
+        if damaged:
+            log.warning("released shard(s) changed since they were written, released again: %s", ", ".join(damaged))
+            drop(*[layout.shard_marker(s) for s in damaged])
         for shard in self.plan.shards:
             if not is_done(layout.shard_marker(shard.id), self.chash):
                 todo[self.owner[shard.id]].append(shard.id)
@@ -445,13 +615,8 @@ class Run:
                 done += 1
                 log.info("export: %d/%d shards written (%s: %d protected, %d rejected)", done, total, shard,
                          stats["protected"], stats["rejected"])
-        self.counts = {"input": 0, "protected": 0, "rejected": 0}
-        for shard in self.plan.shards:
-            stats = read_marker(layout.shard_marker(shard.id))
-            for k in self.counts:
-                self.counts[k] += stats[k]
-        merged = manifest.merge([fs.read_bytes(layout.shard_manifest(s.id)) for s in self.plan.shards])
-        fs.write_verified(layout.manifest, merged)
+        self.counts, parts = _shard_counts(layout, self.plan)
+        fs.write_verified(layout.manifest, manifest.merge(parts))
         self.timings["export"] += time.perf_counter() - t0
 
     def finish(self, t_start: float) -> RunResult:
@@ -477,6 +642,7 @@ class Run:
             "surrogate_error": final["error"],
             "protection": protection,
             "counts": self.counts,
+            "shards": len(self.plan.shards),
             "history": [{"round": h["round"], "error": h["error"], "image_steps": h.get("image_steps", 0),
                          "probe_accuracy": h["probe"]["probe_accuracy"] if h.get("probe") else None}
                         for h in self.history],
@@ -486,8 +652,7 @@ class Run:
         }
         # _SUCCESS.json is written last of all: its presence means the release is complete.
         fs.write_bytes(layout.success, json.dumps(success, indent=2, default=str).encode())
-        if not cfg.keep_work:
-            fs.remove(layout.work, recursive=True)
+        _clean_up(cfg, layout)
         if protection["holds"]:
             log.info("release complete: %d protected, %d rejected; probe %.1f%% <= threshold %.1f%% (chance %.1f%%)",
                      self.counts["protected"], self.counts["rejected"], 100 * protection["probe_accuracy"],

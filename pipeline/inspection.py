@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import tarfile
+from dataclasses import dataclass
 
 from pipeline.plan import Plan
 from pipeline.samples import REPEATED_KEY_ERROR
@@ -71,41 +72,86 @@ def status(output: str, work_dir: str | None = None) -> dict:
     return out
 
 
-def verify(output: str) -> tuple[bool, list[str], dict]:
-    """Check every shard against its marker and manifest: sizes, hashes, keys, the L-inf bound, counts.
+@dataclass
+class Verdict:
+    """What ``verify`` found: ``problems`` (one line each), the shards whose files are damaged or missing, and a
+    summary of counts."""
 
-    Returns (ok, problems, summary).
-    """
+    problems: list[str]
+    bad_shards: list[str]
+    summary: dict
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
+    """Check every shard against its marker and manifest (sizes, hashes, keys, the L-inf bound, counts) and every
+    row of ``manifest.parquet`` against its shard's manifest. ``shard_ids`` (a run's plan) names the shards the
+    release must hold; without it, the shards are those that have a marker or rows in ``manifest.parquet``."""
     output = fs.strip_url(output)
     layout = Layout(output, output + ".work")  # only OUTPUT is read
-    problems: list[str] = []
     success = _json(layout.success)
     if success is None:
-        return False, [f"{layout.success} missing: the release is not complete"], {}
+        return Verdict([f"{layout.success} missing or unreadable: the release is not complete"], [], {})
+    problems: list[str] = []
     eps = float(success["config"]["eps"])
     bound = int(round(eps * 255))
     names = fs.listdir(output)
-    shards = sorted(n[: -len("_stats.json")] for n in names if n.endswith("_stats.json"))
-    allowed = {"manifest.parquet", "_SUCCESS.json"} | {f"{s}{x}" for s in shards for x in (".tar", ".parquet",
-                                                                                            "_stats.json")}
+    try:
+        merged = manifest.from_parquet(fs.read_bytes(layout.manifest)).to_pylist()
+    except FileNotFoundError:
+        merged = None
+        problems.append("manifest.parquet missing")
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+        merged = None
+        problems.append(f"manifest.parquet unreadable ({type(exc).__name__})")
+    if shard_ids is None:
+        shard_ids = sorted({n[: -len("_stats.json")] for n in names if n.endswith("_stats.json")}
+                           | {r["shard"] for r in merged or []})
+    allowed = {"manifest.parquet", "_SUCCESS.json"} | {f"{s}{x}" for s in shard_ids for x in (".tar", ".parquet",
+                                                                                               "_stats.json")}
     problems += [f"unexpected object in the release: {n}" for n in names if n not in allowed]
     totals = {"input": 0, "protected": 0, "rejected": 0}
-    merged_rows = 0
-    for shard in shards:
-        problems += _verify_shard(layout, shard, success["config_hash"], bound, totals)
-    try:
-        merged = manifest.from_parquet(fs.read_bytes(layout.manifest))
-        merged_rows = merged.num_rows
-        if merged_rows != totals["input"]:
-            problems.append(f"manifest.parquet has {merged_rows} rows, the shards {totals['input']}")
-    except FileNotFoundError:
-        problems.append("manifest.parquet missing")
+    shard_rows: dict[str, list[dict]] = {}
+    bad = []
+    for shard in shard_ids:
+        found = _verify_shard(layout, shard, success["config_hash"], bound, totals, shard_rows)
+        if found:
+            bad.append(shard)
+            problems += found
+    if "shards" in success and success["shards"] != len(shard_ids):
+        problems.append(f"_SUCCESS.json says {success['shards']} shards, the release holds {len(shard_ids)}")
+    if merged is not None:
+        problems += _verify_merged(merged, shard_rows, shard_ids)
     if success["counts"] != totals:
         problems.append(f"_SUCCESS.json counts {success['counts']} differ from the shards' {totals}")
-    return not problems, problems, {"shards": len(shards), **totals, "linf_bound": bound}
+    return Verdict(problems, bad, {"shards": len(shard_ids), **totals, "linf_bound": bound})
 
 
-def _verify_shard(layout: Layout, shard: str, chash: str, bound: int, totals: dict) -> list[str]:
+def verify_shards(output: str, shard_ids: list[str], chash: str, bound: int) -> list[str]:
+    """The shards among ``shard_ids`` whose release files do not match their markers and manifests."""
+    layout = Layout(fs.strip_url(output), "")
+    return [s for s in shard_ids if _verify_shard(layout, s, chash, bound, {"input": 0, "protected": 0, "rejected": 0},
+                                                  {})]
+
+
+def _verify_merged(merged: list[dict], shard_rows: dict[str, list[dict]], shard_ids: list[str]) -> list[str]:
+    """Every row of the merged manifest equals its shard's row, field for field, in the shards' order."""
+    expected = [row for shard in shard_ids for row in shard_rows.get(shard, [])]
+    if len(merged) != len(expected):
+        return [f"manifest.parquet has {len(merged)} rows, the shards {len(expected)}"]
+    for i, (got, want) in enumerate(zip(merged, expected)):
+        if got != want:
+            fields = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+            return [f"manifest.parquet row {i} (key {want.get('key')!r}, shard {want.get('shard')}) differs from "
+                    f"its shard's manifest in: {', '.join(fields)}"]
+    return []
+
+
+def _verify_shard(layout: Layout, shard: str, chash: str, bound: int, totals: dict,
+                  shard_rows: dict[str, list[dict]]) -> list[str]:
     problems = []
     marker = read_marker(layout.shard_marker(shard)) or {}
     if marker.get("config_hash") != chash:
@@ -115,24 +161,32 @@ def _verify_shard(layout: Layout, shard: str, chash: str, bound: int, totals: di
         man_bytes = fs.read_bytes(layout.shard_manifest(shard))
     except FileNotFoundError as exc:
         return [f"{shard}: {exc}"]
-    if len(tar_bytes) != marker["tar_bytes"] or hashlib.sha256(tar_bytes).hexdigest() != marker["tar_sha256"]:
+    if len(tar_bytes) != marker.get("tar_bytes") or hashlib.sha256(tar_bytes).hexdigest() != marker.get("tar_sha256"):
         problems.append(f"{shard}.tar does not match its marker (size or sha256)")
-    if hashlib.sha256(man_bytes).hexdigest() != marker["manifest_sha256"]:
-        problems.append(f"{shard}.parquet does not match its marker")
+    if hashlib.sha256(man_bytes).hexdigest() != marker.get("manifest_sha256"):
+        return problems + [f"{shard}.parquet does not match its marker"]
     rows = manifest.from_parquet(man_bytes).to_pylist()
+    shard_rows[shard] = rows
     protected = {r["key"]: r for r in rows if r["status"] == "protected"}
     # A key may repeat only as a rejected repeat of an earlier sample; otherwise one row per key.
     first_rows = [r["key"] for r in rows if not (r["status"] == "rejected" and r["error"] == REPEATED_KEY_ERROR)]
     if len(first_rows) != len(set(first_rows)):
         problems.append(f"{shard}: a key has more than one manifest row")
+    if any(r["shard"] != shard for r in rows):
+        problems.append(f"{shard}: a manifest row names another shard")
     pngs: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
-        for info in tar:
-            key, ext = split_member_name(info.name)
-            if ext == "png":
-                if key in pngs:
-                    problems.append(f"{shard}: {key}.png appears twice")
-                pngs[key] = tar.extractfile(info).read()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+            for info in tar:
+                key, ext = split_member_name(info.name)
+                if info.name.startswith("/") or ".." in info.name:
+                    problems.append(f"{shard}: member name {info.name!r} is absolute or holds '..'")
+                if ext == "png":
+                    if key in pngs:
+                        problems.append(f"{shard}: {key}.png appears twice")
+                    pngs[key] = tar.extractfile(info).read()
+    except tarfile.TarError as exc:
+        return problems + [f"{shard}.tar unreadable: {exc}"]
     if set(pngs) != set(protected):
         problems.append(f"{shard}: tar keys and protected manifest rows differ "
                         f"({len(set(pngs) - set(protected))} extra, {len(set(protected) - set(pngs))} missing)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -15,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from ops.image import DecodedImage, ImageRejected, decode_image
 from pipeline.storage.shards import RawSample, ShardReadError
@@ -79,6 +81,25 @@ def parse_label(members: dict[str, bytes], label_key: str, num_classes: int | No
     return label
 
 
+def second_image_member(members: dict[str, bytes], image_member: str) -> str | None:
+    """The first member other than ``image_member`` that is an image: by its extension, or because Pillow
+    recognises its bytes (a ``.tif``, ``.bmp``, ``.gif`` or an image under any other name)."""
+    for ext, data in sorted(members.items()):
+        if ext == image_member:
+            continue
+        if is_image_member(ext) or _decodes_as_image(data):
+            return ext
+    return None
+
+
+def _decodes_as_image(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)):  # the header only: no pixels are decoded
+            return True
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds for "not an image"
+        return False
+
+
 def is_image_member(ext: str) -> bool:
     return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
@@ -88,8 +109,32 @@ def prepare(sample: RawSample, rules: SampleRules, seen_keys: set[str]) -> Accep
     return screen(sample, seen_keys) or decode_sample(sample, rules)
 
 
+def printable_key(key: str) -> str:
+    """The key as the manifest can hold it: a tar name that is not valid UTF-8 keeps its bytes as ``\\xNN`` escapes
+    (tarfile hands such names over with surrogate escapes, which Parquet, JSON and most readers refuse)."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unsafe_name(sample: RawSample) -> str | None:
+    """Why the sample's key or a member name must not be released, or None: a name that is absolute or holds
+    ``..`` would write outside the folder of anyone who unpacks the release; one that is not valid UTF-8 is not a
+    name the manifest, the release's readers or other tools can hold."""
+    names = [sample.key] + [f"{sample.key}.{ext}" for ext in sample.members]
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return "key or member name is not valid UTF-8"
+        if name.startswith(("/", "\\")) or ".." in name or "\0" in name:
+            return "key or member name is absolute or holds '..'"
+    return None
+
+
 def screen(sample: RawSample, seen_keys: set[str]) -> Rejected | None:
     """The part of ``prepare`` that depends on the samples before this one (runs in shard order)."""
+    unsafe = unsafe_name(sample)
+    if unsafe:
+        return Rejected(printable_key(sample.key), unsafe)
     if sample.truncated:
         return Rejected(sample.key, "sample cut off: the shard is truncated inside it")
     if sample.key in seen_keys:
@@ -106,6 +151,11 @@ def decode_sample(sample: RawSample, rules: SampleRules) -> Accepted | Rejected:
         return Rejected(sample.key, f"no image member ({wanted}); members: {sorted(sample.members)}")
     data = sample.members[member]
     sha = hashlib.sha256(data).hexdigest()
+    copy = second_image_member(sample.members, member)
+    if copy is not None:
+        # Only one image per sample is protected: another copy of the content would be released unprotected.
+        return Rejected(sample.key, f"a second member '.{copy}' decodes as an image and would be released "
+                                    f"unprotected (only '.{member}' is protected)", source_sha256=sha)
     try:
         label = parse_label(sample.members, rules.label_key, rules.num_classes)
     except ValueError as exc:

@@ -21,16 +21,23 @@ import torch.distributed as dist
 
 from ops import metrics
 from ops.engine import CONVERGED_LOSS, NoiseEngine, compile_args, to_device
-from ops.image import (DecodedImage, encode_png, match_channels, release_native, release_native_batch, resize_uint8,
-                       to_working)
+from ops.image import (
+    DecodedImage,
+    encode_png,
+    match_channels,
+    release_native,
+    release_native_batch,
+    resize_uint8,
+    to_working,
+)
 from ops.noise import apply_classwise_update, decode_noise, encode_noise, release_uint8
 from pipeline import faults
 from pipeline.config import ProtectConfig
 from pipeline.probe import probe_score
 from pipeline.samples import Rejected, SampleRules, ordered_map, prepare_each, released_members
-from pipeline.storage import fs, manifest
+from pipeline.storage import manifest
 from pipeline.storage.layout import Layout
-from pipeline.storage.markers import write_marker
+from pipeline.storage.markers import commit_files
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, read_ahead, write_tar
 from surrogates import build
 from surrogates.training import load_checkpoint, make_optimizer, predict, save_checkpoint, train_step
@@ -235,15 +242,16 @@ class RoundWorker:
         return {"shard": shard, "samples": n, "updated": updated, "image_steps": image_steps,
                 "seconds": time.perf_counter() - t0}
 
-    def noise_stage_guest(self, shard: str, round_: int, url: str, state_url: str | None) -> dict:
+    def noise_stage_guest(self, shard: str, round_: int, url: str, state: bytes | None) -> dict:
         """The noise stage of a shard another worker owns (this one was idle): load it once and keep it as a guest
-        (not trained on, checked or exported here), take its noise from the last committed state, update it."""
+        (not trained on, checked or exported here), take its noise from ``state`` (round_ - 1's, checked by the
+        coordinator; None in round 0), update it."""
         if shard not in self.shards:
             self._decode_into(shard, url, iter_samples(url))
         if self.cfg.mode == "samplewise":
             sd = self.shards[shard]
-            if state_url:
-                self.load_noise_state(shard, fs.read_bytes(state_url))
+            if state is not None:
+                self.load_noise_state(shard, state)
             else:
                 self.delta[sd.start : sd.end] = 0.0
         return {**self.noise_stage(shard, round_), "guest": True}
@@ -408,9 +416,8 @@ class RoundWorker:
                 out_samples.append(sample)
         if index != len(sd.keys):
             raise RuntimeError(f"shard {shard} changed since it was loaded: {index} of {len(sd.keys)} samples found")
-        tar_sha = fs.write_verified(layout.shard_tar(shard), write_tar(out_samples))
-        manifest_bytes = manifest.to_parquet(rows)
-        manifest_sha = fs.write_verified(layout.shard_manifest(shard), manifest_bytes)
+        tar_bytes = write_tar(out_samples)
+        manifest_bytes = manifest.to_parquet(rows, source_hash=self.cfg.manifest_source_hash)
         protected = sum(1 for r in rows if r["status"] == "protected")
         stats = {
             "shard": shard,
@@ -420,13 +427,13 @@ class RoundWorker:
             "linf_max": linf_max,
             # The unreadable rest of a shard has no keys to give rows to; the marker records the shard's fault.
             "read_error": read_error,
-            "tar_sha256": tar_sha,
-            "tar_bytes": fs.size(layout.shard_tar(shard)),
-            "manifest_sha256": manifest_sha,
+            "tar_bytes": len(tar_bytes),
             "manifest_bytes": len(manifest_bytes),
-            "seconds": round(time.perf_counter() - t0, 3),
         }
-        write_marker(layout.shard_marker(shard), config_hash, **stats)
+        files = {"tar": (layout.shard_tar(shard), tar_bytes),
+                 "manifest": (layout.shard_manifest(shard), manifest_bytes)}
+        stats.update(commit_files(files, layout.shard_marker(shard), config_hash,
+                                  seconds=round(time.perf_counter() - t0, 3), **stats))
         return stats
 
 

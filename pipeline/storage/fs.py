@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -71,15 +72,27 @@ def overlaps(a: tuple[str, str], b: tuple[str, str]) -> bool:
     return pa.startswith(pb) or pb.startswith(pa)
 
 
+# Errors that no retry or rerun can mend: the user has to change something (exit 2, not "rerun to resume").
+PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG,
+                              errno.EEXIST})
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for storage errors that a rerun cannot mend: access denied, no such bucket or file, not a directory,
+    a read-only file system. s3fs raises PermissionError for AccessDenied and FileNotFoundError for NoSuchBucket."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS
+
+
 def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5) -> T:
-    """Call ``fn`` and retry transient I/O errors (OSError, which s3fs and local I/O raise) with backoff."""
+    """Call ``fn`` and retry transient I/O errors (OSError, which s3fs and local I/O raise) with backoff; permanent
+    ones (``is_permanent``) are raised at once."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except FileNotFoundError:
-            raise
         except OSError as exc:
-            if attempt == attempts:
+            if is_permanent(exc) or attempt == attempts:
                 raise
             delay = base_delay * 2 ** (attempt - 1)
             log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, exc, attempt, attempts, delay)
@@ -142,6 +155,21 @@ def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
         retry(lambda: fs.rm(path, recursive=recursive), f"remove {url}")
+
+
+def is_file(url: str) -> bool:
+    fs, path = filesystem(url)
+    return bool(retry(lambda: fs.isfile(path), f"isfile {url}"))
+
+
+def remove_empty_dir(url: str) -> None:
+    """Remove a local folder if it is empty (object stores have no folders: nothing to do there)."""
+    if is_local(url):
+        _, path = filesystem(url)
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass  # not empty, or already gone
 
 
 def listdir(url: str) -> list[str]:

@@ -6,6 +6,7 @@ WORK holds the noise state and surrogate checkpoints, which can undo the protect
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
@@ -35,6 +36,9 @@ def check_locations(inputs: list[str], input_shards: list[str], output: str, wor
     equal or contain an input shard (the export would overwrite an original).
     """
     check_work_dir_outside(output, work)
+    for flag, url in (("--output", output), ("--work-dir", work)):
+        if fs.is_file(url):
+            raise ValueError(f"{flag} {url} is a file, not a folder")
     targets = {"--output": fs.location(output), "--work-dir": fs.location(work)}
     folders = [item for spec in inputs for item in braceexpand(spec) if not item.endswith(".tar")]
     places = [(url, "overlaps the input folder") for url in folders] + [(url, "contains the input shard")
@@ -44,6 +48,10 @@ def check_locations(inputs: list[str], input_shards: list[str], output: str, wor
         for flag, target in targets.items():
             if fs.overlaps(where, target):
                 raise ValueError(f"{flag} {what} {url}: the originals must never be touched")
+
+
+ROUND_DIR = re.compile(r"round-[0-9]{4}")
+TEMP_PREFIX = ".tmp-"  # fs.write_bytes's temp files: a killed write leaves one behind
 
 
 @dataclass(frozen=True)
@@ -112,3 +120,63 @@ class Layout:
 
     def round_marker(self, r: int) -> str:
         return fs.join(self.round_dir(r), "round.json")
+
+    # Clean-up: only files a run wrote, by name; only folders it created.
+    def round_files(self, r: int) -> list[str]:
+        """Round r's checkpoint and noise state (what can undo the protection), with the noise markers: every file
+        of the round's ``noise`` folder is a run's (state, marker, or a killed write's temp file)."""
+        noise = fs.join(self.round_dir(r), "noise")
+        names = [n for n in fs.listdir(noise) if n.endswith((".pt", ".json")) or n.startswith(TEMP_PREFIX)]
+        return [self.checkpoint(r)] + [fs.join(noise, n) for n in names]
+
+    def remove_round_state(self, r: int) -> None:
+        for url in self.round_files(r):
+            fs.remove(url)
+        fs.remove_empty_dir(fs.join(self.round_dir(r), "noise"))
+
+    def remove_work(self, created: bool) -> None:
+        """Delete every file of the work dir that a run writes, by name, the run record last; then the folders
+        runs create, and the work dir itself only when the run created it and nothing else is left in it."""
+        names = fs.listdir(self.work)
+        for name in names:
+            if not ROUND_DIR.fullmatch(name):
+                continue
+            r = int(name.split("-")[1])
+            self.remove_round_state(r)
+            folder = self.round_dir(r)
+            for url in (self.train_marker(r), self.round_marker(r)):
+                fs.remove(url)
+            for n in fs.listdir(folder):
+                if n.startswith(TEMP_PREFIX):
+                    fs.remove(fs.join(folder, n))
+            fs.remove_empty_dir(folder)
+        for n in fs.listdir(self.attempts):
+            if ATTEMPT_NAME.fullmatch(n) or n.startswith(TEMP_PREFIX):
+                fs.remove(fs.join(self.attempts, n))
+        fs.remove_empty_dir(self.attempts)
+        for url in (self.plan, self.probe_record, self.last_error, self.lease):
+            fs.remove(url)
+        for n in names:
+            if n.startswith(TEMP_PREFIX):
+                fs.remove(fs.join(self.work, n))
+        fs.remove(self.run_record)  # last: it records whether the run created the work dir
+        if created:
+            fs.remove_empty_dir(self.work)
+
+    def remove_release(self, shard_ids: list[str]) -> None:
+        """--overwrite: delete the release files of these shards and of every shard with a marker in OUTPUT, the
+        merged manifest and ``_SUCCESS.json`` (first: the release is no longer complete); nothing else."""
+        fs.remove(self.success)
+        names = fs.listdir(self.output)
+        ids = set(shard_ids) | {n[: -len("_stats.json")] for n in names if n.endswith("_stats.json")}
+        for shard in sorted(ids):
+            for url in (self.shard_marker(shard), self.shard_tar(shard), self.shard_manifest(shard)):
+                fs.remove(url)
+        fs.remove(self.manifest)
+        for n in names:
+            if n.startswith(TEMP_PREFIX):
+                fs.remove(fs.join(self.output, n))
+
+
+# The attempt log's names (coordinator._attempt): unit, round, shard, a nanosecond clock.
+ATTEMPT_NAME = re.compile(r"(train|noise|check|export|probe)-r[0-9]*-.*-[0-9]+\.json")

@@ -1,4 +1,8 @@
-"""Per-sample manifests (Parquet): one row per input sample, ``protected`` or ``rejected`` with its error."""
+"""Per-sample manifests (Parquet): one row per input sample, ``protected`` or ``rejected`` with its error.
+
+``source_sha256`` (a hash of each original) is written only when the run asks for it (``--manifest-source-hash``):
+a public hash of every original lets anyone confirm a guessed original.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = SCHEMA.names
+PUBLIC_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "source_sha256"])
 
 
 def row(key: str, shard: str, status: str, **fields) -> dict:
@@ -36,8 +41,9 @@ def row(key: str, shard: str, status: str, **fields) -> dict:
     return out
 
 
-def to_parquet(rows: list[dict]) -> bytes:
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+def to_parquet(rows: list[dict], source_hash: bool = False) -> bytes:
+    schema = SCHEMA if source_hash else PUBLIC_SCHEMA
+    table = pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
@@ -49,8 +55,10 @@ def from_parquet(data: bytes) -> pa.Table:
 
 def merge(parts: list[bytes]) -> bytes:
     """One manifest of all shards' rows, in the order given (the plan's shard order)."""
-    tables = [from_parquet(p).cast(SCHEMA) for p in parts]
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    tables = [from_parquet(p) for p in parts]
+    schema = SCHEMA if any("source_sha256" in t.column_names for t in tables) else PUBLIC_SCHEMA
+    tables = [t.cast(schema) for t in tables]
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()

@@ -13,7 +13,6 @@ import shutil
 import time
 
 import pytest
-
 from conftest import run_cli
 
 # Two rounds always (stop-error 0 is never met before the last round); small work so that many runs fit.
@@ -172,3 +171,110 @@ def test_verify_catches_a_tampered_release(reference, tmp_path):
     assert proc.returncode == 1
     text = proc.stdout + proc.stderr
     assert "train-000001.tar does not match its marker" in text and "unexpected object" in text
+
+
+# ---------------------------------------------------------------------------------------------------- state is checked
+
+
+def _overwrite(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_damaged_noise_state_and_truncated_checkpoint_are_recomputed_never_loaded(reference, tmp_path):
+    """Killed as the export starts (every round finished); then 64 bytes of a committed noise state are overwritten,
+    another noise state and the last checkpoint are truncated. The rerun checks each against its marker's sha256,
+    recomputes the three units from the round before, and releases the uninterrupted run's bytes."""
+    out = str(tmp_path / "release")
+    proc = _protect(reference["train"], out, fault="coordinator:export::train-000000")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    round1 = os.path.join(out + ".work", "round-0001")
+    _overwrite(os.path.join(round1, "noise", "train-000000.pt"), 600, b"\x07" * 64)
+    os.truncate(os.path.join(round1, "noise", "train-000002.pt"), 500)
+    os.truncate(os.path.join(round1, "surrogate.pt"), 1000)
+    proc = _protect(reference["train"], out)
+    assert proc.returncode == reference["code"], proc.stderr[-3000:]
+    assert proc.stderr.count("sha256 differs from its marker") == 3, proc.stderr[-3000:]
+    assert "resuming after round 0" in proc.stderr
+    assert _tars(out) == reference["tars"]
+    _verify(out)
+
+
+def test_a_rerun_of_a_finished_run_repairs_a_lost_shard_from_the_kept_state(reference, tmp_path):
+    out = str(tmp_path / "release")
+    shutil.copytree(reference["out"], out)
+    shutil.copytree(reference["out"] + ".work", out + ".work")
+    os.remove(os.path.join(out, "train-000001.tar"))
+    assert run_cli("verify", out).returncode == 1
+    proc = _protect(reference["train"], out)
+    assert proc.returncode == reference["code"], proc.stderr[-3000:]
+    assert "rewriting 1 damaged shard(s) from the kept state: train-000001" in proc.stderr
+    assert _tars(out) == reference["tars"]
+    _verify(out)
+    # Without the kept state nothing can rewrite it: exit 2, one line naming the shard and the ways out.
+    shutil.rmtree(out + ".work")
+    os.remove(os.path.join(out, "train-000001.tar"))
+    proc = _protect(reference["train"], out)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "train-000001" in last and "--overwrite" in last and "Traceback" not in proc.stderr
+    assert not os.path.exists(out + ".work")  # the refused rerun left nothing behind
+
+
+def test_verify_checks_every_merged_manifest_row_and_a_rerun_rewrites_a_forged_manifest(reference, tmp_path):
+    """Forged rows in manifest.parquet, the row count kept: verify names the row; the rerun rebuilds the merged
+    manifest from the shards' manifests (which their markers vouch for)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path / "release")
+    shutil.copytree(reference["out"], out)
+    shutil.copytree(reference["out"] + ".work", out + ".work")
+    path = os.path.join(out, "manifest.parquet")
+    original = open(path, "rb").read()
+    table = pq.read_table(path)
+    assert "source_sha256" not in table.column_names  # no input hashes unless asked for
+    rows = table.to_pylist()
+    rows[7] = {**rows[7], "linf": 200, "output_sha256": "0" * 64}
+    rows[8] = {**rows[8], "key": "forged", "status": "rejected"}
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    proc = run_cli("verify", out)
+    assert proc.returncode == 1 and "manifest.parquet row 7" in proc.stdout, proc.stdout
+    proc = _protect(reference["train"], out)
+    assert proc.returncode == reference["code"], proc.stderr[-3000:]
+    assert open(path, "rb").read() == original
+    _verify(out)
+
+
+def test_a_finished_run_whose_clean_up_was_cut_short_is_cleaned_by_the_rerun_and_nothing_is_left(reference, tmp_path):
+    """The state a kill between _SUCCESS.json and the clean-up leaves: the release and a full work dir. A rerun
+    without --keep-work verifies the release, deletes the work dir's files (the noise can undo the protection),
+    and a further rerun does not create a work dir again."""
+    out = str(tmp_path / "release")
+    shutil.copytree(reference["out"], out)
+    shutil.copytree(reference["out"] + ".work", out + ".work")
+    args = [a for a in ARGS if a != "--keep-work"]
+    for _ in range(2):
+        proc = run_cli("protect", "--input", reference["train"], "--output", out, *args)
+        assert proc.returncode == reference["code"], proc.stderr[-3000:]
+        assert not os.path.exists(out + ".work")
+    assert _tars(out) == reference["tars"]
+    _verify(out)
+
+
+def test_clean_up_deletes_only_the_files_a_run_wrote(reference, tmp_path):
+    """A work dir the user already had (their own files in it) keeps those files and itself."""
+    out, work = str(tmp_path / "release"), str(tmp_path / "mine")
+    shutil.copytree(reference["out"], out)
+    shutil.copytree(reference["out"] + ".work", work)
+    run = json.load(open(os.path.join(work, "run.json")))
+    run["work_dir_created"] = False
+    open(os.path.join(work, "run.json"), "w").write(json.dumps(run))
+    open(os.path.join(work, "notes.txt"), "w").write("mine")
+    os.makedirs(os.path.join(work, "round-0001", "mine"))
+    args = [a for a in ARGS if a != "--keep-work"]
+    proc = run_cli("protect", "--input", reference["train"], "--output", out, "--work-dir", work, *args)
+    assert proc.returncode == reference["code"], proc.stderr[-3000:]
+    left = sorted(os.path.relpath(os.path.join(d, n), work) for d, dirs, files in os.walk(work) for n in dirs + files)
+    assert left == ["notes.txt", "round-0001", os.path.join("round-0001", "mine")]

@@ -141,3 +141,29 @@ def test_output_inside_a_folder_named_by_a_brace_pattern_is_refused(capsys, corp
     pattern = os.path.join(os.path.dirname(corpus), "{in,more}")
     line = _refused(capsys, corpus, "--input", pattern, "--output", os.path.join(corpus, "protected"))
     assert "input folder" in line
+
+
+# ---------------------------------------------------------------------------------------------------- exit statuses
+
+
+@pytest.mark.parametrize("resolution", ["1", "2"])
+def test_a_working_resolution_no_surrogate_can_take_is_refused_in_one_line(capsys, corpus, tmp_path, resolution):
+    line = _refused(capsys, corpus, "--input", corpus, "--output", str(tmp_path / "out"), "--resolution", resolution)
+    assert "--resolution must be at least 8" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
+
+
+def test_an_output_that_is_a_file_is_refused(capsys, corpus, tmp_path):
+    target = tmp_path / "release.txt"
+    target.write_bytes(b"not a folder")
+    line = _refused(capsys, corpus, "--input", corpus, "--output", str(target))
+    assert "is a file, not a folder" in line
+    assert target.read_bytes() == b"not a folder"
+
+
+def test_an_output_below_a_file_is_a_permanent_storage_error_not_rerun_to_resume(capsys, corpus, tmp_path):
+    target = tmp_path / "release.txt"
+    target.write_bytes(b"not a folder")
+    line = _refused(capsys, corpus, "--input", corpus, "--output", str(target / "out"))
+    assert "NotADirectoryError" in line and "rerun the same command" not in line
+    assert target.read_bytes() == b"not a folder"

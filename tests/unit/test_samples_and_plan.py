@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -159,7 +160,7 @@ def test_prepare_rejects_a_repeated_key_and_accepts_the_first():
 
 
 def test_prepare_image_key_selects_the_member():
-    members = {"png": _img_bytes("L"), "seg.png": _img_bytes("RGB", (3, 2)), "cls": b"2"}
+    members = {"seg.png": _img_bytes("RGB", (3, 2)), "cls": b"2"}
     result = prepare(RawSample("k", members), _rules(image_key="seg.png"), set())
     assert isinstance(result, Accepted)
     assert result.image_member == "seg.png"
@@ -496,3 +497,43 @@ def test_a_label_too_large_for_any_model_is_rejected_without_num_classes():
     with pytest.raises(ValueError, match="out of range"):
         parse_label({"cls": b"1000000000000"}, "cls", None)
     assert parse_label({"cls": b"999999\n"}, "cls", None) == 999999
+
+
+# ---------------------------------------------------------------------------------------------------- hostile samples
+
+
+@pytest.mark.parametrize("fmt,ext", [("TIFF", "tif"), ("BMP", "bmp"), ("GIF", "gif"), ("PNG", "jpg"), ("PNG", "bin")])
+def test_a_second_image_member_rejects_the_sample_instead_of_releasing_it_unprotected(fmt, ext):
+    """A ``.png`` with a copy of the image under any other member: the copy would be released as it is."""
+    copy = _img_bytes("RGB", (6, 5), fmt=fmt)
+    result = prepare(RawSample("k", {"png": _img_bytes("RGB"), ext: copy, "cls": b"2"}), _rules(), set())
+    assert isinstance(result, Rejected)
+    assert f"second member '.{ext}' decodes as an image" in result.error and "unprotected" in result.error
+
+
+def test_text_members_beside_the_image_are_not_taken_for_images():
+    members = {"png": _img_bytes(), "cls": b"2", "txt": b"a caption", "json": b'{"label": 2}'}
+    assert isinstance(prepare(RawSample("k", members), _rules(), set()), Accepted)
+
+
+@pytest.mark.parametrize("key", ["../../evil", "/abs/evil2", "a/../../b", "..", "\\\\server\\share"])
+def test_keys_that_escape_the_folder_of_whoever_unpacks_the_release_are_rejected(key):
+    result = prepare(RawSample(key, {"png": _img_bytes(), "cls": b"2"}), _rules(), set())
+    assert isinstance(result, Rejected) and "absolute or holds '..'" in result.error
+
+
+def test_a_member_name_that_is_not_utf8_is_rejected_with_a_printable_key(tmp_path):
+    """tarfile hands a non-UTF-8 name over with surrogate escapes, which no manifest can hold: one row, rejected."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in ((b"bad\xff.png", _img_bytes()), (b"bad\xff.cls", b"2"), (b"good.png", _img_bytes()),
+                           (b"good.cls", b"2")):
+            info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "s.tar"
+    path.write_bytes(buf.getvalue())
+    results = [r for _, r in prepare_each(iter_samples(str(path)), _rules(), 1)]
+    assert [type(r).__name__ for r in results] == ["Rejected", "Accepted"]
+    assert results[0].key == "bad\\xff" and "not valid UTF-8" in results[0].error
+    results[0].key.encode("utf-8")  # the manifest can hold it

@@ -20,8 +20,8 @@ from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, sha
 
 DESIGN_COLUMNS = [
     "key", "shard", "status", "error", "label", "width", "height",
-    "source_sha256", "output_sha256", "output_member", "linf", "l2", "psnr",
-]
+    "output_sha256", "output_member", "linf", "l2", "psnr",
+]  # and source_sha256 after height, only when the run asks for it (--manifest-source-hash)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -386,11 +386,11 @@ def _rows() -> list[dict]:
 
 
 def test_manifest_round_trip_with_design_columns_in_order(tmp_path):
-    assert manifest.COLUMNS == DESIGN_COLUMNS
+    assert manifest.PUBLIC_SCHEMA.names == DESIGN_COLUMNS
     data = manifest.to_parquet(_rows())
     table = manifest.from_parquet(data)
     assert table.column_names == DESIGN_COLUMNS
-    assert table.to_pylist() == _rows()
+    assert table.to_pylist() == [{k: v for k, v in r.items() if k != "source_sha256"} for r in _rows()]
     # readable by plain pyarrow from a file
     path = _write(tmp_path / "shard-a.parquet", data)
     plain = pq.read_table(path)
@@ -406,9 +406,19 @@ def test_manifest_row_rejects_unknown_columns():
         manifest.row("k", "s", "protected", bogus=1)
 
 
+def test_manifest_holds_source_hashes_only_when_asked():
+    rows = [manifest.row("k", "s", "rejected", error="x", source_sha256="ab" * 32)]
+    assert "source_sha256" not in manifest.from_parquet(manifest.to_parquet(rows)).column_names
+    table = manifest.from_parquet(manifest.to_parquet(rows, source_hash=True))
+    assert table.column_names == DESIGN_COLUMNS[:7] + ["source_sha256"] + DESIGN_COLUMNS[7:]
+    assert table.column("source_sha256").to_pylist() == ["ab" * 32]
+    merged = manifest.from_parquet(manifest.merge([manifest.to_parquet(rows, source_hash=True)] * 2))
+    assert merged.column("source_sha256").to_pylist() == ["ab" * 32] * 2
+
+
 def test_manifest_row_fills_missing_columns_with_none():
     r = manifest.row("k", "s", "rejected", error="x")
-    assert list(r) == DESIGN_COLUMNS
+    assert list(r) == manifest.COLUMNS
     assert r["label"] is None and r["error"] == "x"
 
 
