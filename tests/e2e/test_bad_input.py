@@ -76,6 +76,29 @@ def _odd_samples() -> tuple[list[RawSample], dict[str, tuple[str, str]]]:
     return s, want
 
 
+def _hostile_shard() -> tuple[bytes, dict[str, str]]:
+    """Names that escape the folder of whoever unpacks the release, a name that is not UTF-8, and images with an
+    unprotected copy beside them: (tar bytes, expected error text per manifest key). One good sample."""
+    img = _encode(_pattern("RGB", (28, 28)))
+    members = [("../../evil.png", img), ("../../evil.cls", b"3"), ("/abs/evil2.png", img), ("/abs/evil2.cls", b"3"),
+               (b"bad\xff.png".decode("utf-8", "surrogateescape"), img),
+               (b"bad\xff.cls".decode("utf-8", "surrogateescape"), b"3")]
+    for fmt, ext in (("TIFF", "tif"), ("BMP", "bmp"), ("GIF", "gif")):
+        members += [(f"copy{ext}.png", img), (f"copy{ext}.{ext}", _encode(_pattern("RGB", (28, 28)), fmt)),
+                    (f"copy{ext}.cls", b"3")]
+    members += [("fine.png", img), ("fine.cls", b"3")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    want = {"../../evil": "absolute or holds '..'", "/abs/evil2": "absolute or holds '..'",
+            "bad\\xff": "not valid UTF-8", "copytif": "'.tif' decodes as an image",
+            "copybmp": "'.bmp' decodes as an image", "copygif": "'.gif' decodes as an image"}
+    return buf.getvalue(), want
+
+
 def _truncated_shard(good: list[RawSample]) -> tuple[bytes, list[str], str]:
     """Five good samples, cut off inside the fourth one's image: (bytes, keys before the cut, the cut key)."""
     data = write_tar(good[:5])
@@ -100,12 +123,15 @@ def wild_run(mnist_small, tmp_path_factory):
     (corpus / "odd-000000.tar").write_bytes(write_tar(odd))
     truncated, before, cut = _truncated_shard(good)
     (corpus / "cut-000000.tar").write_bytes(truncated)
+    hostile, hostile_want = _hostile_shard()
+    (corpus / "hostile-000000.tar").write_bytes(hostile)
     (corpus / "zero-000000.tar").write_bytes(b"")
     (corpus / "empty-000000.tar").write_bytes(write_tar([]))
     out = str(root / "release")
     proc = run_cli("protect", "--input", str(corpus), "--output", out, *ARGS)
     rows = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist() if proc.returncode in (0, 4) else []
-    return {"proc": proc, "out": out, "want": want, "before": before, "cut": cut, "odd": odd, "rows": rows}
+    return {"proc": proc, "out": out, "want": want, "before": before, "cut": cut, "odd": odd, "rows": rows,
+            "hostile": hostile_want}
 
 
 def test_the_run_completes_and_verify_passes(wild_run):
@@ -120,7 +146,8 @@ def test_every_input_sample_has_exactly_one_row_with_the_expected_outcome(wild_r
     by_shard: dict[str, list[dict]] = {}
     for r in rows:
         by_shard.setdefault(r["shard"], []).append(r)
-    assert sorted(by_shard) == ["cut-000000", "good-000000", "odd-000000"]  # the zero-byte and empty shards hold none
+    # the zero-byte and empty shards hold none
+    assert sorted(by_shard) == ["cut-000000", "good-000000", "hostile-000000", "odd-000000"]
     assert len(by_shard["good-000000"]) == 100 and {r["status"] for r in by_shard["good-000000"]} == {"protected"}
     odd = by_shard["odd-000000"]
     assert [r["key"] for r in odd] == [s.key for s in wild_run["odd"]]  # one row per input sample, in order
@@ -145,7 +172,7 @@ def test_counts_add_up_and_shard_faults_are_recorded(wild_run):
     success = json.load(open(os.path.join(out, "_SUCCESS.json")))
     protected = sum(r["status"] == "protected" for r in rows)
     assert success["counts"] == {"input": len(rows), "protected": protected, "rejected": len(rows) - protected}
-    assert success["counts"]["rejected"] == 8
+    assert success["counts"]["rejected"] == 8 + 6
     for shard in ("zero-000000", "cut-000000"):
         marker = json.load(open(os.path.join(out, f"{shard}_stats.json")))
         assert marker["read_error"], shard
@@ -177,3 +204,19 @@ def test_odd_formats_are_converted_and_protected_and_rejects_are_not_released(wi
     assert (rgba[:, :10, 3] == 90).all() and (rgba[:, 10:, 3] == 255).all()  # alpha untouched
     source = np.array(Image.open(io.BytesIO(originals["rgba"].members["png"])))
     assert np.abs(rgba[..., :3].astype(int) - source[..., :3].astype(int)).max() <= 8
+
+
+def test_hostile_names_and_unprotected_copies_are_rejected_and_never_released(wild_run):
+    rows = {r["key"]: r for r in wild_run["rows"] if r["shard"] == "hostile-000000"}
+    assert set(rows) == set(wild_run["hostile"]) | {"fine"}
+    assert rows["fine"]["status"] == "protected"
+    for key, error in wild_run["hostile"].items():
+        assert rows[key]["status"] == "rejected" and error in rows[key]["error"], rows[key]
+    with tarfile.open(os.path.join(wild_run["out"], "hostile-000000.tar")) as tar:
+        assert sorted(tar.getnames()) == ["fine.cls", "fine.png"]
+    for name in os.listdir(wild_run["out"]):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(wild_run["out"], name)) as tar:
+                for member in tar.getnames():
+                    assert not member.startswith("/") and ".." not in member, member
+                    assert member.rsplit(".", 1)[-1] not in ("tif", "bmp", "gif", "jpg"), member
