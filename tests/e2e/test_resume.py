@@ -9,11 +9,15 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 # Two rounds always (stop-error 0 is never met before the last round); small work so that many runs fit.
 ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
@@ -50,9 +54,10 @@ def reference(mnist_small, tmp_path_factory):
     """The uninterrupted run that interrupted ones must match byte for byte."""
     out = str(tmp_path_factory.mktemp("reference") / "release")
     train = os.path.join(mnist_small["root"], "train")
+    t0 = time.monotonic()
     proc = _protect(train, out)
     assert proc.returncode in (0, 4), proc.stderr[-3000:]
-    return {"out": out, "train": train, "code": proc.returncode, "tars": _tars(out)}
+    return {"out": out, "train": train, "code": proc.returncode, "tars": _tars(out), "seconds": time.monotonic() - t0}
 
 
 def test_sigkill_in_train_noise_and_export_then_rerun_is_byte_identical(reference, tmp_path):
@@ -278,3 +283,58 @@ def test_clean_up_deletes_only_the_files_a_run_wrote(reference, tmp_path):
     assert proc.returncode == reference["code"], proc.stderr[-3000:]
     left = sorted(os.path.relpath(os.path.join(d, n), work) for d, dirs, files in os.walk(work) for n in dirs + files)
     assert left == ["notes.txt", "round-0001", os.path.join("round-0001", "mine")]
+
+
+# ---------------------------------------------------------------------------------------------------- random kills
+
+
+def _ray_processes() -> set[int]:
+    """PIDs of Ray's own processes on this machine (head services, agents, workers)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue  # gone meanwhile
+        if not zombie and any(m in cmd for m in ("ray::", "raylet", "gcs_server", "dashboard/agent.py",
+                                                 "runtime_env/agent", "log_monitor.py", "ray/_private/workers")):
+            found.add(int(pid))
+    return found
+
+
+def test_sigkill_at_ten_random_moments_then_the_rerun_releases_the_same_bytes(reference, tmp_path):
+    """SIGKILL the coordinator at 10 random moments (timed, not hooked): each rerun resumes where the last left off,
+    wherever the kill fell (plan, Ray start, a stage, a commit, the export, the clean-up); the release is the
+    uninterrupted run's, byte for byte, verify passes, and the kills leave no Ray process behind."""
+    before = _ray_processes()
+    rng = random.Random(20261202)
+    out = str(tmp_path / "release")
+    cmd = [sys.executable, "-m", "pipeline", "protect", "--input", reference["train"], "--output", out, *ARGS]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    kills = []
+    for _ in range(10):
+        # A kill lands anywhere in the first 60% of a whole run's time; each rerun starts from what the kills left.
+        at = rng.uniform(0.5, 0.6 * reference["seconds"])
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = proc.communicate(timeout=at)
+            assert proc.returncode == reference["code"], err[-3000:]  # finished before its kill
+            assert _tars(out) == reference["tars"]
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            kills.append(round(at, 1))
+    assert len(kills) >= 8, kills  # most attempts are cut short (one that finishes is checked above)
+    proc = _protect(reference["train"], out)
+    assert proc.returncode == reference["code"], (kills, proc.stderr[-3000:])
+    assert _tars(out) == reference["tars"], kills
+    _verify(out)
+    # A killed coordinator's Ray processes notice that their raylet is gone and exit on their own (Ray's agents take
+    # up to about a minute): none may be left.
+    deadline = time.monotonic() + 150
+    while (left := _ray_processes() - before) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert not left, f"Ray processes left behind by the kills at {kills} s: {sorted(left)}"
