@@ -36,6 +36,7 @@ def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subpro
 
 
 ACCESS_KEY, SECRET_KEY = "unlearnable-test", "unlearnable-test-secret"
+READER_KEY, READER_SECRET = "unlearnable-reader", "unlearnable-reader-secret"  # may read and list, never write
 
 
 def free_port() -> int:
@@ -81,7 +82,9 @@ def s3_server(tmp_path_factory):
     config = root / "s3.json"
     config.write_text(json.dumps({"identities": [{
         "name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}, {
+        "name": "reader", "credentials": [{"accessKey": READER_KEY, "secretKey": READER_SECRET}],
+        "actions": ["Read", "List"]}]}))
     ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
     log_path = str(root / "weed.log")
     args = [weed, "mini", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import make_bucket, upload_dir
+from conftest import READER_KEY, READER_SECRET, make_bucket, upload_dir
 from pipeline.storage import fs
 from pipeline.storage.layout import default_work_dir
 from pipeline.storage.markers import is_done, write_marker
@@ -60,3 +60,42 @@ def test_an_output_at_a_bucket_root_needs_a_work_dir():
     with pytest.raises(ValueError, match="--work-dir"):
         default_work_dir("s3://bucket")
     assert default_work_dir("s3://bucket/protected/") == "s3://bucket/protected.work"
+
+
+# ---------------------------------------------------------------------------------------------------- permanent errors
+
+
+def _protect_line(capsys, *args: str) -> tuple[int, list[str]]:
+    from pipeline.cli import main
+
+    code = main(["protect", "--resolution", "8", "--max-rounds", "1", *args])
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("unlearnable:")]
+    return code, lines
+
+
+def test_a_bucket_one_may_not_write_is_exit_2_in_one_line_not_rerun_to_resume(s3_env, capsys, bucket, mnist_small,
+                                                                             monkeypatch):
+    """An identity that may read but not write (SeaweedFS's Read and List actions): the plan is read, the first
+    write is denied, and no rerun can mend that."""
+    import fsspec
+
+    upload_dir(s3_env, os.path.join(mnist_small["root"], "train"), f"{bucket}/readonly/train")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER_SECRET)
+    fsspec.filesystem("s3").clear_instance_cache()
+    code, lines = _protect_line(capsys, "--input", f"{bucket}/readonly/train", "--output", f"{bucket}/readonly/out")
+    assert code == 2 and len(lines) == 1, lines
+    assert "rerun the same command" not in lines[0] and "PermissionError" in lines[0], lines
+    assert READER_KEY not in lines[0] and READER_SECRET not in lines[0]
+
+
+def test_access_denied_is_exit_2_and_the_credentials_are_never_repeated(s3_env, capsys, bucket, mnist_small,
+                                                                         monkeypatch):
+    import fsspec
+
+    upload_dir(s3_env, os.path.join(mnist_small["root"], "train"), f"{bucket}/denied/train")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-of-this-key")
+    fsspec.filesystem("s3").clear_instance_cache()
+    code, lines = _protect_line(capsys, "--input", f"{bucket}/denied/train", "--output", f"{bucket}/denied/out")
+    assert code == 2 and len(lines) == 1, lines
+    assert s3_env["AWS_ACCESS_KEY_ID"] not in lines[0] and "not-the-secret" not in lines[0]
