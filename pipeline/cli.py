@@ -44,10 +44,15 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=None, help="default: the machine's cores / workers")
     p.add_argument("--work-dir", default=None, help="noise state and checkpoints (default: <output>.work)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: largest label seen at plan time + 1")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="labels are integers in [0, K) (class names are then rejected); default: the largest integer "
+                        "label seen at plan time + 1, or the number of class names")
     p.add_argument("--max-pixels", type=int, default=50_000_000, help="reject larger images (decompression bombs)")
     p.add_argument("--image-key", default=None, help="image member extension (default: first of png|jpg|jpeg|webp)")
-    p.add_argument("--label-key", default="cls", help="label member extension (integer text)")
+    p.add_argument("--label-key", default="cls",
+                   help="where each sample's class is: a member (cls, txt, any extension) holding an integer or a "
+                        "class name, or MEMBER:FIELD for a field of a JSON member (json:label, json:meta.class); "
+                        "class names get ids in sorted order")
     p.add_argument("--keep-work", action="store_true",
                    help="keep the noise state and checkpoints after the release (a later rerun can then repair a "
                         "damaged release; they can also undo the protection: never publish them)")

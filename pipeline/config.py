@@ -83,6 +83,10 @@ class ProtectConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     image_key: str | None = None
     label_key: str = "cls"
+    # Filled from the plan, like num_classes: the sorted class names when labels are names (a label's id is its
+    # position; echoed in _SUCCESS.json so the manifest's ids can be read), None for integer labels. Not hashed on
+    # its own: the plan's digest holds it.
+    label_names: list[str] | None = None
     precision: str = "auto"  # the noise stage's surrogate: auto = bf16 autocast on a CUDA GPU with bf16, else fp32
     compile: str = "auto"  # the noise stage's surrogate: auto = torch.compile on a CUDA GPU, eager elsewhere
     skip_converged: bool = SKIP_CONVERGED_DEFAULT

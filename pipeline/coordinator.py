@@ -22,11 +22,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline import faults, pool
-from pipeline.config import PROBE_MARGIN, ProtectConfig, config_hash, differing_fields
+from pipeline.config import PROBE_MARGIN, ProtectConfig, config_hash, differing_fields, probe_battery
 from pipeline.inspection import verify, verify_shards
 from pipeline.lease import Lease
 from pipeline.plan import Plan, build_plan, expand_inputs
-from pipeline.probe import judge
+from pipeline.probe import judge, judge_battery
 from pipeline.schedule import NoiseQueue, assign_shards
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import ROUND_DIR, Layout, check_locations, default_work_dir
@@ -113,6 +113,7 @@ def prepare_run(cfg: ProtectConfig) -> Prepared:
         plan = build_plan(input_shards, cfg.num_classes, cfg.image_key, cfg.label_key)  # listed once, above
     if cfg.num_classes is None:
         cfg.num_classes = plan.num_classes
+    cfg.label_names = list(plan.label_names) or None  # the workers map class names to ids with it
     digest = plan.digest
     chash = config_hash(cfg, digest)
     success = _read_json(layout.success)
@@ -170,6 +171,7 @@ def protect(cfg: ProtectConfig) -> RunResult:
             try:
                 run.start_workers()
                 run.rounds()
+                run.probe_battery()
                 run.export()
                 break
             except pool.WorkerDied as exc:
@@ -269,6 +271,7 @@ class Run:
         self.workers: list = []
         self.owner: dict[str, int] = {}  # shard id -> index of the worker that holds it
         self.history: list[dict] = []
+        self.battery: dict | None = None  # the probe's countermeasure battery on the final release
         self.counts = {"input": 0, "protected": 0, "rejected": 0}
 
     # ---- workers ----------------------------------------------------------------------------------------------
@@ -581,6 +584,35 @@ class Run:
         log.info("probe: %.1f s", time.perf_counter() - t0)
         return probe
 
+    def probe_battery(self) -> None:
+        """The probe's countermeasure battery on the final release: the plain probe early-stopped, and each of
+        --probe-countermeasures (final and early-stopped), spread over the workers. Judged once, after the rounds
+        (the stop rule uses the plain probe, which costs one training); its record in the work dir is reused by a
+        resumed run."""
+        names = probe_battery(self.cfg.probe_countermeasures)
+        if not names:
+            return
+        names = ["none"] + [n for n in names if n != "none"]
+        final = self.history[-1]
+        record = _read_json(self.layout.battery_record)
+        if record and record.get("config_hash") == self.chash and record.get("round") == final["round"]:
+            self.battery = record["battery"]
+            return
+        t0 = time.perf_counter()
+        parts = [w.probe_data.remote() for w in self.workers]
+        refs = [self.workers[i % len(self.workers)].probe_score.remote("released", *parts, countermeasure=name)
+                for i, name in enumerate(names)]
+        self.battery = judge_battery(final["probe"], pool.get_all(refs))
+        seconds = time.perf_counter() - t0
+        self.timings["probe"] += seconds
+        fs.write_bytes(self.layout.battery_record, json.dumps(
+            {"config_hash": self.chash, "round": final["round"], "battery": self.battery}).encode())
+        for name, c in self.battery["countermeasures"].items():
+            log.info("probe battery: %s: %.1f%% final, %.1f%% early-stopped (epoch %d) on clean held-out (threshold "
+                     "%.1f%%): %s", name, 100 * c["accuracy"], 100 * c["early_stopped_accuracy"], c["best_epoch"],
+                     100 * final["probe"]["threshold"], "holds" if c["holds"] else "does NOT hold")
+        log.info("probe battery: %.1f s", seconds)
+
     # ---- export -----------------------------------------------------------------------------------------------
     def export(self) -> None:
         """Every worker writes the release of the shards it owns, one at a time, the workers in parallel; the merged
@@ -625,6 +657,11 @@ class Run:
         stop_reason = "stop_rule" if final["stop"] else "max_rounds"
         protection = {k: final["probe"][k] for k in ("holds", "probe_accuracy", "probe_clean_accuracy", "chance",
                                                       "threshold", "arch", "steps")}
+        protection["probe_holds"] = protection["holds"]  # the plain probe's verdict: the stop rule's
+        if self.battery is not None:
+            # Protected only when the plain probe and every countermeasure of the battery hold.
+            protection.update(holds=protection["holds"] and self.battery["holds"],
+                              countermeasures=self.battery["countermeasures"], worst_case=self.battery["worst_case"])
         if stop_reason == "max_rounds":
             log.warning("!!! reached --max-rounds %d without meeting the stop rule (error %.4f, probe %.1f%% against "
                         "threshold %.1f%%): released anyway", cfg.max_rounds, final["error"],
@@ -658,8 +695,9 @@ class Run:
                      self.counts["protected"], self.counts["rejected"], 100 * protection["probe_accuracy"],
                      100 * protection["threshold"], 100 * protection["chance"])
             return RunResult(EXIT_OK, success)
+        worst = protection.get("worst_case") or {"countermeasure": "none", "accuracy": protection["probe_accuracy"]}
         log.error("!!! PROTECTION DOES NOT HOLD: a fresh %s trained on the release reaches %.1f%% on clean held-out "
-                  "images (threshold %.1f%%, chance %.1f%%). The release is written but is NOT protected.",
-                  protection["arch"], 100 * protection["probe_accuracy"], 100 * protection["threshold"],
-                  100 * protection["chance"])
+                  "images (under %s; threshold %.1f%%, chance %.1f%%). The release is written but is NOT protected.",
+                  protection["arch"], 100 * max(worst["accuracy"], protection["probe_accuracy"]),
+                  worst["countermeasure"], 100 * protection["threshold"], 100 * protection["chance"])
         return RunResult(EXIT_UNPROTECTED, success)

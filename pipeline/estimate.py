@@ -5,6 +5,9 @@ the noise stage takes ``pgd_steps`` of them per sample (the PGD sweep is ~97% of
 stage ``train_steps * batch_size``. Time comes from a rate the user measured with ``unlearnable bench`` on their
 own GPU (``--rate``, image-steps per second, ``engine_img_steps_per_s`` of ``bench --json``); without one, only the
 image-steps are given.
+
+The plan is the one ``protect`` builds, so a corpus it refuses (no usable label, ``--num-classes`` too small) is
+refused here too, with the same one line.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ def estimate(cfg: ProtectConfig, rate: float | None = None, workers: int | None 
             "shards": len(plan.shards),
             "samples": samples,
             "classes": cfg.num_classes or plan.num_classes,
+            # Integer labels, or class names with the ids the plan gave them (the first ones; the plan holds all).
+            "labels": ({"kind": "class names", "first_ids": {n: i for i, n in enumerate(plan.label_names[:10])}}
+                       if plan.label_names else {"kind": "integers"}),
             "channels": plan.channels,
             "largest_shard": max((s.samples for s in plan.shards), default=0),
             "shard_ids": [s.id for s in plan.shards[:5]] + (["..."] if len(plan.shards) > 5 else []),

@@ -6,7 +6,6 @@ scored on clean originals it never trained on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import statistics
@@ -17,6 +16,7 @@ import torch
 from ops.countermeasures import ALL, SPECS, Countermeasure, adversary, batch_augment, parse_battery, preprocess
 from ops.image import to_working
 from pipeline.plan import expand_inputs
+from pipeline.probe import early_stopping_split
 from pipeline.samples import Accepted, SampleRules, prepare_each
 from pipeline.storage.shards import ShardReadError, iter_samples
 from surrogates import build
@@ -51,16 +51,6 @@ def load_images(inputs: list[str], resolution: int, channels: int | None = None)
     """Every decodable, labelled sample of the shards as uint8 N x C x R x R and labels (others are skipped)."""
     x, y, _ = load_samples(inputs, resolution, channels)
     return x, y
-
-
-def early_stopping_split(keys: list[str]) -> torch.Tensor:
-    """The adversary's small clean validation set: a bool mask over the test samples, True for half A (validation),
-    False for half B (held out). Samples are ordered by sha256 of their key and cut in the middle, so the halves
-    are disjoint, differ in size by at most one, and do not depend on shard order or on the seed."""
-    order = sorted(range(len(keys)), key=lambda i: (hashlib.sha256(keys[i].encode()).digest(), i))
-    mask = torch.zeros(len(keys), dtype=torch.bool)
-    mask[order[: len(keys) // 2]] = True
-    return mask
 
 
 def train_victim(x: torch.Tensor, y: torch.Tensor, *, arch: str, epochs: int, num_classes: int, batch_size: int = 128,

@@ -1,12 +1,15 @@
 """The frozen shard plan: which shards make the corpus, how many samples each holds, classes and channels.
 
 Computed once per run (before any round) and stored in the work dir; the plan's digest is part of the config hash.
+It reads every label of the corpus (``pipeline.labels``): class names get their ids here, in a sorted vocabulary
+the plan records, and a corpus whose labels cannot be used is refused here, before any worker starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,7 +19,8 @@ import pyarrow.parquet as pq
 from braceexpand import braceexpand
 from PIL import Image
 
-from pipeline.samples import find_image_member, parse_label
+from pipeline.labels import LabelCensus, LabelSource, LabelsRefused
+from pipeline.samples import find_image_member, screen, second_image_member
 from pipeline.storage import fs
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, shard_id
 
@@ -45,6 +49,8 @@ class Plan:
     shards: tuple[ShardPlan, ...]
     num_classes: int
     channels: int  # 1 when every image is grayscale, else 3
+    # The class vocabulary when labels are class names: the id of a name is its position. Empty: integer labels.
+    label_names: tuple[str, ...] = ()
 
     @property
     def total_samples(self) -> int:
@@ -52,7 +58,10 @@ class Plan:
 
     @property
     def digest(self) -> str:
-        text = "\n".join(f"{s.id}\t{s.url}\t{s.samples}" for s in self.shards) + f"\n{self.num_classes}\t{self.channels}"
+        text = "\n".join(f"{s.id}\t{s.url}\t{s.samples}" for s in self.shards)
+        text += f"\n{self.num_classes}\t{self.channels}"
+        if self.label_names:  # absent for integer labels, so their digests (and the runs they bind) are unchanged
+            text += "\nlabels\t" + json.dumps(list(self.label_names))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_parquet(self) -> bytes:
@@ -63,7 +72,10 @@ class Plan:
                 "samples": [s.samples for s in self.shards],
             }
         )
-        table = table.replace_schema_metadata({"num_classes": str(self.num_classes), "channels": str(self.channels)})
+        meta = {"num_classes": str(self.num_classes), "channels": str(self.channels)}
+        if self.label_names:
+            meta["label_names"] = json.dumps(list(self.label_names))
+        table = table.replace_schema_metadata(meta)
         buf = io.BytesIO()
         pq.write_table(table, buf)
         return buf.getvalue()
@@ -74,7 +86,8 @@ class Plan:
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         rows = table.to_pylist()
         shards = tuple(ShardPlan(r["shard"], r["url"], r["samples"]) for r in rows)
-        return cls(shards, int(meta["num_classes"]), int(meta["channels"]))
+        names = tuple(json.loads(meta["label_names"])) if "label_names" in meta else ()
+        return cls(shards, int(meta["num_classes"]), int(meta["channels"]), names)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -107,42 +120,56 @@ def _image_channels(data: bytes) -> int | None:
     try:
         with Image.open(io.BytesIO(data)) as img:  # header only: no pixels are decoded
             return 1 if img.mode in GRAY_MODES else 3
-    except Exception:
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds for "not an image"
         return None  # undecodable: the worker rejects it with its reason
 
 
 def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None, label_key: str) -> Plan:
+    """Count every shard's samples and read every label: PlanError (one line that says what to pass) when the
+    corpus cannot be protected as asked."""
+    try:
+        census = LabelCensus(LabelSource.parse(label_key))
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    if num_classes is not None and num_classes < 2:
+        raise PlanError(f"need at least 2 classes, got --num-classes {num_classes}")
     urls = expand_inputs(inputs)
     shards = []
-    max_label = -1
     channels = 1
     for url in urls:
         if not fs.exists(url):
             raise PlanError(f"input shard not found: {url}")
         count = 0
+        seen: set[str] = set()
         for item in iter_samples(url):
             if isinstance(item, ShardReadError):
                 log.warning("plan: %s: %s", shard_id(url), item.message)
                 continue
             assert isinstance(item, RawSample)
             count += 1
-            try:
-                max_label = max(max_label, parse_label(item.members, label_key, None))
-            except ValueError:
-                pass
+            # Only labels of samples the workers could protect count (the same screening as pipeline.samples), so
+            # a stray label on an unsafe, image-less or unreadable sample neither adds a class nor changes the rule.
+            if screen(item, seen) is not None:
+                continue
             member = find_image_member(item.members, image_key)
-            if member is not None and channels == 1 and _image_channels(item.members[member]) == 3:
-                channels = 3
+            if member is None or second_image_member(item.members, member) is not None:
+                continue
+            sample_channels = _image_channels(item.members[member])
+            if sample_channels is None:
+                continue
+            channels = max(channels, sample_channels)
+            census.add(item.members)
         shards.append(ShardPlan(shard_id(url), url, count))
-    if num_classes is None:
-        if max_label < 0:
-            raise PlanError(f"no sample has an integer '.{label_key}' label: pass --num-classes or --label-key")
-        num_classes = max_label + 1
+    try:
+        num_classes, label_names = census.classes(num_classes)
+    except LabelsRefused as exc:
+        raise PlanError(str(exc)) from None
     if num_classes < 2:
-        raise PlanError(f"need at least 2 classes, found {num_classes}")
-    log.info("plan: %d shards, %d samples, %d classes, %d channel(s)", len(shards), sum(s.samples for s in shards),
-             num_classes, channels)
-    return Plan(tuple(shards), num_classes, channels)
+        what = f"one class name ({label_names[0][:40]!r})" if label_names else f"one class ({num_classes})"
+        raise PlanError(f"need at least 2 classes, but the labels under --label-key {label_key} give {what}")
+    log.info("plan: %d shards, %d samples, %d classes (%s), %d channel(s)", len(shards),
+             sum(s.samples for s in shards), num_classes, "class names" if label_names else "integer labels", channels)
+    return Plan(tuple(shards), num_classes, channels, label_names)
 
 
 def local_path(url: str) -> str:

@@ -16,8 +16,9 @@ import time
 
 import torch
 
+from ops.countermeasures import adversary, batch_augment, parse_countermeasure, preprocess
 from surrogates import build
-from surrogates.training import accuracy, fit
+from surrogates.training import accuracy, fit_epochs
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +32,56 @@ def holdout_mask(keys: list[str]) -> torch.Tensor:
     )
 
 
-def train_probe(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build(arch, num_classes, x.shape[1])
-    return fit(model, x, y, steps=steps, batch_size=128, lr=0.05, seed=seed)
+def early_stopping_split(keys: list[str]) -> torch.Tensor:
+    """An adversary's small clean validation set: a bool mask over the scored samples, True for half A (picks the
+    epoch), False for half B (scores it). Samples are ordered by sha256 of their key and cut in the middle, so the
+    halves are disjoint, differ in size by at most one, and do not depend on shard order or on the seed."""
+    order = sorted(range(len(keys)), key=lambda i: (hashlib.sha256(keys[i].encode()).digest(), i))
+    mask = torch.zeros(len(keys), dtype=torch.bool)
+    mask[order[: len(keys) // 2]] = True
+    return mask
 
 
-def probe_score(data: dict, source: str, *, arch: str, steps: int, num_classes: int, seed: int) -> dict:
+def probe_score(data: dict, source: str, *, arch: str, steps: int, num_classes: int, seed: int,
+                countermeasure: str = "none", batch_size: int = 128) -> dict:
     """Train the probe on the ``source`` images ("released" or "clean") of the training split and score it on the
     clean originals of the held-out split. ``data`` holds ``released``, ``clean`` (uint8 N x C x R x R), ``labels``
-    and ``keys``. The two sources are independent trainings: a pool runs them on two workers at once."""
+    and ``keys``. The two sources are independent trainings: a pool runs them on two workers at once.
+
+    ``countermeasure`` (``ops.countermeasures``: ``mixup``, ``at:4/255``...) is how an informed adversary trains: a
+    preprocessing one applies to the images the probe trains on and is scored on. Besides its final accuracy, the
+    probe reports its **early-stopped** accuracy: scored after every epoch on half of the held-out split, the epoch
+    that half likes best is scored on the other half (an adversary with a small clean validation set). ``steps`` is
+    rounded to whole epochs (the same steps when it is a multiple of an epoch)."""
     t0 = time.perf_counter()
     hold = holdout_mask(data["keys"])
     if hold.all() or not hold.any():
         raise ValueError("the protection probe needs at least 2 samples on each side of its held-out split")
+    cm = parse_countermeasure(countermeasure)
     y = data["labels"]
     train_y, test_y = y[~hold], y[hold]
-    model = train_probe(arch, data[source][~hold], train_y, num_classes, steps, seed)
+    x_train, x_test = preprocess(cm, data[source][~hold]), preprocess(cm, data["clean"][hold])
+    half_a = early_stopping_split([k for k, h in zip(data["keys"], hold.tolist()) if h])
+    n = x_train.shape[0]
+    epochs = max(1, round(steps / max(1, n // min(batch_size, n))))
+    curves: dict[str, list[float]] = {"a": [], "b": []}
+
+    def score(epoch: int, model: torch.nn.Module) -> None:
+        curves["a"].append(accuracy(model, x_test[half_a], test_y[half_a]))
+        curves["b"].append(accuracy(model, x_test[~half_a], test_y[~half_a]))
+
+    torch.manual_seed(seed)
+    model = build(arch, num_classes, x_train.shape[1])
+    fit_epochs(model, x_train, train_y, epochs=epochs, batch_size=batch_size, lr=0.05, seed=seed,
+               augment=batch_augment(cm, num_classes), adversary=adversary(cm),
+               on_epoch=score if half_a.any() and (~half_a).any() else None)
+    final = accuracy(model, x_test, test_y)
+    best = max(range(len(curves["a"])), key=lambda i: (curves["a"][i], -i)) if curves["a"] else None
     return {
-        "accuracy": accuracy(model, data["clean"][hold], test_y),
+        "countermeasure": cm.text,
+        "accuracy": final,
+        "early_stopped_accuracy": curves["b"][best] if best is not None else final,
+        "best_epoch": best + 1 if best is not None else epochs,
         "chance": float(torch.bincount(test_y, minlength=num_classes).max()) / max(int(test_y.numel()), 1),
         "train_samples": int((~hold).sum()),
         "test_samples": int(hold.sum()),
@@ -73,6 +105,7 @@ def judge(released: dict, clean_accuracy: float, *, arch: str, steps: int, thres
     return {
         "holds": holds,
         "probe_accuracy": round(probe_accuracy, 4),
+        "probe_early_stopped_accuracy": round(released.get("early_stopped_accuracy", probe_accuracy), 4),
         "probe_clean_accuracy": round(clean_accuracy, 4),
         "chance": round(chance, 4),
         "threshold": round(threshold, 4),
@@ -84,21 +117,23 @@ def judge(released: dict, clean_accuracy: float, *, arch: str, steps: int, thres
     }
 
 
-def run_probe(
-    data: dict,
-    *,
-    arch: str,
-    steps: int,
-    num_classes: int,
-    seed: int,
-    clean_accuracy: float | None,
-    threshold: float | None,
-    margin: float,
-) -> dict:
-    """Probe the release in one process: the clean-trained reference (unless ``clean_accuracy`` is known from an
-    earlier probe of this run), the released-trained probe, and the verdict."""
-    kw = dict(arch=arch, steps=steps, num_classes=num_classes, seed=seed)
-    if clean_accuracy is None:
-        clean_accuracy = probe_score(data, "clean", **kw)["accuracy"]
-    return judge(probe_score(data, "released", **kw), clean_accuracy, arch=arch, steps=steps, threshold=threshold,
-                 margin=margin)
+def judge_battery(probe: dict, results: list[dict]) -> dict:
+    """The countermeasure battery's record from the final probe (``judge``'s) and each countermeasure's released-
+    trained score: every countermeasure holds when both its final and its early-stopped accuracy are at most the
+    probe's threshold (and the probe can see protection at all); the battery holds when every one does."""
+    threshold = probe["threshold"]
+    discriminates = probe["probe_clean_accuracy"] > threshold
+    record = {}
+    for r in results:
+        worst = max(r["accuracy"], r["early_stopped_accuracy"])
+        record[r["countermeasure"]] = {
+            "accuracy": round(r["accuracy"], 4),
+            "early_stopped_accuracy": round(r["early_stopped_accuracy"], 4),
+            "best_epoch": r["best_epoch"],
+            "worst": round(worst, 4),
+            "holds": bool(discriminates and worst <= threshold),
+            "seconds": round(r["seconds"], 2),
+        }
+    worst_name = max(record, key=lambda k: record[k]["worst"])
+    return {"holds": all(c["holds"] for c in record.values()), "countermeasures": record,
+            "worst_case": {"countermeasure": worst_name, "accuracy": record[worst_name]["worst"]}}

@@ -56,6 +56,16 @@ def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, set
     for name, res in victims.items():
         each = ", ".join(f"{100 * a:.1f}%" for a in res["test_accuracy"])
         lines.append(f"| {res['arch']} | {name} | {len(res['seeds'])} | {each} | {100 * res['mean_accuracy']:.1f}% |")
+    lines += ["", "### Under each countermeasure (what an informed adversary gets)", "",
+              "| victim | trained on | countermeasure | final | early-stopped |", "|---|---|---|---|---|"]
+    for name, res in victims.items():
+        for cm, c in (res.get("countermeasures") or {}).items():
+            lines.append(f"| {res['arch']} | {name} | {cm} | {100 * c['mean_final_accuracy']:.1f}% | "
+                         f"{100 * c['mean_early_stopped_accuracy']:.1f}% |")
+        if res.get("worst_case") and name != "clean":
+            w = res["worst_case"]
+            lines.append(f"\nWorst case for the {name} victim: **{100 * w['accuracy']:.1f}%** "
+                         f"({w['countermeasure']}, {w['measure'].replace('_', '-')}).")
     lines += [
         "",
         "## Protection probe and stop rule",
@@ -66,6 +76,7 @@ def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, set
         f"**{100 * p['probe_accuracy']:.1f}%**; the same probe trained on clean images: "
         f"{100 * p['probe_clean_accuracy']:.1f}%; chance {100 * p['chance']:.1f}%; threshold {100 * p['threshold']:.1f}%"
         f" -> protection {'**holds**' if p['holds'] else '**does NOT hold**'}",
+        *_battery_lines(p),
         f"- counts: {success['counts']}",
         "",
         "| round | surrogate error on released data | probe accuracy |",
@@ -77,6 +88,19 @@ def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, set
     lines += ["", "## Wall time (seconds)", ""] + [f"- {k}: {v:.1f}" for k, v in wall.items()]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _battery_lines(p: dict) -> list[str]:
+    """The probe's countermeasure battery, when the run had one."""
+    if not p.get("countermeasures"):
+        return ["- probe countermeasure battery: none (plain probe only)"]
+    w = p["worst_case"]
+    out = [f"- probe battery (threshold {100 * p['threshold']:.1f}%), worst case **{100 * w['accuracy']:.1f}%** under "
+           f"{w['countermeasure']}:"]
+    for name, c in p["countermeasures"].items():
+        out.append(f"  - {name}: final {100 * c['accuracy']:.1f}%, early-stopped {100 * c['early_stopped_accuracy']:.1f}%"
+                   f" (epoch {c['best_epoch']}) -> {'holds' if c['holds'] else '**does NOT hold**'}")
+    return out
 
 
 def _figure(path: str, success: dict, victims: dict, pairs: list) -> None:
@@ -104,14 +128,21 @@ def _figure(path: str, success: dict, victims: dict, pairs: list) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     ax = fig.add_subplot(grid[3, max(1, n // 2) :])
-    names = list(victims)
-    means = [100 * victims[k]["mean_accuracy"] for k in names]
-    ax.bar(range(len(names)), means, color=["C2" if "clean" in k else "C3" for k in names])
-    for j, v in enumerate(means):
-        ax.text(j, v + 1, f"{v:.1f}%", ha="center", fontsize=8)
-    ax.set_xticks(range(len(names)), [f"{victims[k]['arch']}\n{k}" for k in names], fontsize=7)
+    bars = [(f"{victims[k]['arch']}\n{k}" + (f"\n{cm}" if cm != "none" else ""), 100 * c["mean_final_accuracy"],
+             100 * c["mean_early_stopped_accuracy"], "clean" in k)
+            for k in victims for cm, c in (victims[k].get("countermeasures")
+                                          or {"none": {"mean_final_accuracy": victims[k]["mean_accuracy"],
+                                                       "mean_early_stopped_accuracy": victims[k]["mean_accuracy"]}}).items()]
+    xs = np.arange(len(bars))
+    ax.bar(xs - 0.2, [b[1] for b in bars], 0.4, color=["C2" if b[3] else "C3" for b in bars], label="final")
+    ax.bar(xs + 0.2, [b[2] for b in bars], 0.4, color=["C2" if b[3] else "C3" for b in bars], alpha=0.5,
+           label="early-stopped")
+    for j, b in enumerate(bars):
+        ax.text(j, max(b[1], b[2]) + 1, f"{b[1]:.0f}/{b[2]:.0f}%", ha="center", fontsize=7)
+    ax.legend(fontsize=7)
+    ax.set_xticks(xs, [b[0] for b in bars], fontsize=6)
     ax.set_ylim(0, 105)
     ax.set_ylabel("clean test accuracy (%)")
-    fig.suptitle("unlearnable demo: originals, amplified noise, protected images; rounds; victims")
+    fig.suptitle("unlearnable demo: originals, amplified noise, protected images; rounds; victims (final / early-stopped)")
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)

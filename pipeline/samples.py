@@ -10,7 +10,6 @@ import collections
 import hashlib
 import io
 import itertools
-import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 from ops.image import DecodedImage, ImageRejected, decode_image
+from pipeline.labels import LabelSource, label_id, parse_label  # noqa: F401 - parse_label: the rules' old home
 from pipeline.storage.shards import RawSample, ShardReadError
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -32,6 +32,16 @@ class SampleRules:
     max_pixels: int
     image_key: str | None = None
     label_key: str = "cls"
+    # The plan's class vocabulary: a label's id is the position of its name. None: labels are integers.
+    label_names: list[str] | tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.label_source = LabelSource.parse(self.label_key)
+        self.label_ids = {name: i for i, name in enumerate(self.label_names)} if self.label_names else None
+
+    def label(self, members: dict[str, bytes]) -> int:
+        """The sample's class id (``pipeline.labels``); ValueError says what is wrong."""
+        return label_id(members, self.label_source, self.num_classes, self.label_ids)
 
 
 @dataclass
@@ -58,27 +68,6 @@ def find_image_member(members: dict[str, bytes], image_key: str | None) -> str |
         if ext in members:
             return ext
     return None
-
-
-PLAIN_LABEL = re.compile(rb"[0-9]{1,40}\n?")
-# Labels index the surrogate's output layer: a label of 10**12 would ask for a model no machine holds.
-MAX_LABEL = 1_000_000
-
-
-def parse_label(members: dict[str, bytes], label_key: str, num_classes: int | None) -> int:
-    """The sample's class from its label member (integer text); ValueError says what is wrong."""
-    if label_key not in members:
-        raise ValueError(f"no label member '.{label_key}'")
-    raw = members[label_key]
-    # Plain ASCII digits only (an optional trailing newline, as `echo 3 > k.cls` writes): int() would also take
-    # " 2 ", "+2", "0_3" and non-ASCII digits such as "３", so two spellings could name one class unnoticed.
-    if not PLAIN_LABEL.fullmatch(raw):
-        text = raw.decode("utf-8", errors="replace")
-        raise ValueError(f"label '.{label_key}' is not an integer (plain ASCII digits): {text[:40]!r}")
-    label = int(raw)
-    if label >= MAX_LABEL or (num_classes is not None and label >= num_classes):
-        raise ValueError(f"label {label} out of range [0, {num_classes or MAX_LABEL})")
-    return label
 
 
 def second_image_member(members: dict[str, bytes], image_member: str) -> str | None:
@@ -157,7 +146,7 @@ def decode_sample(sample: RawSample, rules: SampleRules) -> Accepted | Rejected:
         return Rejected(sample.key, f"a second member '.{copy}' decodes as an image and would be released "
                                     f"unprotected (only '.{member}' is protected)", source_sha256=sha)
     try:
-        label = parse_label(sample.members, rules.label_key, rules.num_classes)
+        label = rules.label(sample.members)
     except ValueError as exc:
         return Rejected(sample.key, str(exc), source_sha256=sha)
     try:

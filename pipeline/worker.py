@@ -77,7 +77,8 @@ class RoundWorker:
                                   steps=self.cfg.pgd_steps, precision=self.cfg.precision,
                                   **compile_args(self.cfg.compile))
         self.generator = torch.Generator().manual_seed(self.cfg.seed + 1000 * index)
-        self.rules = SampleRules(num_classes, self.cfg.max_pixels, self.cfg.image_key, self.cfg.label_key)
+        self.rules = SampleRules(num_classes, self.cfg.max_pixels, self.cfg.image_key, self.cfg.label_key,
+                                 self.cfg.label_names)
         r = self.cfg.resolution
         self.x = torch.empty(0, channels, r, r, dtype=torch.uint8, device=self.device)
         self.y = torch.empty(0, dtype=torch.long, device=self.device)

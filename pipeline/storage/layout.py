@@ -90,6 +90,11 @@ class Layout:
     def probe_record(self) -> str:
         return fs.join(self.work, "probe_clean.json")
 
+    @property
+    def battery_record(self) -> str:
+        """The probe's countermeasure battery on the final release (a resumed export does not train it again)."""
+        return fs.join(self.work, "probe_battery.json")
+
     def round_dir(self, r: int) -> str:
         return fs.join(self.work, f"round-{r:04d}")
 
@@ -154,7 +159,7 @@ class Layout:
             if ATTEMPT_NAME.fullmatch(n) or n.startswith(TEMP_PREFIX):
                 fs.remove(fs.join(self.attempts, n))
         fs.remove_empty_dir(self.attempts)
-        for url in (self.plan, self.probe_record, self.last_error, self.lease):
+        for url in (self.plan, self.probe_record, self.battery_record, self.last_error, self.lease):
             fs.remove(url)
         for n in names:
             if n.startswith(TEMP_PREFIX):

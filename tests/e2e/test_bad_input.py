@@ -21,7 +21,7 @@ from conftest import run_cli
 from pipeline.storage.shards import RawSample, write_tar
 
 ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
-        "--probe-steps", "20", "--max-rounds", "1", "--stop-error", "1.0", "--num-classes", "10"]
+        "--probe-steps", "20", "--probe-countermeasures", "none", "--max-rounds", "1", "--stop-error", "1.0", "--num-classes", "10"]
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -70,7 +70,8 @@ def _odd_samples() -> tuple[list[RawSample], dict[str, tuple[str, str]]]:
     add("bomb", {"png": _encode(Image.new("L", (8000, 8000), 0)), "cls": cls}, "rejected", "--max-pixels")
     add("nolabel", {"png": _encode(_pattern("L", (28, 28)))}, "rejected", "label")
     add("textlabel", {"png": _encode(_pattern("L", (28, 28))), "cls": b"seven"}, "rejected", "not an integer")
-    add("bigl", {"png": _encode(_pattern("L", (28, 28))), "cls": b"12"}, "rejected", "out of range")
+    # Too large for any model (a label >= --num-classes but below that is refused at plan time instead).
+    add("bigl", {"png": _encode(_pattern("L", (28, 28))), "cls": b"1000000"}, "rejected", "out of range")
     add("noimage", {"cls": cls, "txt": b"caption only"}, "rejected", "no image member")
     add("gray", {"png": _encode(_pattern("L", (28, 28))), "cls": b"4"}, "rejected", "repeated")  # the repeat
     return s, want

@@ -19,8 +19,10 @@ from PIL import Image
 
 from conftest import run_cli
 
+# The battery here is mixup alone: the default's adversarial-training probe costs minutes on 2 CPU cores (its probe
+# is checked in tests/unit/test_probe.py).
 FAST = ["--resolution", "28", "--pgd-steps", "3", "--step-size", "2/255", "--train-steps", "5",
-        "--batch-size", "128", "--probe-steps", "30"]
+        "--batch-size", "128", "--probe-countermeasures", "mixup", "--probe-steps", "30"]
 SUCCESS_KEYS = {"config", "config_hash", "versions", "rounds", "stop_reason", "surrogate_error", "protection",
                 "counts", "timings"}
 
@@ -43,6 +45,7 @@ def protected_run(mnist_small, tmp_path_factory):
     return {"proc": proc, "out": out, "train": train}
 
 
+
 def test_protect_exit_status_matches_the_recorded_protection(protected_run):
     proc = protected_run["proc"]
     assert proc.returncode in (0, 4), proc.stderr[-3000:]
@@ -58,16 +61,25 @@ def test_protect_exit_status_matches_the_recorded_protection(protected_run):
 
 def test_stop_rule_is_met_on_released_data_and_recorded(protected_run):
     success = json.load(open(os.path.join(protected_run["out"], "_SUCCESS.json")))
-    # --stop-error 1.0: the error rule holds from the first round, so the run stops exactly when the probe holds.
+    # --stop-error 1.0: the error rule holds from the first round, so the run stops exactly when the plain probe
+    # holds; the release is protected only when the countermeasure battery holds too.
     assert success["stop_reason"] in ("stop_rule", "max_rounds")
-    assert (success["stop_reason"] == "stop_rule") == success["protection"]["holds"]
+    p = success["protection"]
+    assert (success["stop_reason"] == "stop_rule") == p["probe_holds"]
+    assert p["holds"] == (p["probe_holds"] and all(c["holds"] for c in p["countermeasures"].values()))
+    # The battery: the plain probe early-stopped and mixup, each final and early-stopped.
+    assert list(p["countermeasures"]) == ["none", "mixup:1.0"]
+    for c in p["countermeasures"].values():
+        assert 0 <= c["accuracy"] <= 1 and 0 <= c["early_stopped_accuracy"] <= 1
+        assert c["worst"] == max(c["accuracy"], c["early_stopped_accuracy"]) and 1 <= c["best_epoch"]
+        assert c["holds"] == (p["probe_clean_accuracy"] > p["threshold"] and c["worst"] <= p["threshold"])
+    assert p["worst_case"]["accuracy"] == max(c["worst"] for c in p["countermeasures"].values())
     assert success["rounds"] == len(success["history"]) and 1 <= success["rounds"] <= 3
     assert all(h["probe_accuracy"] is not None for h in success["history"])  # error rule met -> probe every round
     # The PGD work the release cost: 300 samples x 3 steps every round.
     assert [h["image_steps"] for h in success["history"]] == [900] * success["rounds"]
     assert success["image_steps"] == 900 * success["rounds"]
     assert 0.0 <= success["surrogate_error"] <= 1.0
-    p = success["protection"]
     assert {"holds", "probe_accuracy", "probe_clean_accuracy", "chance", "threshold"} <= set(p)
 
 
@@ -94,8 +106,9 @@ def test_every_released_image_is_within_eps_and_every_key_appears_once(protected
 
 def test_manifest_has_one_row_per_input_sample(protected_run):
     table = pq.read_table(os.path.join(protected_run["out"], "manifest.parquet"))
-    assert table.column_names == ["key", "shard", "status", "error", "label", "width", "height", "source_sha256",
-                                  "output_sha256", "output_member", "linf", "l2", "psnr"]
+    # (no source_sha256: a public hash of every original only with --manifest-source-hash)
+    assert table.column_names == ["key", "shard", "status", "error", "label", "width", "height", "output_sha256",
+                                  "output_member", "linf", "l2", "psnr"]
     rows = table.to_pylist()
     assert len(rows) == 300 and len({r["key"] for r in rows}) == 300
     assert {r["status"] for r in rows} == {"protected"}
@@ -137,16 +150,21 @@ def test_changed_config_against_the_same_output_is_refused(protected_run):
 
 def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, tmp_path):
     """A 1/255 budget and one round: the error rule is met at once (stop-error 1.0) but a fresh model still learns
-    the digits from the release, so the probe must say so: exit 4, holds false, stop_reason max_rounds."""
+    the digits from the release, so the probe must say so: exit 4, holds false, stop_reason max_rounds; and so
+    must every countermeasure of the battery (here the plain probe early-stopped, and mixup)."""
     out = str(tmp_path / "weak")
     proc = run_cli("protect", "--input", os.path.join(mnist_small["root"], "train"), "--output", out,
                    "--max-rounds", "1", "--stop-error", "1.0", "--eps", "1/255", "--resolution", "28",
-                   "--pgd-steps", "1", "--train-steps", "2", "--batch-size", "128", "--probe-steps", "120")
+                   "--pgd-steps", "1", "--train-steps", "2", "--batch-size", "128", "--probe-steps", "120",
+                   "--probe-countermeasures", "mixup")
     assert proc.returncode == 4, proc.stderr[-3000:]
     success = json.load(open(os.path.join(out, "_SUCCESS.json")))
     p = success["protection"]
     assert p["holds"] is False and success["stop_reason"] == "max_rounds"
     assert p["probe_accuracy"] > p["threshold"] and p["probe_clean_accuracy"] > 0.5
+    assert list(p["countermeasures"]) == ["none", "mixup:1.0"]
+    assert not any(c["holds"] for c in p["countermeasures"].values())
+    assert all(c["worst"] > p["threshold"] for c in p["countermeasures"].values())
     assert "PROTECTION DOES NOT HOLD" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("unlearnable:")
 

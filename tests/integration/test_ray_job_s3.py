@@ -32,7 +32,7 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 # Sample-wise small-cnn on 1,000 real digits: the demo's PGD settings, 20 train steps a round (measured here: the stop
 # rule after 4 rounds, probe 26.0% against a 33.9% threshold, 83 s with 2 CPU workers).
 PROTECT = ["--workers", "2", "--resolution", "28", "--pgd-steps", "10", "--step-size", "8/1275", "--train-steps", "20",
-           "--batch-size", "256", "--probe-steps", "150", "--stop-error", "0.02", "--max-rounds", "10", "--keep-work"]
+           "--batch-size", "256", "--probe-steps", "150", "--probe-countermeasures", "none", "--stop-error", "0.02", "--max-rounds", "10", "--keep-work"]
 
 
 def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -28,7 +28,7 @@ from ops.countermeasures import (
     preprocess,
     ueraser,
 )
-from pipeline.evaluate import early_stopping_split
+from pipeline.probe import early_stopping_split
 from surrogates.registry import build
 from surrogates.training import fit, fit_epochs
 

@@ -272,11 +272,12 @@ def test_build_plan_explicit_num_classes_wins(tmp_path):
     assert build_plan([str(tmp_path / "in")], 10, None, "cls").num_classes == 10
 
 
-def test_build_plan_without_labels_needs_num_classes(tmp_path):
+def test_build_plan_without_labels_is_refused_even_with_num_classes(tmp_path):
+    """--num-classes cannot label a sample: every one would be rejected after loading, so the plan refuses."""
     url = _shard(tmp_path / "s.tar", [RawSample(f"k{i}", {"png": _img_bytes()}) for i in range(3)])
-    with pytest.raises(PlanError, match="--num-classes"):
-        build_plan([url], None, None, "cls")
-    assert build_plan([url], 3, None, "cls").num_classes == 3
+    for num_classes in (None, 3):
+        with pytest.raises(PlanError, match="no sample has a usable label under --label-key cls"):
+            build_plan([url], num_classes, None, "cls")
 
 
 def test_build_plan_missing_shard_is_refused(tmp_path):

@@ -1,0 +1,75 @@
+"""The protection probe and its countermeasure battery: training under a countermeasure, early stopping, verdicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import ProtectConfig, probe_battery
+from pipeline.probe import judge, judge_battery, probe_score
+
+
+def _data(n: int = 160, seed: int = 0) -> dict:
+    """Two classes a probe learns at once (dark and bright 8-px images), released == clean."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = (torch.rand(n, 1, 8, 8, generator=g) * 60 + 40 + 120 * y.view(-1, 1, 1, 1)).to(torch.uint8)
+    return {"released": x, "clean": x, "labels": y, "keys": [f"k{i}" for i in range(n)]}
+
+
+@pytest.mark.parametrize("countermeasure", ["none", "mixup", "at:4/255", "jpeg:10", "grayscale"])
+def test_probe_trains_under_a_countermeasure_and_reports_final_and_early_stopped(countermeasure):
+    out = probe_score(_data(), "released", arch="small-cnn", steps=6, num_classes=2, seed=0,
+                      countermeasure=countermeasure, batch_size=32)
+    assert out["countermeasure"] == (countermeasure if ":" in countermeasure or countermeasure in ("none", "grayscale")
+                                     else f"{countermeasure}:1.0")
+    assert 0 <= out["accuracy"] <= 1 and 0 <= out["early_stopped_accuracy"] <= 1
+    assert 1 <= out["best_epoch"] <= 2  # 6 steps of 4 per epoch (128 training samples / 32): rounded to 2 epochs
+    assert out["accuracy"] > 0.9, out  # the classes are trivially separable: every recipe learns them
+
+
+def test_probe_steps_round_to_whole_epochs_and_the_plain_probe_is_reproducible():
+    a = probe_score(_data(), "released", arch="small-cnn", steps=8, num_classes=2, seed=3, batch_size=32)
+    b = probe_score(_data(), "released", arch="small-cnn", steps=8, num_classes=2, seed=3, batch_size=32)
+    assert a["accuracy"] == b["accuracy"] and a["early_stopped_accuracy"] == b["early_stopped_accuracy"]
+
+
+def _probe(threshold_inputs=(0.9, 0.1)) -> dict:
+    clean, chance = threshold_inputs
+    released = {"accuracy": 0.15, "early_stopped_accuracy": 0.2, "chance": chance, "train_samples": 8,
+                "test_samples": 2, "seconds": 1.0}
+    return judge(released, clean, arch="resnet-mini", steps=10, threshold=None, margin=0.25)
+
+
+def _result(name: str, final: float, early: float) -> dict:
+    return {"countermeasure": name, "accuracy": final, "early_stopped_accuracy": early, "best_epoch": 2,
+            "seconds": 1.0}
+
+
+def test_the_battery_holds_only_when_every_countermeasure_holds_final_and_early_stopped():
+    probe = _probe()  # threshold 0.1 + 0.25 * 0.8 = 0.3
+    assert probe["threshold"] == 0.3 and probe["holds"]
+    ok = judge_battery(probe, [_result("none", 0.15, 0.2), _result("mixup:1.0", 0.25, 0.1)])
+    assert ok["holds"] and ok["worst_case"] == {"countermeasure": "mixup:1.0", "accuracy": 0.25}
+    early = judge_battery(probe, [_result("none", 0.15, 0.45), _result("mixup:1.0", 0.25, 0.1)])
+    assert not early["holds"] and not early["countermeasures"]["none"]["holds"]
+    assert early["worst_case"] == {"countermeasure": "none", "accuracy": 0.45}
+    at = judge_battery(probe, [_result("none", 0.15, 0.2), _result("at:4/255", 0.96, 0.97)])
+    assert not at["holds"] and at["countermeasures"]["at:4/255"]["worst"] == 0.97
+
+
+def test_a_probe_that_cannot_learn_clean_data_never_certifies_a_countermeasure():
+    blind = _probe((0.1, 0.1))  # clean at chance: threshold 0.1, the probe cannot see protection
+    battery = judge_battery(blind, [_result("none", 0.05, 0.05)])
+    assert not blind["holds"] and not battery["holds"]
+
+
+def test_probe_countermeasures_are_validated_canonical_and_hashed():
+    cfg = ProtectConfig(inputs=["x"], output="o", probe_countermeasures="at, mixup:0.5,none").resolved()
+    assert cfg.probe_countermeasures == "at:4/255,mixup:0.5,none"
+    assert ProtectConfig(inputs=["x"], output="o", probe_countermeasures="none").resolved().probe_countermeasures == \
+        "none"
+    assert "probe_countermeasures" in cfg.hashed_fields()
+    assert probe_battery("none") == [] and probe_battery("all")[:2] == ["none", "jpeg:10"]
+    with pytest.raises(ValueError, match="unknown countermeasure"):
+        ProtectConfig(inputs=["x"], output="o", probe_countermeasures="mixup,shear").resolved()
