@@ -15,6 +15,7 @@ import sys
 from ops.engine import COMPILE_CHOICES, CONVERGED_LOSS, PRECISIONS
 from pipeline.config import (
     DEFAULT_PROBE_ARCH,
+    DEFAULT_PROBE_COUNTERMEASURES,
     DEFAULT_PROBE_STEPS,
     DEFAULT_SURROGATE,
     PROBE_MARGIN,
@@ -86,6 +87,11 @@ def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None
     p.add_argument("--probe-threshold", type=float, default=None,
                    help=f"probe accuracy that still counts as protected (default: chance + {PROBE_MARGIN} x "
                         "(clean-trained probe - chance))")
+    p.add_argument("--probe-countermeasures", default=DEFAULT_PROBE_COUNTERMEASURES,
+                   help="the probe's countermeasure battery, judged on the final release: comma-separated NAME[:ARG] "
+                        "(none, jpeg:Q, grayscale, blur:SIGMA, bdr:BITS, cutout, cutmix, mixup, ueraser, at:EPS) or "
+                        "'all'; each is also early-stopped on a clean validation half, and the release is reported "
+                        "protected only when every one holds. 'none': the plain probe only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="the surrogate's precision in the noise stage, training and the stop check "
@@ -128,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs (and torch threads) of the demo's worker; unset: the machine's cores")
     p.add_argument("--keep-work", action="store_true",
                    help="keep the work dir (round records, noise state, checkpoints) after the release")
+    p.add_argument("--probe-countermeasures", default=DEFAULT_PROBE_COUNTERMEASURES,
+                   help="the probe's battery (see protect --help); the protected victims train under the same ones")
 
     p = sub.add_parser("bench", help="time the noise step (engine against the paper-style fp32 baseline) and a "
                                      "whole round in-process", formatter_class=_Formatter)
@@ -222,9 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                                                               "protection", "counts")}, indent=2))
             if result.exit_code:
                 p = result.success["protection"]
-                why = (f"probe accuracy {p['probe_accuracy']:.3f} > threshold {p['threshold']:.3f}"
-                       if p["probe_accuracy"] > p["threshold"] else
-                       f"the probe learns only {p['probe_clean_accuracy']:.3f} from clean data, so it cannot tell")
+                broken = [f"{name} {c['worst']:.3f}" for name, c in (p.get("countermeasures") or {}).items()
+                          if not c["holds"]]
+                if p["probe_clean_accuracy"] <= p["threshold"]:
+                    why = f"the probe learns only {p['probe_clean_accuracy']:.3f} from clean data, so it cannot tell"
+                elif p["probe_accuracy"] > p["threshold"]:
+                    why = f"probe accuracy {p['probe_accuracy']:.3f} > threshold {p['threshold']:.3f}"
+                else:
+                    why = f"under {', '.join(broken)} the probe exceeds the threshold {p['threshold']:.3f}"
                 print(f"unlearnable: the release is complete but the protection probe does not hold ({why})",
                       file=sys.stderr)
             return result.exit_code
@@ -236,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.demo import run_demo
 
             return run_demo(args.output, args.mode, skip_converged=args.skip_converged,
-                            cpus_per_worker=args.cpus_per_worker, keep_work=args.keep_work)
+                            cpus_per_worker=args.cpus_per_worker, keep_work=args.keep_work,
+                            probe_countermeasures=args.probe_countermeasures)
         if args.command == "bench":
             from pipeline.bench import bench_cli
 

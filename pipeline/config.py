@@ -19,6 +19,10 @@ DEFAULT_PROBE_STEPS = 200
 # The probe holds when its clean accuracy is at most chance + PROBE_MARGIN * (clean-trained probe - chance),
 # unless --probe-threshold gives an absolute accuracy.
 PROBE_MARGIN = 0.25
+# The probe's countermeasure battery, judged on the final release (ops.countermeasures): the training-time
+# countermeasures that broke plain min-min noise on the demo's release (mixup 60%, adversarial training at 4/255 96%
+# against 17.5% plain), each also early-stopped on a clean validation half. "none": the plain probe only.
+DEFAULT_PROBE_COUNTERMEASURES = "mixup,at:4/255"
 # Skip the PGD steps of samples the surrogate already fits on their released image (ops.engine.CONVERGED_LOSS).
 # Measured on the MNIST demo with and without it (docs/benchmarks.md, "Skipping converged samples").
 SKIP_CONVERGED_DEFAULT = False
@@ -48,6 +52,7 @@ HASH_FIELDS = (
     "compile",
     "skip_converged",
     "manifest_source_hash",
+    "probe_countermeasures",
 )
 # The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
 MIN_RESOLUTION = 8
@@ -72,6 +77,7 @@ class ProtectConfig:
     probe_arch: str = DEFAULT_PROBE_ARCH
     probe_steps: int = DEFAULT_PROBE_STEPS
     probe_threshold: float | None = None  # default: relative to chance and the clean-trained probe
+    probe_countermeasures: str = DEFAULT_PROBE_COUNTERMEASURES  # comma-separated NAME[:ARG], or "none"
     max_rounds: int = 30
     seed: int = 0
     workers: int | None = None
@@ -122,6 +128,7 @@ class ProtectConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.probe_threshold is not None and not 0 <= self.probe_threshold <= 1:
             raise ValueError(f"--probe-threshold must be an accuracy in [0, 1], got {self.probe_threshold}")
+        self.probe_countermeasures = ",".join(probe_battery(self.probe_countermeasures)) or "none"
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.compile not in COMPILE_CHOICES:
@@ -145,6 +152,16 @@ class ProtectConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def probe_battery(text: str) -> list[str]:
+    """The probe's countermeasures as canonical ``NAME:ARG`` texts; [] for "none" (the plain probe only). The plain
+    probe always runs (the stop rule needs it): a ``none`` in a list adds its early-stopped score to the battery."""
+    from ops.countermeasures import parse_battery
+
+    if text.strip().lower() == "none":
+        return []
+    return [cm.text for cm in parse_battery([text])]
 
 
 def config_hash(cfg: ProtectConfig, plan_digest: str) -> str:

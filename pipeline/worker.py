@@ -357,14 +357,15 @@ class RoundWorker:
             "keys": keys,
         }
 
-    def probe_score(self, source: str, *parts: dict) -> dict:
+    def probe_score(self, source: str, *parts: dict, countermeasure: str = "none") -> dict:
         """Train the protection probe on ``source`` ("released" or "clean") images of the whole corpus: ``parts``
-        are every worker's ``probe_data`` (this one's included), in worker order."""
+        are every worker's ``probe_data`` (this one's included), in worker order; ``countermeasure`` as an informed
+        adversary trains (``pipeline.probe.probe_score``)."""
         data = {k: torch.cat([p[k] for p in parts]) for k in ("released", "clean", "labels")}
         data["keys"] = [k for p in parts for k in p["keys"]]
         cfg = self.cfg
         return probe_score(data, source, arch=cfg.probe_arch, steps=cfg.probe_steps, num_classes=self.num_classes,
-                           seed=cfg.seed)
+                           seed=cfg.seed, countermeasure=countermeasure)
 
     # ---- export -----------------------------------------------------------------------------------------------
     def export_shard(self, shard: str, output: str, work: str, config_hash: str) -> dict:
