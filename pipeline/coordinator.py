@@ -599,10 +599,16 @@ class Run:
             self.battery = record["battery"]
             return
         t0 = time.perf_counter()
-        parts = [w.probe_data.remote() for w in self.workers]
+        probe = final["probe"]
+        # The plain probe early-stopped is the final round's probe itself (same training, scored every epoch).
+        plain = ([{"countermeasure": "none", "accuracy": probe["probe_accuracy"], "seconds": 0.0,
+                   "early_stopped_accuracy": probe["probe_early_stopped_accuracy"],
+                   "best_epoch": probe["probe_best_epoch"]}] if probe.get("probe_best_epoch") else [])
+        names = names[len(plain):]
+        parts = [w.probe_data.remote() for w in self.workers] if names else []
         refs = [self.workers[i % len(self.workers)].probe_score.remote("released", *parts, countermeasure=name)
                 for i, name in enumerate(names)]
-        self.battery = judge_battery(final["probe"], pool.get_all(refs))
+        self.battery = judge_battery(probe, plain + pool.get_all(refs))
         seconds = time.perf_counter() - t0
         self.timings["probe"] += seconds
         fs.write_bytes(self.layout.battery_record, json.dumps(

@@ -106,6 +106,7 @@ def judge(released: dict, clean_accuracy: float, *, arch: str, steps: int, thres
         "holds": holds,
         "probe_accuracy": round(probe_accuracy, 4),
         "probe_early_stopped_accuracy": round(released.get("early_stopped_accuracy", probe_accuracy), 4),
+        "probe_best_epoch": released.get("best_epoch"),
         "probe_clean_accuracy": round(clean_accuracy, 4),
         "chance": round(chance, 4),
         "threshold": round(threshold, 4),

@@ -21,7 +21,8 @@ from conftest import run_cli
 from pipeline.storage.shards import RawSample, write_tar
 
 ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
-        "--probe-steps", "20", "--probe-countermeasures", "none", "--max-rounds", "1", "--stop-error", "1.0", "--num-classes", "10"]
+        "--probe-steps", "20", "--probe-arch", "small-cnn", "--probe-countermeasures", "none", "--max-rounds", "1",
+        "--stop-error", "1.0", "--num-classes", "10"]
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -20,7 +20,8 @@ from PIL import Image
 from conftest import run_cli
 
 ARGS = ["--resolution", "16", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "2", "--batch-size", "32",
-        "--probe-steps", "10", "--probe-countermeasures", "none", "--max-rounds", "1", "--stop-error", "1.0"]
+        "--probe-steps", "10", "--probe-arch", "small-cnn", "--probe-countermeasures", "none", "--max-rounds", "1",
+        "--stop-error", "1.0"]
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:

@@ -156,7 +156,7 @@ def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, t
     proc = run_cli("protect", "--input", os.path.join(mnist_small["root"], "train"), "--output", out,
                    "--max-rounds", "1", "--stop-error", "1.0", "--eps", "1/255", "--resolution", "28",
                    "--pgd-steps", "1", "--train-steps", "2", "--batch-size", "128", "--probe-steps", "120",
-                   "--probe-countermeasures", "mixup")
+                   "--probe-arch", "small-cnn", "--probe-countermeasures", "mixup")
     assert proc.returncode == 4, proc.stderr[-3000:]
     success = json.load(open(os.path.join(out, "_SUCCESS.json")))
     p = success["protection"]

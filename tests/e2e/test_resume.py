@@ -21,7 +21,8 @@ from conftest import REPO, run_cli
 
 # Two rounds always (stop-error 0 is never met before the last round); small work so that many runs fit.
 ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
-        "--probe-steps", "20", "--probe-countermeasures", "none", "--max-rounds", "2", "--stop-error", "0", "--seed", "3", "--keep-work"]
+        "--probe-steps", "20", "--probe-arch", "small-cnn", "--probe-countermeasures", "none", "--max-rounds", "2",
+        "--stop-error", "0", "--seed", "3", "--keep-work"]
 
 
 def _protect(train: str, out: str, fault: str | None = None, once: str | None = None, extra: list[str] = ()):
