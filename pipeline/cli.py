@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _status_text(info: dict) -> str:
     lines = [f"{info['output']}: {info['state']}"]
-    for key in ("rounds", "rounds_done", "round", "stage", "shards", "stop_reason", "surrogate_error",
-                "last_error_on_released_data", "protection", "counts", "last_run_error"):
+    for key in ("rounds", "rounds_done", "round", "stage", "shards", "seconds_per_round", "noise_images_per_second",
+                "eta_seconds_at_most", "stop_reason", "surrogate_error", "last_error_on_released_data", "protection",
+                "counts", "last_run_error"):
         value = info.get(key)
         if value is None:
             continue
@@ -260,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
 
             info = status(args.output, args.work_dir)
             print(json.dumps(info, indent=2, default=str) if args.json else _status_text(info))
+            if info["state"] == "not started":
+                # Not "incomplete": there is no run here to resume (a mistyped OUTPUT, or a --work-dir not given).
+                print(f"unlearnable: no run found at {info['output']} (no _SUCCESS.json, no run.json in its work dir)",
+                      file=sys.stderr)
+                return EXIT_BAD_ARGS
             return 0 if info["complete"] else EXIT_INCOMPLETE
         if args.command == "verify":
             from pipeline.inspection import verify

@@ -286,6 +286,7 @@ class Run:
         self.workers = pool.start_workers(cfg.to_dict(), plan.num_classes, plan.channels, n, gpus_each, cpus_each)
         shares = assign_shards(plan.shards, n)
         self.owner = {s.id: i for i, share in enumerate(shares) for s in share}
+        log.info("loading %d shard(s), %d samples, on %d worker(s)", len(plan.shards), plan.total_samples, n)
         t0 = time.perf_counter()
         loaded = pool.get_all([w.load_shards.remote([(s.id, s.url) for s in share])
                                for w, share in zip(self.workers, shares)])

@@ -51,6 +51,7 @@ def status(output: str, work_dir: str | None = None) -> dict:
     stopped = bool(rounds and rounds[-1].get("stop"))
     max_rounds = int(run["config"].get("max_rounds", 0))
     out["rounds_done"] = len(rounds)
+    out.update(_pace(rounds, plan.total_samples if plan else 0, max_rounds))
     out["last_error_on_released_data"] = rounds[-1]["error"] if rounds else None
     out["last_probe"] = rounds[-1].get("probe") if rounds else None
     exported = [s for s in shards if (read_marker(layout.shard_marker(s)) or {}).get("config_hash") == chash]
@@ -84,6 +85,19 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def _pace(rounds: list[dict], samples: int, max_rounds: int) -> dict:
+    """How fast the finished rounds went: seconds per round, the noise stage's images/s, and the time left if the
+    run goes on to --max-rounds (an upper bound: the stop rule may end it sooner)."""
+    seconds = [sum((m.get("seconds") or {}).values()) for m in rounds]
+    if not seconds:
+        return {}
+    per_round = sum(seconds) / len(seconds)
+    noise = (rounds[-1].get("seconds") or {}).get("noise")
+    return {"seconds_per_round": round(per_round, 1),
+            "noise_images_per_second": round(samples / noise, 1) if noise else None,
+            "eta_seconds_at_most": round(per_round * max(0, max_rounds - len(rounds)))}
 
 
 def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:

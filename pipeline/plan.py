@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -25,6 +26,7 @@ from pipeline.storage import fs
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, shard_id
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 5.0  # the plan's progress line while it reads the corpus
 
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
 
@@ -136,7 +138,8 @@ def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None
     urls = expand_inputs(inputs)
     shards = []
     channels = 1
-    for url in urls:
+    t0 = last_log = time.monotonic()
+    for i, url in enumerate(urls):
         if not fs.exists(url):
             raise PlanError(f"input shard not found: {url}")
         count = 0
@@ -160,6 +163,12 @@ def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None
             channels = max(channels, sample_channels)
             census.add(item.members)
         shards.append(ShardPlan(shard_id(url), url, count))
+        now = time.monotonic()
+        if now - last_log >= PROGRESS_EVERY_S or i in (0, len(urls) - 1):  # a line while a large corpus is read
+            last_log = now
+            read = sum(s.samples for s in shards)
+            log.info("plan: %d/%d shards read, %d samples (%.0f samples/s)", i + 1, len(urls), read,
+                     read / max(now - t0, 1e-9))
     try:
         num_classes, label_names = census.classes(num_classes)
     except LabelsRefused as exc:

@@ -129,10 +129,16 @@ def _status_and_verify_say_in_progress(out: str, done: int) -> None:
     assert info["rounds_done"] == 1 and info["round"] == 1 and info["stage"] == "noise"
     assert info["shards"] == {"total": 3, "done": done, "left": 3 - done, "failed": 0}
     assert info["last_error_on_released_data"] is not None
+    # The pace of the finished round, and the time left at most (one round of the two to go).
+    assert info["seconds_per_round"] > 0 and info["noise_images_per_second"] > 0
+    assert abs(info["eta_seconds_at_most"] - info["seconds_per_round"]) <= 1
     text = run_cli("status", out)
     assert "in progress" in text.stdout and f"shards: {done}/3 done, {3 - done} left" in text.stdout
     ver = run_cli("verify", out)
     assert ver.returncode == 1 and "not complete" in (ver.stdout + ver.stderr)
+    # No run at all there (a mistyped OUTPUT) is not "incomplete": exit 2 and one line.
+    none = run_cli("status", out + "-typo")
+    assert none.returncode == 2 and none.stderr.strip().splitlines()[-1].startswith("unlearnable: no run found")
 
 
 def test_a_worker_that_dies_mid_noise_stage_is_replaced_and_the_run_completes(reference, tmp_path):
