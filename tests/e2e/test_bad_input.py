@@ -15,9 +15,9 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import raw_tar, run_cli
 from PIL import Image
 
-from conftest import run_cli
 from pipeline.storage.shards import RawSample, write_tar
 
 ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
@@ -89,16 +89,10 @@ def _hostile_shard() -> tuple[bytes, dict[str, str]]:
         members += [(f"copy{ext}.png", img), (f"copy{ext}.{ext}", _encode(_pattern("RGB", (28, 28)), fmt)),
                     (f"copy{ext}.cls", b"3")]
     members += [("fine.png", img), ("fine.cls", b"3")]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     want = {"../../evil": "absolute or holds '..'", "/abs/evil2": "absolute or holds '..'",
             "bad\\xff": "not valid UTF-8", "copytif": "'.tif' decodes as an image",
             "copybmp": "'.bmp' decodes as an image", "copygif": "'.gif' decodes as an image"}
-    return buf.getvalue(), want
+    return raw_tar(members), want
 
 
 def _truncated_shard(good: list[RawSample]) -> tuple[bytes, list[str], str]:

@@ -15,9 +15,8 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import raw_tar, run_cli
 from PIL import Image
-
-from conftest import run_cli
 
 ARGS = ["--resolution", "16", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "2", "--batch-size", "32",
         "--probe-steps", "10", "--probe-arch", "small-cnn", "--probe-countermeasures", "none", "--max-rounds", "1",
@@ -79,18 +78,13 @@ def _corpus(root, seed: int, digits) -> tuple[list[str], dict[str, int], list[np
     paths, counts, originals = [], {}, []
     for s in range(2):
         members = [m for i in range(s * 40, s * 40 + 40) for m in _sample(rng, i, digits)]
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-                try:
-                    originals.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGBA")))
-                except Exception:  # noqa: BLE001 - not an image
-                    pass
+        for _, data in members:
+            try:
+                originals.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGBA")))
+            except Exception:  # noqa: BLE001 - not an image
+                pass
         path = root / f"fuzz{seed}-{s}.tar"
-        path.write_bytes(buf.getvalue())
+        path.write_bytes(raw_tar(members))
         paths.append(str(path))
         # webdataset groups consecutive members by key: each group is one sample, and one manifest row.
         keys = [name.rsplit("/", 1)[0] + "/" + name.rsplit("/", 1)[-1].split(".", 1)[0] if "/" in name

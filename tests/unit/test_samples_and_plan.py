@@ -7,10 +7,10 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
+from conftest import raw_tar
 from PIL import Image
 
 from pipeline import mnist
@@ -525,15 +525,10 @@ def test_keys_that_escape_the_folder_of_whoever_unpacks_the_release_are_rejected
 
 def test_a_member_name_that_is_not_utf8_is_rejected_with_a_printable_key(tmp_path):
     """tarfile hands a non-UTF-8 name over with surrogate escapes, which no manifest can hold: one row, rejected."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in ((b"bad\xff.png", _img_bytes()), (b"bad\xff.cls", b"2"), (b"good.png", _img_bytes()),
-                           (b"good.cls", b"2")):
-            info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    members = [(b"bad\xff.png", _img_bytes()), (b"bad\xff.cls", b"2"), (b"good.png", _img_bytes()), (b"good.cls", b"2")]
+    data = raw_tar([(name.decode("utf-8", "surrogateescape"), data) for name, data in members])
     path = tmp_path / "s.tar"
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(data)
     results = [r for _, r in prepare_each(iter_samples(str(path)), _rules(), 1)]
     assert [type(r).__name__ for r in results] == ["Rejected", "Accepted"]
     assert results[0].key == "bad\\xff" and "not valid UTF-8" in results[0].error
