@@ -154,7 +154,7 @@ def _load_plan(layout: Layout, record: dict | None) -> Plan | None:
 
 
 def protect(cfg: ProtectConfig) -> RunResult:
-    """Run (or resume) a protection; returns the exit status of DESIGN.md and the ``_SUCCESS.json`` record."""
+    """Run (or resume) a protection; returns the exit status (0, 3, 4; see the CLI) and the ``_SUCCESS.json`` record."""
     t_start = time.perf_counter()
     prepared = prepare_run(cfg)
     layout, plan, chash = prepared.layout, prepared.plan, prepared.chash

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pipeline.config import ProtectConfig
 from pipeline.plan import build_plan
 
-TYPICAL_ROUNDS = 10  # the reference needed about 10 rounds on CIFAR-10 (DESIGN.md)
+TYPICAL_ROUNDS = 10  # the reference implementation needed about 10 rounds on CIFAR-10
 
 
 def estimate(cfg: ProtectConfig, rate: float | None = None, workers: int | None = None) -> dict:

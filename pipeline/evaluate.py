@@ -20,7 +20,7 @@ from pipeline.probe import early_stopping_split
 from pipeline.samples import Accepted, SampleRules, prepare_each
 from pipeline.storage.shards import ShardReadError, iter_samples
 from surrogates import build
-from surrogates.training import accuracy, fit, fit_epochs
+from surrogates.training import accuracy, fit_epochs
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +53,13 @@ def load_images(inputs: list[str], resolution: int, channels: int | None = None)
     return x, y
 
 
-def train_victim(x: torch.Tensor, y: torch.Tensor, *, arch: str, epochs: int, num_classes: int, batch_size: int = 128,
-                 lr: float = 0.05, pad: int = 4, flip: bool = False, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build(arch, num_classes, x.shape[1])
-    steps = max(1, epochs * (x.shape[0] // min(batch_size, x.shape[0])))
-    return fit(model, x, y, steps=steps, batch_size=batch_size, lr=lr, pad=pad, flip=flip, seed=seed)
-
-
 def train_countered_victim(x: torch.Tensor, y: torch.Tensor, cm: Countermeasure, *, arch: str, epochs: int,
                            num_classes: int, x_val: torch.Tensor, y_val: torch.Tensor, x_hold: torch.Tensor,
                            y_hold: torch.Tensor, batch_size: int = 128, lr: float = 0.05, pad: int = 4,
                            flip: bool = False, seed: int = 0) -> tuple[torch.nn.Module, list[float], list[float]]:
     """A victim trained on ``x`` (already preprocessed) with ``cm``'s training-time change, if any; scored after every
     epoch on the validation half and the held-out half. Returns the model and both per-epoch curves. With ``none``
-    it is the same victim as ``train_victim``'s (same weights)."""
+    it trains the same weights as ``surrogates.training.fit`` over the same steps (tested)."""
     torch.manual_seed(seed)
     model = build(arch, num_classes, x.shape[1])
     val_curve: list[float] = []

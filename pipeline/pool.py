@@ -76,7 +76,7 @@ def gpu_worker_cpus(nodes: list[dict], gpus_per_worker: float) -> int:
 
 def pool_size(workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None) -> tuple[int, float,
                                                                                                            float]:
-    """DESIGN.md's defaults: one worker per GPU (else 1); 1 GPU each where the cluster has GPUs, else CPU actors
+    """The defaults: one worker per GPU (else 1); 1 GPU each where the cluster has GPUs, else CPU actors
     with this machine's cores shared out (Ray's own tasks get the logical CPUs beyond the physical ones). A GPU
     worker gets its GPU node's CPUs divided by the node's GPUs (``gpu_worker_cpus``). ``--cpus-per-worker``
     overrides either; on a CPU-only cluster of other machines, pass it."""

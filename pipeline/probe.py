@@ -91,7 +91,7 @@ def probe_score(data: dict, source: str, *, arch: str, steps: int, num_classes: 
 
 def judge(released: dict, clean_accuracy: float, *, arch: str, steps: int, threshold: float | None,
           margin: float) -> dict:
-    """The ``protection`` record of DESIGN.md from the released-trained score and the clean-trained reference."""
+    """The ``protection`` record of ``_SUCCESS.json`` from the released-trained score and the clean-trained reference."""
     chance = released["chance"]
     probe_accuracy = released["accuracy"]
     if threshold is None:

@@ -14,7 +14,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """DESIGN.md's defaults, from the reference implementation's CIFAR-10 scripts."""
+    """The defaults, from the reference implementation's CIFAR-10 scripts."""
 
     lr: float = 0.1
     momentum: float = 0.9

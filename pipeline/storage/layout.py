@@ -1,4 +1,4 @@
-"""Where everything lives: the release (OUTPUT) and the work dir (WORK), as DESIGN.md lays them out.
+"""Where everything lives: the release (OUTPUT) and the work dir (WORK), as the README lays them out.
 
 OUTPUT holds only protected shards, their manifests and markers, the merged manifest and ``_SUCCESS.json``.
 WORK holds the noise state and surrogate checkpoints, which can undo the protection: it is never inside OUTPUT.

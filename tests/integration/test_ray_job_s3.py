@@ -1,7 +1,7 @@
 """On a cluster as users run it: a Ray head started with ``ray start``, ``unlearnable protect`` submitted with
 ``ray job submit``, two CPU workers, input and output in a bucket of the real SeaweedFS S3 server.
 
-The job's S3 credentials reach it the way DESIGN.md says they must on a cluster: from the nodes' environment (here:
+The job's S3 credentials reach it the way they must on a cluster: from the nodes' environment (here:
 the head was started with the AWS variables, as a pod gets them from a secret), never through the job's
 runtime_env or metadata. The test checks that the secret shows up in no log, no job metadata and no released file.
 """
