@@ -47,8 +47,10 @@ SPECS: dict[str, _Spec] = {
     "blur": _Spec("preprocess", "1.0", "blur:SIGMA: Gaussian blur, SIGMA in pixels (default 1.0)"),
     "bdr": _Spec("preprocess", "2", "bdr:BITS: bit-depth reduction to 2^BITS levels per channel (1-8, default 2)"),
     "cutout": _Spec("train", "0.5", "cutout:SIZE: zero a random square of SIZE x the side per image (default 0.5)"),
-    "cutmix": _Spec("train", "1.0", "cutmix:ALPHA: paste a box from another image, labels by area (lam ~ Beta(ALPHA, ALPHA), default 1.0)"),
-    "mixup": _Spec("train", "1.0", "mixup:ALPHA: blend image pairs and their labels (lam ~ Beta(ALPHA, ALPHA), default 1.0)"),
+    "cutmix": _Spec("train", "1.0", "cutmix:ALPHA: paste a box from another image, labels by area "
+                                    "(lam ~ Beta(ALPHA, ALPHA), default 1.0)"),
+    "mixup": _Spec("train", "1.0", "mixup:ALPHA: blend image pairs and their labels "
+                                   "(lam ~ Beta(ALPHA, ALPHA), default 1.0)"),
     "ueraser": _Spec("train", None, "ueraser: heavy random augmentation per image (UEraser-Lite style)"),
     "at": _Spec("train", "4/255", f"at:EPS: L-inf PGD adversarial training ({AT_STEPS} steps of EPS/4, default 4/255)"),
 }
@@ -156,23 +158,33 @@ def grayscale(x_uint8: torch.Tensor) -> torch.Tensor:
 
 def gaussian_blur(x_uint8: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur (kernel radius ceil(3 sigma), edges replicated), rounded back to uint8."""
+    return blur(x_uint8.to(torch.float32), sigma).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``gaussian_blur`` on float images of any range, unrounded and differentiable (the robust noise's EOT blurs
+    with it): a separable Gaussian kernel of radius ceil(3 sigma), edges replicated."""
     radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x_uint8.shape[1]
-    x = x_uint8.to(torch.float32)
+    k = (k / k.sum()).to(x.dtype)
+    c = x.shape[1]
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
+                    groups=c)
 
 
 def bit_depth_reduction(x_uint8: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantise each channel to 2^bits evenly spaced levels spanning 0..255 (as ISS's BDR: round(x (2^b - 1)) /
     (2^b - 1)); 8 bits is the identity."""
-    levels = 2 ** int(bits) - 1
-    x = (x_uint8.to(torch.float32) / 255.0 * levels).round_() / levels
-    return (x * 255.0).round_().to(torch.uint8)
+    return (quantize_levels(x_uint8.to(torch.float32) / 255.0, int(bits)) * 255.0).round_().to(torch.uint8)
+
+
+def quantize_levels(x: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] rounded to 2^bits evenly spaced levels spanning [0, 1] (``bits`` may be a tensor that
+    broadcasts, one depth per image); ``bit_depth_reduction``'s rounding, and the robust noise's EOT's."""
+    levels = 2**bits - 1
+    return (x * levels).round() / levels
 
 
 def preprocess(cm: Countermeasure, x_uint8: torch.Tensor) -> torch.Tensor:
@@ -319,6 +331,16 @@ def pgd_maximize(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
     cross-entropy (hard or soft targets), each projected onto the eps-ball and [0, 1]. Returns the adversarial
     images x + delta, detached, with |delta| <= eps. The model's mode is the caller's; its parameters get no
     gradient."""
+    return (x + pgd_perturbation(model, x, targets, eps=eps, steps=steps, step_size=step_size,
+                                 generator=generator)).detach()
+
+
+def pgd_perturbation(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, targets: torch.Tensor, *,
+                     eps: float, steps: int = AT_STEPS, step_size: float | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The perturbation ``pgd_maximize`` adds, detached: |delta| <= eps and x + delta in [0, 1]. ``model`` is any
+    callable from images to logits (the noise engine passes its autocast, compiled forward); the robust noise's
+    inner maximisation is this attack."""
     step_size = eps * AT_STEP_FRACTION if step_size is None else step_size
     if generator is not None:
         delta = (torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1) * eps
@@ -331,7 +353,7 @@ def pgd_maximize(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
             loss = F.cross_entropy(model(image), targets)
             (grad,) = torch.autograd.grad(loss, image)
             delta = project(delta + step_size * grad.sign(), x, eps)
-    return (x + delta).detach()
+    return delta.detach()
 
 
 Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]

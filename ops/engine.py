@@ -12,7 +12,10 @@ the clipped image leaf, signed step, projection onto the eps-ball and [0, 1]). W
 - a whole shard per call: images, labels and noise stay on the device, batches are cut from them there, and no
   per-sample Python or host work happens between steps;
 - the skip of converged samples (``skip_below``): a sample whose surrogate loss on its released image (x + delta
-  rounded to uint8) is already below the threshold is left as it is for this round.
+  rounded to uint8) is already below the threshold is left as it is for this round;
+- the robust update (``robust``, ``--robust on``): ``ops.robust.robust_minimize``'s min-min-max with an expectation
+  over transformations in place of the plain steps, with the same padding, precision and memory format; its random
+  transforms and starts come from the engine's own generator (``seed``, ``reseed``).
 
 ``reference_noise_pass`` is the other end of the scale: the same update computed the way the paper's code does it
 (fp32 eager, noise held on the host and moved per sample every batch, parameter gradients computed too). It exists
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ops.noise import project
+from ops.robust import RobustSpec, robust_minimize
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +114,14 @@ class NoiseEngine:
         channels_last: bool | None = None,
         compile: bool | None = None,
         compile_mode: str | None = None,
+        robust: RobustSpec | None = None,
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.eps, self.step_size, self.steps = eps, step_size, steps
+        self.robust = robust
+        # The robust update's randomness (transforms, the inner maximisation's random start); unused when plain.
+        self.generator = torch.Generator().manual_seed(seed)
         param = next(model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self.precision = resolve_precision(precision, self.device)
@@ -136,7 +145,14 @@ class NoiseEngine:
 
     def describe(self) -> dict:
         return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
-                "compile": self._compiled, "compile_mode": self.compile_mode, "fallback": self.fallback_reason}
+                "compile": self._compiled, "compile_mode": self.compile_mode, "fallback": self.fallback_reason,
+                "robust": None if self.robust is None else self.robust.describe()}
+
+    def reseed(self, seed: int) -> None:
+        """Restart the robust update's generator. A caller that wants a unit of work (a shard in a round) to get the
+        same noise however it was reached (a resumed run, a shard taken over by another worker) reseeds before it
+        from the unit's identity; without that, the draws follow from the engine's seed and every call before."""
+        self.generator.manual_seed(seed)
 
     def _try_compile(self) -> None:
         if not hasattr(torch, "compile"):
@@ -183,7 +199,8 @@ class NoiseEngine:
         """``steps`` min-min PGD steps on one batch (x in [0, 1]); returns the new delta, detached, |delta| <= eps.
 
         The surrogate must be in the mode the caller wants (eval for the noise stage). ``pad_to`` pads a short batch
-        to that many rows for a compiled surrogate (the padding rows are zero-weighted in the loss).
+        to that many rows for a compiled surrogate (the padding rows are zero-weighted in the loss). With ``robust``
+        the steps are ``ops.robust.robust_minimize``'s (each one costs 1 + robust.inner_steps surrogate passes).
         """
         n = x.shape[0]
         if n == 0 or self.steps == 0:
@@ -201,18 +218,23 @@ class NoiseEngine:
         for p in params:
             p.requires_grad_(False)
         try:
-            for _ in range(self.steps):
-                # As in ops.noise.pgd_minimize: the gradient at the clipped image itself, not through the clip (which
-                # passes no gradient at 0 and 1); the projection keeps x + delta in [0, 1].
-                image = self.format((x + delta).clamp(0.0, 1.0)).requires_grad_(True)
-                logits = self._logits(image).float()
-                if weight is None:
-                    loss = F.cross_entropy(logits, y)
-                else:
-                    loss = (F.cross_entropy(logits, y, reduction="none") * weight).sum()
-                (grad,) = torch.autograd.grad(loss, image)
-                with torch.no_grad():
-                    delta = project(delta - self.step_size * grad.sign(), x, self.eps)
+            if self.robust is not None:
+                delta = robust_minimize(lambda image: self._logits(self.format(image)).float(), x, y, delta,
+                                        eps=self.eps, step_size=self.step_size, steps=self.steps, spec=self.robust,
+                                        generator=self.generator, weight=weight)
+            else:
+                for _ in range(self.steps):
+                    # As in ops.noise.pgd_minimize: the gradient at the clipped image itself, not through the clip
+                    # (which passes no gradient at 0 and 1); the projection keeps x + delta in [0, 1].
+                    image = self.format((x + delta).clamp(0.0, 1.0)).requires_grad_(True)
+                    logits = self._logits(image).float()
+                    if weight is None:
+                        loss = F.cross_entropy(logits, y)
+                    else:
+                        loss = (F.cross_entropy(logits, y, reduction="none") * weight).sum()
+                    (grad,) = torch.autograd.grad(loss, image)
+                    with torch.no_grad():
+                        delta = project(delta - self.step_size * grad.sign(), x, self.eps)
         finally:
             for p in params:
                 p.requires_grad_(True)

@@ -13,6 +13,7 @@ import os
 import sys
 
 from ops.engine import COMPILE_CHOICES, CONVERGED_LOSS, PRECISIONS
+from ops.robust import ROBUST_CHOICES
 from pipeline.config import (
     DEFAULT_PROBE_ARCH,
     DEFAULT_PROBE_COUNTERMEASURES,
@@ -76,12 +77,18 @@ def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None
     p.add_argument("--eps", default="8/255", help="L-inf budget, a fraction or a float")
     p.add_argument("--step-size", default=d["step_size"], help="PGD step (default: eps/10)")
     p.add_argument("--pgd-steps", type=int, default=d["pgd_steps"], help="default: 20 sample-wise, 1 class-wise")
+    p.add_argument("--robust", choices=list(ROBUST_CHOICES), default="off",
+                   help="on: noise made to survive informed victims (REM-style min-min-max: the surrogate trains and "
+                        "the noise is optimised against an adversary of radius min(4/255, eps/2) and random "
+                        "transformations like the countermeasure battery's; each PGD step costs about 4 plain ones); "
+                        "off: the paper's min-min noise")
     p.add_argument("--train-steps", type=int, default=d["train_steps"], help="surrogate SGD steps per round")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="surrogate training batch")
     p.add_argument("--noise-batch-size", type=int, default=None,
                    help="images per PGD batch in the noise stage and the stop check (default: --batch-size; "
                         "larger often pays on a GPU: measure with `unlearnable bench --batch-size`)")
-    p.add_argument("--stop-error", type=float, default=0.01, help="stop when the error on released data is at most this")
+    p.add_argument("--stop-error", type=float, default=0.01,
+                   help="stop when the error on released data is at most this")
     p.add_argument("--probe-arch", default=DEFAULT_PROBE_ARCH, help="the protection probe's model")
     p.add_argument("--probe-steps", type=int, default=d["probe_steps"], help="the probe's training steps")
     p.add_argument("--probe-threshold", type=float, default=None,

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from ops.engine import COMPILE_CHOICES, PRECISIONS
 from ops.image import DEFAULT_MAX_PIXELS
 from ops.noise import parse_fraction
+from ops.robust import robust_spec
 
 # Chosen from measurements on MNIST-5k (README, "Defaults"): a weak surrogate makes a strong shortcut.
 DEFAULT_SURROGATE = "small-cnn"
@@ -53,6 +54,7 @@ HASH_FIELDS = (
     "skip_converged",
     "manifest_source_hash",
     "probe_countermeasures",
+    "robust",
 )
 # The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
 MIN_RESOLUTION = 8
@@ -68,6 +70,9 @@ class ProtectConfig:
     eps: float = 8 / 255
     step_size: float | None = None  # default eps / 10
     pgd_steps: int | None = None  # default 20 (sample-wise), 1 (class-wise)
+    # "on": REM-style min-min-max noise with an expectation over the battery's transformations (ops.robust), against
+    # informed victims; "off": the paper's min-min noise.
+    robust: str = "off"
     train_steps: int = 10
     batch_size: int = 512
     # Images per PGD batch in the noise stage (and the stop check): default the training batch. The noise stage runs
@@ -110,6 +115,8 @@ class ProtectConfig:
         self.step_size = self.eps / 10 if self.step_size is None else parse_fraction(self.step_size)
         if not 0 < self.step_size <= self.eps:
             raise ValueError(f"--step-size must be in (0, eps], got {self.step_size}")
+        robust_spec(self.robust, self.eps)  # raises ValueError for a value other than off / on
+        self.robust = str(self.robust).strip().lower()
         if self.pgd_steps is None:
             self.pgd_steps = 20 if self.mode == "samplewise" else 1
         if self.noise_batch_size is None:

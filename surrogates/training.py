@@ -34,14 +34,20 @@ def train_step(
     grad_clip: float = OptimConfig.grad_clip,
     all_reduce=None,
     autocast=None,
+    adversary: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """One SGD step on a batch (already perturbed and clipped by the caller); returns the batch loss.
 
     ``all_reduce``, when given, is called on the list of gradients before clipping (data-parallel training).
     ``autocast``, when given, makes the context the forward pass and loss run in (mixed precision: the backward
     pass runs outside it, the weights and their gradients stay fp32).
+    ``adversary(model, x, y) -> x'``, when given, replaces the batch before the forward (the robust noise's
+    adversarial train stage, ``ops.robust.robust_adversary``): it is called with the model in training mode, must
+    leave it so and must leave its gradients alone.
     """
     model.train()
+    if adversary is not None:
+        x = adversary(model, x, y)
     optimizer.zero_grad(set_to_none=True)
     with autocast() if autocast is not None else contextlib.nullcontext():
         loss = F.cross_entropy(model(x).float(), y)
