@@ -301,6 +301,14 @@ class Run:
                  len(results), n, accepted, sum(r["rejected"] for r in results), seconds, accepted / max(seconds, 1e-9))
         if accepted == 0:
             raise ConfigRefused("no sample of the corpus can be protected (every sample was rejected)")
+        # Every worker learns where its rows sit in the whole corpus (the plan's order): the pool then draws one
+        # worker's batches (pipeline.worker.train_stage).
+        counts = {r["shard"]: r["accepted"] for r in results}
+        offsets, total = {}, 0
+        for s in plan.shards:
+            offsets[s.id] = total
+            total += counts[s.id]
+        pool.get_all([w.set_global_rows.remote(offsets, total) for w in self.workers])
 
     def stop_workers(self) -> None:
         for w in self.workers:
@@ -574,9 +582,10 @@ class Run:
         # via the coordinator). The clean-trained reference, needed once per run, trains on a second worker at the
         # same time when there is one.
         parts = [w.probe_data.remote() for w in self.workers]
-        released = self.workers[0].probe_score.remote("released", *parts)
+        order = [s.id for s in self.plan.shards]
+        released = self.workers[0].probe_score.remote("released", *parts, order=order)
         if clean_ref is None:
-            clean = self.workers[1 % len(self.workers)].probe_score.remote("clean", *parts)
+            clean = self.workers[1 % len(self.workers)].probe_score.remote("clean", *parts, order=order)
             clean_ref = round(pool.get(clean)["accuracy"], 4)  # as the round records keep it: resumed == not
             fs.write_bytes(self.layout.probe_record, json.dumps(
                 {"config_hash": self.chash, "probe_clean_accuracy": clean_ref}).encode())
@@ -607,7 +616,9 @@ class Run:
                    "best_epoch": probe["probe_best_epoch"]}] if probe.get("probe_best_epoch") else [])
         names = names[len(plain):]
         parts = [w.probe_data.remote() for w in self.workers] if names else []
-        refs = [self.workers[i % len(self.workers)].probe_score.remote("released", *parts, countermeasure=name)
+        order = [s.id for s in self.plan.shards]
+        refs = [self.workers[i % len(self.workers)].probe_score.remote("released", *parts, countermeasure=name,
+                                                                       order=order)
                 for i, name in enumerate(names)]
         self.battery = judge_battery(probe, plain + pool.get_all(refs))
         seconds = time.perf_counter() - t0

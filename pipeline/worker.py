@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,6 +32,7 @@ from ops.image import (
     to_working,
 )
 from ops.noise import apply_classwise_update, decode_noise, encode_noise, release_uint8
+from ops.robust import robust_adversary, robust_spec
 from pipeline import faults
 from pipeline.config import ProtectConfig
 from pipeline.probe import probe_score
@@ -40,6 +42,7 @@ from pipeline.storage.layout import Layout
 from pipeline.storage.markers import commit_files
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, read_ahead, write_tar
 from surrogates import build
+from surrogates.distributed import pool_batch_norm
 from surrogates.training import load_checkpoint, make_optimizer, predict, save_checkpoint, train_step
 
 log = logging.getLogger(__name__)
@@ -72,11 +75,20 @@ class RoundWorker:
         torch.manual_seed(self.cfg.seed)
         self.model = build(self.cfg.surrogate, num_classes, channels).to(self.device)
         self.optimizer = make_optimizer(self.model)
+        # --robust on: REM's min-min-max with an expectation over transformations (ops.robust), in the noise stage
+        # and, as the adversary of every training step, in the train stage.
+        self.robust = robust_spec(self.cfg.robust, self.cfg.eps)
         # The noise stage's engine (bf16 autocast, channels_last and torch.compile where the device pays for them).
         self.engine = NoiseEngine(self.model, eps=self.cfg.eps, step_size=self.cfg.step_size,
-                                  steps=self.cfg.pgd_steps, precision=self.cfg.precision,
-                                  **compile_args(self.cfg.compile))
-        self.generator = torch.Generator().manual_seed(self.cfg.seed + 1000 * index)
+                                  steps=self.cfg.pgd_steps, precision=self.cfg.precision, robust=self.robust,
+                                  seed=self.cfg.seed, **compile_args(self.cfg.compile))
+        # The train stage's attacks draw from their own stream, so that the batch stream (self.generator) stays the
+        # same on every worker of a pool whatever each attacks.
+        self.attack_generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.adversary = (None if self.robust is None else
+                          robust_adversary(self.robust, self.attack_generator, autocast=self.engine.autocast))
+        # The same stream on every worker of a pool: each draws the pool's global batch and keeps its own rows of it.
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.rules = SampleRules(num_classes, self.cfg.max_pixels, self.cfg.image_key, self.cfg.label_key,
                                  self.cfg.label_names)
         r = self.cfg.resolution
@@ -89,6 +101,9 @@ class RoundWorker:
         self.shards: dict[str, ShardData] = {}  # every shard held: its own, and guests taken over in a noise stage
         self.owned: list[str] = []  # the shards this worker trains on, checks, probes and exports
         self.n_owned = 0  # rows [0, n_owned) of x, y and delta are the owned shards'; guest rows follow
+        # Row i of the whole corpus (the plan's shard order) -> this worker's row of it, or -1 where another worker
+        # holds it (``set_global_rows``); None: the corpus is this worker's owned rows.
+        self.global_rows: torch.Tensor | None = None
         self.rank, self.world = index, 1
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -137,6 +152,15 @@ class RoundWorker:
         return {"shard": shard, "accepted": len(keys), "rejected": rejected, "read_error": read_error,
                 "seconds": time.perf_counter() - t0}
 
+    def set_global_rows(self, offsets: dict[str, int], total: int) -> None:
+        """Where this worker's owned shards sit in the whole corpus: ``offsets`` maps each shard of the plan to its
+        first row in the plan's order (accepted samples only), ``total`` is the corpus' accepted samples."""
+        rows = torch.full((total,), -1, dtype=torch.long)
+        for shard in self.owned:
+            sd = self.shards[shard]
+            rows[offsets[shard] : offsets[shard] + sd.end - sd.start] = torch.arange(sd.start, sd.end)
+        self.global_rows = rows
+
     # ---- data-parallel training across the pool (torch.distributed) -------------------------------------------
     def free_port(self) -> int:
         """A free TCP port on this worker's machine, for the process group's rendezvous (rank 0 asks)."""
@@ -145,11 +169,12 @@ class RoundWorker:
             return s.getsockname()[1]
 
     def init_distributed(self, rank: int, world: int, address: str, port: int, ifname: str | None) -> str:
-        """Join the pool's process group: NCCL on GPUs, gloo on CPUs; rank 0's weights become everyone's."""
+        """Join the pool's process group: NCCL on GPUs, gloo on CPUs; rank 0's weights become everyone's, and batch
+        norm normalises by the pool's whole batch (``surrogates.distributed``)."""
         self.rank, self.world = rank, world
-        self.generator.manual_seed(self.cfg.seed + 1000 * rank)
         if world == 1:
             return "none"
+        pool_batch_norm(self.model)
         if ifname:  # the interface that carries the rendezvous address (loopback when the pool is on one machine)
             os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", ifname)
@@ -161,25 +186,21 @@ class RoundWorker:
                 dist.broadcast(t, src=0)
         return backend
 
-    def _all_reduce_grads(self, grads: list[torch.Tensor], weight: float) -> None:
-        """Replace each worker's gradients by their mean over the pool, weighted by each worker's batch size."""
-        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.ones(1, device=self.device)]) * weight
+    def _all_reduce_grads(self, grads: list[torch.Tensor]) -> None:
+        """Sum each gradient over the pool: every worker's loss is its rows' share of the global batch's mean."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
-        flat = flat[:-1] / flat[-1]
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     def _sync_buffers(self) -> None:
-        """Batch-norm statistics are per worker while training: average them so every worker holds one model."""
+        """Rank 0's buffers to every worker. Batch norm's running statistics are already the pool's (computed from the
+        all-reduced batch statistics); this makes them bit-identical and carries any other buffer."""
         with torch.no_grad():
             for b in self.model.buffers():
-                if b.is_floating_point():
-                    dist.all_reduce(b)
-                    b /= self.world
-                else:
-                    dist.broadcast(b, src=0)
+                dist.broadcast(b, src=0)
 
     def _noise_rows(self, sl: slice) -> torch.Tensor:
         if self.cfg.mode == "samplewise":
@@ -188,28 +209,44 @@ class RoundWorker:
 
     # ---- stage 1: surrogate training ------------------------------------------------------------------------
     def train_stage(self, round_: int | None = None) -> dict:
-        """``train_steps`` SGD steps on random batches of clip(x + delta) drawn from the data this worker owns.
+        """``train_steps`` SGD steps on random batches of clip(x + delta) drawn from the whole corpus.
 
-        With a pool, each step is data-parallel: every worker draws its share of the batch from its own shards and
-        the gradients are averaged over the pool (all-reduce) before the step, so every worker takes the same step.
+        A pool takes one worker's steps: every worker draws the same global batch (same seed, same permutation of the
+        corpus' rows) and computes the rows of it that it owns; batch norm normalises by the global batch's
+        statistics (``surrogates.distributed``); each worker's loss is its rows' share of the global mean, and the
+        gradients are summed over the pool (all-reduce) before the step. One worker and a pool differ only by the
+        order of floating-point sums.
         """
         faults.at_unit("worker", "train", round_)
         t0 = time.perf_counter()
-        if round_ is not None:  # the batches of a round depend on (seed, rank, round) only: a resumed round redraws them
-            self.generator.manual_seed(self.cfg.seed + 1000 * self.rank + 7919 * (round_ + 1))
-        n = self.n_owned
-        batch = min(n, -(-self.cfg.batch_size // self.world))
-        hook = (lambda grads: self._all_reduce_grads(grads, float(batch))) if self.world > 1 else None
-        losses = []
-        for _ in range(self.cfg.train_steps if n else 0):
-            idx = torch.randperm(n, generator=self.generator)[:batch].to(self.device)
+        if round_ is not None:  # the batches of a round depend on (seed, round) only: a resumed round redraws them
+            self.generator.manual_seed(self.cfg.seed + 7919 * (round_ + 1))
+            self.attack_generator.manual_seed(self.cfg.seed + 1000 * self.rank + 7919 * (round_ + 1))
+        rows = self.global_rows
+        if rows is None:
+            if self.world > 1:
+                raise RuntimeError("a pool worker trains only after set_global_rows")
+            rows = torch.arange(self.n_owned)
+        total = rows.numel()
+        batch = min(total, self.cfg.batch_size)
+        hook = self._all_reduce_grads if self.world > 1 else None
+        loss_sum = 0.0
+        steps = self.cfg.train_steps if total else 0
+        for _ in range(steps):
+            local = rows[torch.randperm(total, generator=self.generator)[:batch]]
+            idx = local[local >= 0].to(self.device)
             xb = (self.x[idx].to(torch.float32) / 255.0 + self._noise_rows(idx)).clamp_(0.0, 1.0)
             # In the engine's precision and memory format (bf16 autocast, channels_last on a GPU; fp32 on a CPU).
-            losses.append(train_step(self.model, self.optimizer, self.engine.format(xb), self.y[idx],
-                                     all_reduce=hook, autocast=self.engine.autocast))
+            loss_sum += train_step(self.model, self.optimizer, self.engine.format(xb), self.y[idx],
+                                   all_reduce=hook, autocast=self.engine.autocast, adversary=self.adversary,
+                                   global_batch=batch if self.world > 1 else None)
+        loss = loss_sum / max(steps, 1)
         if self.world > 1:
             self._sync_buffers()
-        return {"loss": sum(losses) / max(len(losses), 1), "seconds": time.perf_counter() - t0}
+            total_loss = torch.tensor([loss], dtype=torch.float64, device=self.device)
+            dist.all_reduce(total_loss)  # each worker's share of the mean: the sum is the pool's mean loss
+            loss = float(total_loss)
+        return {"loss": loss, "seconds": time.perf_counter() - t0}
 
     # ---- stage 2: noise update --------------------------------------------------------------------------------
     def noise_stage(self, shard: str, round_: int | None = None) -> dict:
@@ -223,6 +260,9 @@ class RoundWorker:
         sd = self.shards[shard]
         cfg = self.cfg
         self.model.eval()
+        # The robust update's draws depend on (seed, round, shard) only: a resumed stage or a guest worker computes
+        # the same noise. (Plain noise draws nothing.)
+        self.engine.reseed(zlib.crc32(f"{cfg.seed}:{round_}:{shard}".encode()))
         sl = slice(sd.start, sd.end)
         n = sd.end - sd.start
         if cfg.mode == "samplewise":
@@ -346,7 +386,8 @@ class RoundWorker:
         return {"wrong": wrong, "total": total, "seconds": time.perf_counter() - t0}
 
     def probe_data(self) -> dict:
-        """Released and clean working images, labels and keys of every sample held (for the protection probe)."""
+        """Released and clean working images, labels and keys of every sample held, and which rows are which
+        shard's (for the protection probe)."""
         released = [self.released_working(s) for s in self.owned]
         keys = [k for s in self.owned for k in self.shards[s].keys]
         n = self.n_owned
@@ -355,14 +396,24 @@ class RoundWorker:
             "clean": self.x[:n].cpu(),
             "labels": self.y[:n].cpu(),
             "keys": keys,
+            "shards": [(s, self.shards[s].end - self.shards[s].start) for s in self.owned],
         }
 
-    def probe_score(self, source: str, *parts: dict, countermeasure: str = "none") -> dict:
+    def probe_score(self, source: str, *parts: dict, countermeasure: str = "none", order: list[str] | None = None
+                    ) -> dict:
         """Train the protection probe on ``source`` ("released" or "clean") images of the whole corpus: ``parts``
-        are every worker's ``probe_data`` (this one's included), in worker order; ``countermeasure`` as an informed
-        adversary trains (``pipeline.probe.probe_score``)."""
-        data = {k: torch.cat([p[k] for p in parts]) for k in ("released", "clean", "labels")}
-        data["keys"] = [k for p in parts for k in p["keys"]]
+        are every worker's ``probe_data`` (this one's included), their shards put in ``order`` (the plan's: a pool
+        probes the same rows in the same order as one worker; default: as the parts come); ``countermeasure`` as an
+        informed adversary trains (``pipeline.probe.probe_score``)."""
+        pieces = {}
+        for part in parts:
+            start = 0
+            for shard, count in part["shards"]:
+                pieces[shard] = (part, start, start + count)
+                start += count
+        ordered = [pieces[s] for s in (order or pieces)]
+        data = {k: torch.cat([p[k][a:b] for p, a, b in ordered]) for k in ("released", "clean", "labels")}
+        data["keys"] = [k for p, a, b in ordered for k in p["keys"][a:b]]
         cfg = self.cfg
         return probe_score(data, source, arch=cfg.probe_arch, steps=cfg.probe_steps, num_classes=self.num_classes,
                            seed=cfg.seed, countermeasure=countermeasure)

@@ -34,11 +34,15 @@ def train_step(
     grad_clip: float = OptimConfig.grad_clip,
     all_reduce=None,
     autocast=None,
+    global_batch: int | None = None,
     adversary: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """One SGD step on a batch (already perturbed and clipped by the caller); returns the batch loss.
 
     ``all_reduce``, when given, is called on the list of gradients before clipping (data-parallel training).
+    ``global_batch``, when given, makes ``x`` one worker's rows of a pool's batch of that many: the loss is their
+    share of the batch's mean (summed over the rows, divided by ``global_batch``; ``x`` may have no rows), so that
+    gradients summed over the pool are the whole batch's.
     ``autocast``, when given, makes the context the forward pass and loss run in (mixed precision: the backward
     pass runs outside it, the weights and their gradients stay fp32).
     ``adversary(model, x, y) -> x'``, when given, replaces the batch before the forward (the robust noise's
@@ -50,7 +54,11 @@ def train_step(
         x = adversary(model, x, y)
     optimizer.zero_grad(set_to_none=True)
     with autocast() if autocast is not None else contextlib.nullcontext():
-        loss = F.cross_entropy(model(x).float(), y)
+        logits = model(x).float()
+        if global_batch is None:
+            loss = F.cross_entropy(logits, y)
+        else:
+            loss = F.cross_entropy(logits, y, reduction="sum") / global_batch
     loss.backward()
     if all_reduce is not None:
         all_reduce([p.grad for p in model.parameters() if p.grad is not None])

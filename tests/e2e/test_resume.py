@@ -151,8 +151,12 @@ def test_a_worker_that_dies_mid_noise_stage_is_replaced_and_the_run_completes(re
     assert _tars(out) == reference["tars"]
     _verify(out)
     attempts = collections.Counter(_attempts(out))
-    # The shard the worker died on is the only unit started twice.
-    assert [u for u, n in attempts.items() if n > 1] == [("noise", 1, "train-000001")]
+    # The shard the worker died on is started twice. The shard before it may be too: its state is fetched from the
+    # worker while the next shard starts (as in the SIGKILL test), and when the worker dies before that fetch returns,
+    # the state is lost with it and computed again. Nothing else is.
+    again = sorted(u for u, n in attempts.items() if n > 1)
+    assert ("noise", 1, "train-000001") in again
+    assert set(again) <= {("noise", 1, "train-000000"), ("noise", 1, "train-000001")}, again
 
 
 def test_changed_config_is_refused_naming_fields_and_overwrite_starts_over(reference, tmp_path):

@@ -118,3 +118,34 @@ def test_train_stage_runs_in_the_engines_precision(mnist_small):
     assert all(p.dtype == torch.float32 for p in worker.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, worker.model.parameters()))
     assert 0 < out["loss"] < 10
+
+
+def _robust_worker(mnist_small, robust: str) -> tuple[RoundWorker, list[str]]:
+    train = os.path.join(mnist_small["root"], "train")
+    cfg = ProtectConfig(inputs=[train], output="/unused", surrogate="small-cnn", resolution=28, pgd_steps=2,
+                        step_size="4/255", train_steps=2, batch_size=64, num_classes=10, robust=robust)
+    cfg.resolved()
+    worker = RoundWorker(cfg.to_dict(), 10, 1, threads=1)
+    shards = sorted(n[:-4] for n in os.listdir(train) if n.endswith(".tar"))[:1]
+    worker.load_shard(shards[0], os.path.join(train, f"{shards[0]}.tar"))
+    return worker, shards
+
+
+def test_robust_on_trains_against_the_adversary_and_its_noise_depends_only_on_round_and_shard(mnist_small):
+    """--robust on reaches both stages: the train stage trains on attacked batches (same weights and batches as
+    --robust off, another loss), and the noise stage's min-min-max gives other noise than the plain update, within
+    eps, the same however often the unit is computed (a resumed stage, a guest worker)."""
+    plain, shards = _robust_worker(mnist_small, "off")
+    robust, _ = _robust_worker(mnist_small, "on")
+    assert plain.adversary is None and robust.adversary is not None and robust.engine.robust is not None
+    assert plain.train_stage(0)["loss"] != robust.train_stage(0)["loss"]
+    robust.noise_stage(shards[0], 0)
+    sd = robust.shards[shards[0]]
+    first = robust.delta[sd.start : sd.end].clone()
+    assert 0 < first.abs().max() <= robust.cfg.eps + 1e-6
+    robust.delta[sd.start : sd.end] = 0
+    robust.noise_stage(shards[0], 0)
+    assert torch.equal(robust.delta[sd.start : sd.end], first)
+    plain.model.load_state_dict(robust.model.state_dict())  # the same surrogate, both from zero noise
+    plain.noise_stage(shards[0], 0)
+    assert not torch.equal(plain.delta[sd.start : sd.end], first)
