@@ -3,6 +3,12 @@
 An image is decoded into ``color`` (uint8 tensor, C x H x W with C = 1 for grayscale or 3 for RGB) and an optional
 ``alpha`` (uint8, H x W) that noise never touches. EXIF orientation is applied first; palette, CMYK, 16-bit and other
 modes become 8-bit RGB (grayscale 16-bit becomes 8-bit grayscale).
+
+Metadata (asked for with ``decode_image(..., metadata=True)``: the export needs it, the rounds do not): the ICC
+colour profile, kept in the release when it describes the released channels (an RGB profile on RGB pixels, a gray
+one on gray), so wide-gamut photos keep their colours; and the EXIF and XMP blocks, released only on request
+(``--keep-metadata``), since they hold where and when a photo was taken. The orientation in them is dropped with the
+rotation it described (the pixels are released upright).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from ops.noise import release_uint8
 
@@ -30,6 +36,9 @@ class ImageRejected(ValueError):
 class DecodedImage:
     color: torch.Tensor  # uint8, C x H x W, C in {1, 3}
     alpha: torch.Tensor | None  # uint8, H x W, or None
+    icc: bytes | None = None  # the ICC profile of ``color``'s colour space (dropped when it describes another)
+    exif: bytes | None = None  # the EXIF block, orientation removed
+    xmp: bytes | None = None  # the XMP packet, orientation removed
 
     @property
     def height(self) -> int:
@@ -40,8 +49,9 @@ class DecodedImage:
         return int(self.color.shape[2])
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode image bytes (any format Pillow reads) into 8-bit color channels and an optional alpha."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, metadata: bool = False) -> DecodedImage:
+    """Decode image bytes (any format Pillow reads) into 8-bit color channels and an optional alpha (and, with
+    ``metadata``, the ICC profile, EXIF and XMP that go with the upright pixels)."""
     if not data:
         raise ImageRejected("empty image member")
     try:
@@ -65,7 +75,32 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         raise ImageRejected(f"undecodable image: {type(exc).__name__}: {message}") from exc
     if img.width < 1 or img.height < 1:
         raise ImageRejected("image has no pixels")
-    return _to_channels(img)
+    decoded = _to_channels(img)
+    if metadata:
+        decoded.icc = _matching_icc(img.info.get("icc_profile"), decoded.color.shape[0])
+        exif = img.getexif()
+        # exif_transpose removed the orientation it applied; any other value left (1, or an invalid one) goes too.
+        exif.pop(ORIENTATION, None)
+        decoded.exif = exif.tobytes() if len(exif) else None
+        xmp = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
+        if isinstance(xmp, str):
+            xmp = xmp.encode()
+        decoded.xmp = _XMP_ORIENTATION.sub(b"", xmp) if xmp else None
+    return decoded
+
+
+ORIENTATION = 0x0112
+_XMP_ORIENTATION = re.compile(rb'\s*tiff:Orientation="[^"]*"|<tiff:Orientation>[^<]*</tiff:Orientation>')
+# An ICC profile's colour space (header bytes 16-19) for the channel counts we release.
+_ICC_SPACE = {3: b"RGB ", 1: b"GRAY"}
+
+
+def _matching_icc(icc: bytes | None, channels: int) -> bytes | None:
+    """The profile when it describes ``channels``' colour space (a CMYK JPEG's profile does not describe the RGB it
+    is converted to); otherwise None (the release is then plain sRGB, as the pixels were converted)."""
+    if not icc or len(icc) < 128 or icc[16:20] != _ICC_SPACE.get(channels):
+        return None
+    return bytes(icc)
 
 
 def _to_channels(img: Image.Image) -> DecodedImage:
@@ -156,8 +191,10 @@ def release_native_batch(colors: torch.Tensor, deltas: torch.Tensor) -> torch.Te
     return release_uint8(colors, noise)
 
 
-def encode_png(color: torch.Tensor, alpha: torch.Tensor | None = None) -> bytes:
-    """Encode uint8 channels (and an untouched alpha) as PNG; deterministic bytes for the same pixels."""
+def encode_png(color: torch.Tensor, alpha: torch.Tensor | None = None, *, icc: bytes | None = None,
+               exif: bytes | None = None, xmp: bytes | None = None) -> bytes:
+    """Encode uint8 channels (and an untouched alpha) as PNG, with the given ICC profile, EXIF and XMP chunks and
+    nothing else; deterministic bytes for the same pixels and metadata."""
     arr = color.permute(1, 2, 0).contiguous().numpy()
     if alpha is not None:
         arr = np.concatenate([arr, alpha.numpy()[..., None]], axis=2)
@@ -169,6 +206,15 @@ def encode_png(color: torch.Tensor, alpha: torch.Tensor | None = None) -> bytes:
         img = Image.fromarray(arr, mode="RGB")
     else:
         img = Image.fromarray(arr, mode="RGBA")
+    extra: dict = {}
+    if icc:
+        extra["icc_profile"] = icc
+    if exif:
+        extra["exif"] = exif
+    if xmp:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
+        extra["pnginfo"] = info
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)
+    img.save(buf, format="PNG", compress_level=6, **extra)
     return buf.getvalue()

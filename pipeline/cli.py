@@ -60,6 +60,9 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
                         "damaged release; they can also undo the protection: never publish them)")
     p.add_argument("--manifest-source-hash", action="store_true",
                    help="add each original's sha256 to the manifest (it lets anyone confirm a guessed original)")
+    p.add_argument("--keep-metadata", action="store_true",
+                   help="release each photo's EXIF and XMP (camera, time, GPS position) too; by default only its ICC "
+                        "colour profile is kept and the rest is stripped (orientation is always applied)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run at this output and start over")
     p.add_argument("--dry-run", action="store_true",
                    help="print the frozen plan (shards, samples, classes) and the work it takes; run nothing")

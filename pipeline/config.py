@@ -55,6 +55,7 @@ HASH_FIELDS = (
     "manifest_source_hash",
     "probe_countermeasures",
     "robust",
+    "keep_metadata",
 )
 # The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
 MIN_RESOLUTION = 8
@@ -102,6 +103,7 @@ class ProtectConfig:
     compile: str = "auto"  # the noise stage's surrogate: auto = torch.compile on a CUDA GPU, eager elsewhere
     skip_converged: bool = SKIP_CONVERGED_DEFAULT
     manifest_source_hash: bool = False  # a public sha256 of every original in the manifest (off: see manifest.py)
+    keep_metadata: bool = False  # release EXIF and XMP (GPS, camera, time) beside the ICC profile; off: ICC only
     keep_work: bool = False
     overwrite: bool = False
 

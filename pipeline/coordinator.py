@@ -27,6 +27,7 @@ from pipeline.inspection import verify, verify_shards
 from pipeline.lease import Lease
 from pipeline.plan import Plan, build_plan, expand_inputs
 from pipeline.probe import judge, judge_battery
+from pipeline.progress import Heartbeat, eta
 from pipeline.schedule import NoiseQueue, assign_shards
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import ROUND_DIR, Layout, check_locations, default_work_dir
@@ -167,19 +168,22 @@ def protect(cfg: ProtectConfig) -> RunResult:
     started = pool.connect(cfg.ray_address)
     run = Run(cfg, layout, plan, chash)
     try:
-        for replacement in range(MAX_WORKER_REPLACEMENTS + 1):
-            try:
-                run.start_workers()
-                run.rounds()
-                run.probe_battery()
-                run.export()
-                break
-            except pool.WorkerDied as exc:
-                if replacement == MAX_WORKER_REPLACEMENTS:
-                    raise
-                # The pool's process group dies with any of its workers: restart the whole pool.
-                log.warning("worker died (%s); restarting the pool and resuming from the last committed unit", exc)
-                run.stop_workers()
+        # A line at least every 30 s in every phase, even inside one long unit of work (pipeline.progress).
+        with run.heartbeat:
+            for replacement in range(MAX_WORKER_REPLACEMENTS + 1):
+                try:
+                    run.start_workers()
+                    run.rounds()
+                    run.probe_battery()
+                    run.export()
+                    break
+                except pool.WorkerDied as exc:
+                    if replacement == MAX_WORKER_REPLACEMENTS:
+                        raise
+                    # The pool's process group dies with any of its workers: restart the whole pool.
+                    log.warning("worker died (%s); restarting the pool and resuming from the last committed unit",
+                                exc)
+                    run.stop_workers()
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             _record_error(layout, exc)
@@ -273,6 +277,7 @@ class Run:
         self.history: list[dict] = []
         self.battery: dict | None = None  # the probe's countermeasure battery on the final release
         self.counts = {"input": 0, "protected": 0, "rejected": 0}
+        self.heartbeat = Heartbeat(logging.getLogger("pipeline"))  # started by protect(); phases named as they start
 
     # ---- workers ----------------------------------------------------------------------------------------------
     def start_workers(self) -> None:
@@ -287,12 +292,27 @@ class Run:
         shares = assign_shards(plan.shards, n)
         self.owner = {s.id: i for i, share in enumerate(shares) for s in share}
         log.info("loading %d shard(s), %d samples, on %d worker(s)", len(plan.shards), plan.total_samples, n)
+        self.heartbeat.phase("load")
         t0 = time.perf_counter()
-        loaded = pool.get_all([w.load_shards.remote([(s.id, s.url) for s in share])
-                               for w, share in zip(self.workers, shares)])
+        # Each worker streams its shards' results as it loads them: a progress line per shard, with the pace.
+        streams = {w.load_shards_streamed.remote([(s.id, s.url) for s in share]): i
+                   for i, (w, share) in enumerate(zip(self.workers, shares))}
+        results, samples = [], 0
+        while streams:
+            ready, _ = pool.wait(list(streams))
+            for stream in ready:
+                r = pool.next_of(stream)
+                if r is None:
+                    del streams[stream]
+                    continue
+                results.append(r)
+                samples += r["accepted"] + r["rejected"]
+                elapsed = time.perf_counter() - t0
+                log.info("load: %d/%d shards loaded (%s on worker %d), %.0f images/s%s", len(results),
+                         len(plan.shards), r["shard"], streams[stream], samples / max(elapsed, 1e-9),
+                         eta(samples, plan.total_samples, elapsed))
         seconds = time.perf_counter() - t0
         self.timings["load"] += seconds
-        results = [r for share in loaded for r in share]
         for r in results:
             if r["read_error"]:
                 log.warning("shard %s: %s", r["shard"], r["read_error"])
@@ -317,6 +337,7 @@ class Run:
 
     def _attempt(self, unit: str, r: int | None = None, shard: str | None = None) -> None:
         """Log that a unit of work starts (the attempt log lets tests prove nothing finished is redone)."""
+        self.heartbeat.phase(" ".join(p for p in (f"round {r}" if r is not None else "", unit, shard or "") if p))
         faults.at_unit("coordinator", unit, r, shard)
         name = f"{unit}-r{r if r is not None else ''}-{shard or ''}-{time.time_ns()}.json"
         fs.write_bytes(fs.join(self.layout.attempts, name),
@@ -545,9 +566,9 @@ class Run:
                     samples += result["samples"]
                     done += 1
                     elapsed = time.perf_counter() - t0
-                    log.info("round %d noise: %d/%d shards done (%s on worker %d%s), %.0f images/s", r, done,
+                    log.info("round %d noise: %d/%d shards done (%s on worker %d%s), %.0f images/s%s", r, done,
                              len(shard_ids), shard, i, f", owner {owner}" if owner != i else "",
-                             samples / max(elapsed, 1e-9))
+                             samples / max(elapsed, 1e-9), eta(done, len(shard_ids), elapsed))
             for f in commits:
                 f.result()  # a failed write fails the stage, as it did inline
         pool.get_all(to_owners)
@@ -578,6 +599,7 @@ class Run:
     def _probe(self, clean_ref: float | None) -> dict:
         t0 = time.perf_counter()
         cfg = self.cfg
+        self.heartbeat.phase("probe")
         # The probe trains on the whole release: workers hand their share to the one that trains (object refs, not
         # via the coordinator). The clean-trained reference, needed once per run, trains on a second worker at the
         # same time when there is one.
@@ -615,6 +637,7 @@ class Run:
                    "early_stopped_accuracy": probe["probe_early_stopped_accuracy"],
                    "best_epoch": probe["probe_best_epoch"]}] if probe.get("probe_best_epoch") else [])
         names = names[len(plain):]
+        self.heartbeat.phase(f"probe battery ({', '.join(names)})")
         parts = [w.probe_data.remote() for w in self.workers] if names else []
         order = [s.id for s in self.plan.shards]
         refs = [self.workers[i % len(self.workers)].probe_score.remote("released", *parts, countermeasure=name,
@@ -663,8 +686,8 @@ class Run:
                 _, shard = running.pop(ref)
                 stats = pool.get(ref)
                 done += 1
-                log.info("export: %d/%d shards written (%s: %d protected, %d rejected)", done, total, shard,
-                         stats["protected"], stats["rejected"])
+                log.info("export: %d/%d shards written (%s: %d protected, %d rejected)%s", done, total, shard,
+                         stats["protected"], stats["rejected"], eta(done, total, time.perf_counter() - t0))
         self.counts, parts = _shard_counts(layout, self.plan)
         fs.write_verified(layout.manifest, manifest.merge(parts))
         self.timings["export"] += time.perf_counter() - t0

@@ -120,6 +120,17 @@ def wait(refs: list, timeout: float | None = None) -> tuple[list, list]:
     return ray.wait(refs, num_returns=1, timeout=timeout)
 
 
+def next_of(stream):
+    """The next result of a streaming actor call (an ``ObjectRefGenerator``), or None when it has ended."""
+    try:
+        ref = next(stream)
+    except StopIteration:
+        return None
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+        raise WorkerDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    return get(ref)
+
+
 def put(value):
     return ray.put(value)
 

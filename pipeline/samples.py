@@ -34,6 +34,8 @@ class SampleRules:
     label_key: str = "cls"
     # The plan's class vocabulary: a label's id is the position of its name. None: labels are integers.
     label_names: list[str] | tuple[str, ...] | None = None
+    # Decode the ICC profile, EXIF and XMP too (the export writes them; the rounds need pixels only).
+    metadata: bool = False
 
     def __post_init__(self) -> None:
         self.label_source = LabelSource.parse(self.label_key)
@@ -150,7 +152,7 @@ def decode_sample(sample: RawSample, rules: SampleRules) -> Accepted | Rejected:
     except ValueError as exc:
         return Rejected(sample.key, str(exc), source_sha256=sha)
     try:
-        image = decode_image(data, rules.max_pixels)
+        image = decode_image(data, rules.max_pixels, metadata=rules.metadata)
     except ImageRejected as exc:
         return Rejected(sample.key, str(exc), label=label, source_sha256=sha)
     return Accepted(sample.key, label, member, image, sha)

@@ -14,7 +14,7 @@ import socket
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import torch
@@ -112,14 +112,18 @@ class RoundWorker:
 
         The next shard is fetched while the current one is decoded (``read_ahead``); nothing is copied to local disk.
         """
+        return list(self.load_shards_streamed(shards))
+
+    def load_shards_streamed(self, shards: list[tuple[str, str]]) -> Iterator[dict]:
+        """``load_shards``, yielding each shard's result as soon as it is loaded (on Ray, a streaming generator: the
+        coordinator logs the load's progress shard by shard)."""
         if self.n_owned != self.x.shape[0]:
             raise RuntimeError("owned shards are loaded before any guest shard")
-        results = []
         for (shard, url), items in zip(shards, read_ahead([u for _, u in shards])):
-            results.append(self._decode_into(shard, url, items))
+            result = self._decode_into(shard, url, items)
             self.owned.append(shard)
             self.n_owned = self.x.shape[0]
-        return results
+            yield result
 
     def load_shard(self, shard: str, url: str) -> dict:
         """One shard (see ``load_shards``)."""
@@ -428,11 +432,15 @@ class RoundWorker:
         noise = self._noise_rows(slice(sd.start, sd.end)).cpu()
         index = linf_max = 0
         read_error = None
+        # The export decodes the photos' metadata too: the ICC profile always goes with the pixels; EXIF and XMP
+        # (GPS position, camera, time) only with --keep-metadata.
+        rules = replace(self.rules, metadata=True)
+        keep = self.cfg.keep_metadata
 
         def released() -> Iterator[tuple]:
             """In shard order: a finished manifest row (rejections), or a released image still to encode as PNG."""
             nonlocal index, linf_max, read_error
-            for item, result in prepare_each(iter_samples(sd.url), self.rules, self.threads):
+            for item, result in prepare_each(iter_samples(sd.url), rules, self.threads):
                 if isinstance(result, ShardReadError):
                     read_error = result.message
                     continue
@@ -457,7 +465,10 @@ class RoundWorker:
             if accepted is None:
                 return row, None
             item, result, image = accepted
-            png = encode_png(image, result.image.alpha)  # zlib: the slow part of the export, on the threads
+            decoded = result.image
+            # zlib: the slow part of the export, on the threads
+            png = encode_png(image, decoded.alpha, icc=decoded.icc, exif=decoded.exif if keep else None,
+                             xmp=decoded.xmp if keep else None)
             sample = RawSample(result.key, released_members(item, png, result.image_member))
             return manifest.row(result.key, shard, "protected", output_sha256=_sha256(png), **row), sample
 

@@ -16,13 +16,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import raw_tar, run_cli
-from PIL import Image
+from PIL import Image, ImageCms
 
 from pipeline.storage.shards import RawSample, write_tar
 
 ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
         "--probe-steps", "20", "--probe-arch", "small-cnn", "--probe-countermeasures", "none", "--max-rounds", "1",
         "--stop-error", "1.0", "--num-classes", "10"]
+
+
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -62,9 +65,15 @@ def _odd_samples() -> tuple[list[RawSample], dict[str, tuple[str, str]]]:
     sixteen = Image.fromarray((np.add.outer(np.arange(16), np.arange(16)) * 2000).astype(np.uint16))
     add("png16", {"png": _encode(sixteen), "cls": cls}, "protected", "L")
     add("cmyk", {"jpg": _encode(_pattern("RGB", (32, 32)).convert("CMYK"), "JPEG"), "cls": cls}, "protected", "RGB")
+    # A camera photo: rotated 90 degrees clockwise on display, where it was taken, the camera, XMP, an ICC profile.
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    add("exif", {"jpg": _encode(_pattern("RGB", (40, 20)), "JPEG", exif=exif), "cls": cls}, "protected", "RGB")
+    exif[0x0112] = 6
+    exif[0x010F] = "CameraMaker"
+    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 24.0), 3: "E", 4: (2.0, 21.0, 3.0)}
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description tiff:Make="CameraMaker"/></rdf:RDF>'
+    xmp += b"</x:xmpmeta>"
+    add("exif", {"jpg": _encode(_pattern("RGB", (40, 20)), "JPEG", exif=exif, xmp=xmp, icc_profile=SRGB),
+                 "cls": cls}, "protected", "RGB")
     add("wrongext", {"png": _encode(_pattern("RGB", (28, 28)), "JPEG"), "cls": cls}, "protected", "RGB")
     add("onepixel", {"png": _encode(Image.new("L", (1, 1), 200)), "cls": cls}, "protected", "L")
     add("notimage", {"png": b"this is not an image at all", "cls": cls}, "rejected", "undecodable")
@@ -195,6 +204,11 @@ def test_odd_formats_are_converted_and_protected_and_rejects_are_not_released(wi
         assert img.mode == want[key][1], (key, img.mode)
     exif = Image.open(io.BytesIO(members["exif.png"]))
     assert exif.size == (20, 40)  # EXIF orientation applied before protection
+    upright = np.asarray(Image.open(io.BytesIO(originals["exif"].members["jpg"])).transpose(Image.Transpose.ROTATE_270))
+    assert np.abs(np.asarray(exif).astype(int) - upright.astype(int)).max() <= 8  # the photo's pixels, upright
+    # Where it was taken, the camera and the XMP are gone; the colour profile is kept (default: no --keep-metadata).
+    assert exif.info.get("icc_profile") == SRGB and len(exif.getexif()) == 0
+    assert not any(word in members["exif.png"] for word in (b"eXIf", b"GPS", b"CameraMaker", b"xmpmeta"))
     assert Image.open(io.BytesIO(members["onepixel.png"])).size == (1, 1)
     rgba = np.array(Image.open(io.BytesIO(members["rgba.png"])))
     assert (rgba[:, :10, 3] == 90).all() and (rgba[:, 10:, 3] == 255).all()  # alpha untouched

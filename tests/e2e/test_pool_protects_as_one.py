@@ -24,8 +24,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from pipeline.evaluate import evaluate
 
 ARGS = ["--resolution", "28", "--probe-arch", "small-cnn", "--probe-countermeasures", "none", "--keep-work"]
@@ -45,12 +45,17 @@ def _start(corpus: dict, tmp, workers: int) -> dict:
     out, work = str(tmp / f"out-{workers}"), str(tmp / f"work-{workers}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    log = open(str(tmp / f"protect-{workers}.log"), "w+")
+    log = open(str(tmp / f"protect-{workers}.log"), "w+")  # noqa: SIM115 - read back and closed in _finish
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "protect", "--input",
                              os.path.join(corpus["root"], "train"), "--output", out, "--work-dir", work, "--workers",
                              str(workers), "--cpus-per-worker", "1", *ARGS], stdout=log, stderr=subprocess.STDOUT,
                             env=env, cwd=REPO)
     return {"proc": proc, "log": log, "out": out, "work": work}
+
+
+def _json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def _finish(run: dict, corpus: dict) -> dict:
@@ -60,11 +65,12 @@ def _finish(run: dict, corpus: dict) -> dict:
         run["proc"].kill()
     run["log"].seek(0)
     text = run["log"].read()
+    run["log"].close()
     assert code == 0, text[-4000:]
     out, work = run["out"], run["work"]
-    success = json.load(open(os.path.join(out, "_SUCCESS.json")))
-    rounds = [json.load(open(os.path.join(work, name, "round.json")))
-              for name in sorted(os.listdir(work)) if name.startswith("round-")]
+    success = _json(os.path.join(out, "_SUCCESS.json"))
+    rounds = [_json(os.path.join(work, name, "round.json")) for name in sorted(os.listdir(work))
+              if name.startswith("round-")]
     victims = evaluate([out], corpus["test"], arch="small-cnn", epochs=8, resolution=28, pad=0, seeds=[0, 1, 2])
     return {"success": success, "rounds": rounds, "victims": victims, "log": text}
 

@@ -384,3 +384,71 @@ def test_encode_png_accepts_non_contiguous_input():
     view = color.permute(0, 2, 1)  # 3 x 12 x 10, not contiguous
     dec = decode_image(encode_png(view))
     assert torch.equal(dec.color, view.contiguous())
+
+
+# ---------------------------------------------------------------------------------------------------- photo metadata
+
+XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+       b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6" tiff:Make="Cam"/>'
+       b'</rdf:RDF></x:xmpmeta>')
+
+
+def _camera_jpeg(icc: bytes | None, mode: str = "RGB") -> bytes:
+    """A camera-like JPEG 20 wide x 10 high, shown rotated (EXIF orientation 6), with a make, a GPS position, XMP
+    and the given ICC profile."""
+    arr = np.zeros((10, 20, 3), dtype=np.uint8)
+    arr[:, :10] = (255, 0, 0)
+    img = Image.fromarray(arr, mode="RGB").convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "CameraMaker"
+    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 24.0), 3: "E", 4: (2.0, 21.0, 3.0)}
+    kw = {"icc_profile": icc} if icc else {}
+    return _jpeg(img, exif=exif, xmp=XMP, **kw)
+
+
+def _srgb_icc() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def test_decode_without_metadata_holds_none_and_with_it_the_upright_photos_metadata():
+    icc = _srgb_icc()
+    data = _camera_jpeg(icc)
+    plain = decode_image(data)
+    assert (plain.icc, plain.exif, plain.xmp) == (None, None, None)  # the rounds hold pixels only
+    dec = decode_image(data, metadata=True)
+    assert dec.color.shape == (3, 20, 10) and dec.icc == icc
+    exif = Image.Exif()
+    exif.load(dec.exif)
+    assert 0x0112 not in exif and exif[0x010F] == "CameraMaker"  # the orientation went with the rotation
+    assert exif.get_ifd(0x8825)[1] == "N"
+    assert b"tiff:Make" in dec.xmp and b"Orientation" not in dec.xmp
+
+
+def test_encode_png_writes_only_the_metadata_it_is_given():
+    icc = _srgb_icc()
+    dec = decode_image(_camera_jpeg(icc), metadata=True)
+    default = encode_png(dec.color, icc=dec.icc)  # what the export writes without --keep-metadata
+    img = Image.open(io.BytesIO(default))
+    assert img.size == (10, 20) and img.info.get("icc_profile") == icc
+    assert len(img.getexif()) == 0 and b"eXIf" not in default and b"xmp" not in default.lower()
+    assert b"GPS" not in default and b"CameraMaker" not in default
+    kept = Image.open(io.BytesIO(encode_png(dec.color, icc=dec.icc, exif=dec.exif, xmp=dec.xmp)))
+    exif = kept.getexif()
+    assert exif[0x010F] == "CameraMaker" and exif.get_ifd(0x8825)[2] == (48.0, 51.0, 24.0) and 0x0112 not in exif
+    assert "tiff:Make" in kept.info["XML:com.adobe.xmp"] and kept.info.get("icc_profile") == icc
+    assert np.array_equal(np.asarray(kept), np.asarray(img))  # the same pixels either way
+
+
+def test_an_icc_profile_for_another_colour_space_is_dropped():
+    """A CMYK JPEG's profile describes CMYK, not the RGB it is released as; a Lab profile does not describe RGB."""
+    from PIL import ImageCms
+
+    cmyk_header = bytearray(_srgb_icc())
+    cmyk_header[16:20] = b"CMYK"
+    assert decode_image(_camera_jpeg(bytes(cmyk_header), mode="CMYK"), metadata=True).icc is None
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # not RGB either
+    assert decode_image(_camera_jpeg(lab), metadata=True).icc is None
+    assert decode_image(_camera_jpeg(_srgb_icc()), metadata=True).icc is not None

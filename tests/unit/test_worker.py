@@ -149,3 +149,50 @@ def test_robust_on_trains_against_the_adversary_and_its_noise_depends_only_on_ro
     plain.model.load_state_dict(robust.model.state_dict())  # the same surrogate, both from zero noise
     plain.noise_stage(shards[0], 0)
     assert not torch.equal(plain.delta[sd.start : sd.end], first)
+
+
+def test_the_export_keeps_the_icc_profile_and_releases_exif_and_xmp_only_when_asked(tmp_path):
+    """Camera JPEGs with an orientation, a GPS position, XMP and an ICC profile through the export: released upright
+    with the profile; EXIF and XMP (orientation removed) only with --keep-metadata."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageCms
+
+    from pipeline.storage.shards import iter_samples
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    samples = []
+    for i in range(4):
+        arr = np.full((10, 20, 3), 30 * i, dtype=np.uint8)
+        arr[:, :10] = (255, 0, 0)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        exif[0x8825] = {1: "N", 2: (48.0, 51.0, float(i))}
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", exif=exif, icc_profile=icc,
+                                  xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><r tiff:Orientation="6"/></x:xmpmeta>')
+        samples.append(RawSample(f"cam-{i}", {"jpg": buf.getvalue(), "cls": str(i).encode()}))
+    (tmp_path / "in").mkdir()
+    url = str(tmp_path / "in" / "cam-000000.tar")
+    (tmp_path / "in" / "cam-000000.tar").write_bytes(write_tar(samples))
+    for keep in (False, True):
+        out = tmp_path / f"out-{keep}"
+        cfg = ProtectConfig(inputs=[str(tmp_path / "in")], output=str(out), resolution=16, num_classes=10,
+                            keep_metadata=keep).resolved()
+        worker = RoundWorker(cfg.to_dict(), 10, 3, threads=1)
+        worker.load_shard("cam-000000", url)
+        assert all(n.exif is None and n.icc is None for n in worker.shards["cam-000000"].natives)  # pixels only
+        worker.export_shard("cam-000000", str(out), str(tmp_path / f"work-{keep}"), "0" * 64)
+        released = list(iter_samples(str(out / "cam-000000.tar")))
+        assert [s.key for s in released] == [s.key for s in samples]
+        for sample in released:
+            img = Image.open(io.BytesIO(sample.members["png"]))
+            assert img.size == (10, 20) and img.getpixel((2, 2))[0] > 200  # upright: the red half on top
+            assert img.info.get("icc_profile") == icc
+            exif = img.getexif()
+            if keep:
+                assert exif.get_ifd(0x8825)[1] == "N" and 0x0112 not in exif
+                assert "xmpmeta" in img.info["XML:com.adobe.xmp"] and "Orientation" not in img.info["XML:com.adobe.xmp"]
+            else:
+                assert len(exif) == 0 and "XML:com.adobe.xmp" not in img.info
