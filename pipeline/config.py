@@ -57,6 +57,8 @@ HASH_FIELDS = (
     "robust",
     "keep_metadata",
 )
+# Hashed fields added later, with the value that does what runs did before them: hashed only when set otherwise.
+ADDED_FIELDS = {"robust": "off", "keep_metadata": False}
 # The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
 MIN_RESOLUTION = 8
 
@@ -157,7 +159,10 @@ class ProtectConfig:
         return self
 
     def hashed_fields(self) -> dict:
-        return {name: getattr(self, name) for name in HASH_FIELDS}
+        """The fields of the run's identity. A field added after runs existed enters it only when it changes what
+        those runs did (``ADDED_FIELDS``), so that a run started by an earlier version resumes under this one."""
+        return {name: getattr(self, name) for name in HASH_FIELDS
+                if not (name in ADDED_FIELDS and getattr(self, name) == ADDED_FIELDS[name])}
 
     def to_dict(self) -> dict:
         return asdict(self)

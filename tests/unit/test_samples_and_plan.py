@@ -363,6 +363,19 @@ def test_config_hash_ignores_workers_addresses_and_max_rounds():
     assert not {"workers", "ray_address", "max_rounds"} & set(HASH_FIELDS)
 
 
+def test_fields_added_later_change_the_hash_only_when_set_away_from_what_earlier_runs_did():
+    """--robust and --keep-metadata came after the first runs: at off / False a run keeps the identity it had before
+    they existed (it resumes under the newer version); set, they change it and are named as the difference."""
+    cfg = _cfg().resolved()
+    before = cfg.hashed_fields()
+    assert "robust" not in before and "keep_metadata" not in before
+    base = config_hash(cfg, "p")
+    for kw in ({"robust": "on"}, {"keep_metadata": True}):
+        changed = _cfg(**kw).resolved()
+        assert config_hash(changed, "p") != base, kw
+        assert differing_fields(before, changed.hashed_fields()) == list(kw), kw
+
+
 def test_config_hash_same_for_fraction_text_and_float():
     assert config_hash(_cfg(eps="8/255").resolved(), "p") == config_hash(_cfg(eps=8 / 255).resolved(), "p")
 
