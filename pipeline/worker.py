@@ -454,9 +454,9 @@ class RoundWorker:
                 image = release_native(original, noise[index])
                 linf = metrics.linf(image, original)
                 linf_max = max(linf_max, linf)
-                row = dict(label=result.label, width=result.image.width, height=result.image.height,
-                           source_sha256=result.source_sha256, output_member=f"{result.key}.png", linf=linf,
-                           l2=metrics.l2(image, original), psnr=metrics.psnr(image, original))
+                row = {"label": result.label, "width": result.image.width, "height": result.image.height,
+                       "source_sha256": result.source_sha256, "output_member": f"{result.key}.png", "linf": linf,
+                       "l2": metrics.l2(image, original), "psnr": metrics.psnr(image, original)}
                 index += 1
                 yield row, (item, result, image)
 

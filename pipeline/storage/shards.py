@@ -60,25 +60,24 @@ def iter_samples(url: str) -> Iterator[RawSample | ShardReadError]:
     try:
         with fs.open_read(url) as raw_file:
             raw = _TailTracker(raw_file)
-            tar = tarfile.open(fileobj=raw, mode="r|*")
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, ext = split_member_name(info.name)
-                # A new key closes the previous sample before this member's data is read, so a cut inside this
-                # member marks only this sample as truncated.
-                if current is not None and key != current.key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = RawSample(key)
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
-                if f is not None and len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} cut off after {len(data)} of {info.size} bytes")
-                # A member repeated within one sample: keep the first, as the tar's order says.
-                current.members.setdefault(ext, data)
-            tar.close()
+            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    key, ext = split_member_name(info.name)
+                    # A new key closes the previous sample before this member's data is read, so a cut inside this
+                    # member marks only this sample as truncated.
+                    if current is not None and key != current.key:
+                        yield current
+                        current = None
+                    if current is None:
+                        current = RawSample(key)
+                    f = tar.extractfile(info)
+                    data = f.read() if f is not None else b""
+                    if f is not None and len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} cut off after {len(data)} of {info.size} bytes")
+                    # A member repeated within one sample: keep the first, as the tar's order says.
+                    current.members.setdefault(ext, data)
             raw.drain()
             if raw.plain_tar and not raw.ends_with_zero_blocks():
                 # Stream-mode tarfile takes end-of-data at a header boundary for a normal end; a real tar ends
