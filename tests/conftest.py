@@ -46,7 +46,7 @@ def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subpro
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=REPO)
+                          env=full_env, cwd=REPO, check=False)  # the caller checks the exit status
 
 
 ACCESS_KEY, SECRET_KEY = "unlearnable-test", "unlearnable-test-secret"
@@ -59,16 +59,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _log_tail(log_path: str) -> str:
+    with open(log_path) as f:
+        return f.read()[-3000:]
+
+
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, log_path: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {_log_tail(log_path)}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s: {open(log_path).read()[-3000:]}")
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s: {_log_tail(log_path)}")
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -127,7 +132,7 @@ def _wait_until_s3_answers(env: dict, timeout: float = 60) -> None:
         try:
             client.list_buckets()
             return
-        except Exception:  # noqa: BLE001 - the server is still starting its filer
+        except Exception:  # the server is still starting its filer (re-raised once past the deadline)
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)

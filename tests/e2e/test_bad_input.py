@@ -28,6 +28,11 @@ ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--tra
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
+def _load_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
@@ -108,7 +113,7 @@ def _truncated_shard(good: list[RawSample]) -> tuple[bytes, list[str], str]:
     """Five good samples, cut off inside the fourth one's image: (bytes, keys before the cut, the cut key)."""
     data = write_tar(good[:5])
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        member = [m for m in tar.getmembers() if m.name.startswith(good[3].key) and m.name.endswith(".png")][0]
+        member = next(m for m in tar.getmembers() if m.name.startswith(good[3].key) and m.name.endswith(".png"))
     return data[: member.offset_data + 40], [g.key for g in good[:3]], good[3].key
 
 
@@ -174,14 +179,14 @@ def test_every_input_sample_has_exactly_one_row_with_the_expected_outcome(wild_r
 
 def test_counts_add_up_and_shard_faults_are_recorded(wild_run):
     out, rows = wild_run["out"], wild_run["rows"]
-    success = json.load(open(os.path.join(out, "_SUCCESS.json")))
+    success = _load_json(os.path.join(out, "_SUCCESS.json"))
     protected = sum(r["status"] == "protected" for r in rows)
     assert success["counts"] == {"input": len(rows), "protected": protected, "rejected": len(rows) - protected}
     assert success["counts"]["rejected"] == 8 + 6
     for shard in ("zero-000000", "cut-000000"):
-        marker = json.load(open(os.path.join(out, f"{shard}_stats.json")))
+        marker = _load_json(os.path.join(out, f"{shard}_stats.json"))
         assert marker["read_error"], shard
-    assert json.load(open(os.path.join(out, "empty-000000_stats.json")))["read_error"] is None
+    assert _load_json(os.path.join(out, "empty-000000_stats.json"))["read_error"] is None
     # Every shard, even one with no samples, has its (possibly empty) tar, manifest and marker.
     with tarfile.open(os.path.join(out, "zero-000000.tar")) as tar:
         assert tar.getnames() == []

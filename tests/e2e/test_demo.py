@@ -25,10 +25,12 @@ def test_demo_protects_mnist_and_the_probe_agrees_with_the_victims(tmp_path):
     assert summary["protection_holds"] is True and summary["stop_reason"] == "stop_rule", summary
     # The probe agrees with the victims: low when they are low.
     assert summary["probe_accuracy"] <= 0.40 and abs(summary["probe_accuracy"] - summary["victim_protected"]) <= 0.2
-    success = json.load(open(os.path.join(out, "release", "_SUCCESS.json")))
+    with open(os.path.join(out, "release", "_SUCCESS.json")) as f:
+        success = json.load(f)
     assert success["protection"]["probe_accuracy"] == summary["probe_accuracy"]
     assert success["counts"] == {"input": 4000, "protected": 4000, "rejected": 0}
-    report = open(os.path.join(out, "report.md")).read()
+    with open(os.path.join(out, "report.md")) as f:
+        report = f.read()
     assert "probe" in report and f"{100 * summary['victim_protected']:.1f}%" in report and "**holds**" in report
     assert os.path.getsize(os.path.join(out, "report.png")) > 10_000
     assert not os.path.exists(os.path.join(out, "release.work"))  # noise state never left behind

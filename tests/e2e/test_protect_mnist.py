@@ -15,9 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 # The battery here is mixup alone: the default's adversarial-training probe costs minutes on 2 CPU cores (its probe
 # is checked in tests/unit/test_probe.py).
@@ -25,6 +24,11 @@ FAST = ["--resolution", "28", "--pgd-steps", "3", "--step-size", "2/255", "--tra
         "--batch-size", "128", "--probe-countermeasures", "mixup", "--probe-steps", "30"]
 SUCCESS_KEYS = {"config", "config_hash", "versions", "rounds", "stop_reason", "surrogate_error", "protection",
                 "counts", "timings"}
+
+
+def _load_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def _originals(shard_dir: str) -> dict[str, np.ndarray]:
@@ -49,7 +53,7 @@ def protected_run(mnist_small, tmp_path_factory):
 def test_protect_exit_status_matches_the_recorded_protection(protected_run):
     proc = protected_run["proc"]
     assert proc.returncode in (0, 4), proc.stderr[-3000:]
-    success = json.load(open(os.path.join(protected_run["out"], "_SUCCESS.json")))
+    success = _load_json(os.path.join(protected_run["out"], "_SUCCESS.json"))
     assert SUCCESS_KEYS <= set(success)
     # Public: where the originals and the noise state live stays in the work dir's run.json.
     assert "work_dir" not in success and not {"inputs", "work_dir"} & set(success["config"])
@@ -60,7 +64,7 @@ def test_protect_exit_status_matches_the_recorded_protection(protected_run):
 
 
 def test_stop_rule_is_met_on_released_data_and_recorded(protected_run):
-    success = json.load(open(os.path.join(protected_run["out"], "_SUCCESS.json")))
+    success = _load_json(os.path.join(protected_run["out"], "_SUCCESS.json"))
     # --stop-error 1.0: the error rule holds from the first round, so the run stops exactly when the plain probe
     # holds; the release is protected only when the countermeasure battery holds too.
     assert success["stop_reason"] in ("stop_rule", "max_rounds")
@@ -115,7 +119,7 @@ def test_manifest_has_one_row_per_input_sample(protected_run):
     assert all(0 <= r["linf"] <= 8 and r["width"] == 28 and r["height"] == 28 for r in rows)
     assert sum(r["linf"] > 0 for r in rows) >= 0.9 * len(rows)  # noise was actually applied, not just bounded
     assert all(r["output_member"] == r["key"] + ".png" for r in rows)
-    success = json.load(open(os.path.join(protected_run["out"], "_SUCCESS.json")))
+    success = _load_json(os.path.join(protected_run["out"], "_SUCCESS.json"))
     assert success["counts"] == {"input": 300, "protected": 300, "rejected": 0}
 
 
@@ -158,7 +162,7 @@ def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, t
                    "--pgd-steps", "1", "--train-steps", "2", "--batch-size", "128", "--probe-steps", "120",
                    "--probe-arch", "small-cnn", "--probe-countermeasures", "mixup")
     assert proc.returncode == 4, proc.stderr[-3000:]
-    success = json.load(open(os.path.join(out, "_SUCCESS.json")))
+    success = _load_json(os.path.join(out, "_SUCCESS.json"))
     p = success["protection"]
     assert p["holds"] is False and success["stop_reason"] == "max_rounds"
     assert p["probe_accuracy"] > p["threshold"] and p["probe_clean_accuracy"] > 0.5

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli
@@ -34,13 +35,18 @@ def _protect(train: str, out: str, fault: str | None = None, once: str | None = 
     return run_cli("protect", "--input", train, "--output", out, *ARGS, *extra, env=env)
 
 
+def _load_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def _tars(out: str) -> dict[str, bytes]:
-    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n.endswith(".tar")}
+    return {n: Path(out, n).read_bytes() for n in sorted(os.listdir(out)) if n.endswith(".tar")}
 
 
 def _attempts(out: str) -> list[tuple]:
     folder = os.path.join(out + ".work", "attempts")
-    rows = [json.load(open(os.path.join(folder, n))) for n in os.listdir(folder)]
+    rows = [_load_json(os.path.join(folder, n)) for n in os.listdir(folder)]
     return [(r["unit"], r["round"], r["shard"]) for r in rows]
 
 
@@ -109,15 +115,15 @@ def _live_lease_refuses_a_second_coordinator(train: str, out: str) -> None:
     """A live lease (fresh heartbeat, a live process) stops a second coordinator with a clear message and exit 3.
     The killed coordinator's lease is stale (its process is gone): impersonate a live one with this test's pid."""
     lease = os.path.join(out + ".work", "lease.json")
-    stale = open(lease).read()
+    stale = Path(lease).read_text()
     held = json.loads(stale)
     held["pid"] = os.getpid()
     held["heartbeat"] = time.time()
-    open(lease, "w").write(json.dumps(held))
+    Path(lease).write_text(json.dumps(held))
     proc = _protect(train, out)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "another coordinator" in proc.stderr.strip().splitlines()[-1]
-    open(lease, "w").write(stale)
+    Path(lease).write_text(stale)
 
 
 def _status_and_verify_say_in_progress(out: str, done: int) -> None:
@@ -170,7 +176,7 @@ def test_changed_config_is_refused_naming_fields_and_overwrite_starts_over(refer
     assert _tars(out) == reference["tars"]  # the refused run touched nothing
     proc = _protect(reference["train"], out, extra=["--train-steps", "4", "--overwrite"])
     assert proc.returncode in (0, 4), proc.stderr[-3000:]
-    success = json.load(open(os.path.join(out, "_SUCCESS.json")))
+    success = _load_json(os.path.join(out, "_SUCCESS.json"))
     assert success["config"]["train_steps"] == 4
     _verify(out)
 
@@ -179,10 +185,10 @@ def test_verify_catches_a_tampered_release(reference, tmp_path):
     out = str(tmp_path / "release")
     shutil.copytree(reference["out"], out)
     path = os.path.join(out, "train-000001.tar")
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[1000] ^= 0xFF
-    open(path, "wb").write(bytes(data))
-    open(os.path.join(out, "noise.npy"), "wb").write(b"x")
+    Path(path).write_bytes(bytes(data))
+    Path(out, "noise.npy").write_bytes(b"x")
     proc = run_cli("verify", out)
     assert proc.returncode == 1
     text = proc.stdout + proc.stderr
@@ -248,7 +254,7 @@ def test_verify_checks_every_merged_manifest_row_and_a_rerun_rewrites_a_forged_m
     shutil.copytree(reference["out"], out)
     shutil.copytree(reference["out"] + ".work", out + ".work")
     path = os.path.join(out, "manifest.parquet")
-    original = open(path, "rb").read()
+    original = Path(path).read_bytes()
     table = pq.read_table(path)
     assert "source_sha256" not in table.column_names  # no input hashes unless asked for
     rows = table.to_pylist()
@@ -259,7 +265,7 @@ def test_verify_checks_every_merged_manifest_row_and_a_rerun_rewrites_a_forged_m
     assert proc.returncode == 1 and "manifest.parquet row 7" in proc.stdout, proc.stdout
     proc = _protect(reference["train"], out)
     assert proc.returncode == reference["code"], proc.stderr[-3000:]
-    assert open(path, "rb").read() == original
+    assert Path(path).read_bytes() == original
     _verify(out)
 
 
@@ -284,10 +290,10 @@ def test_clean_up_deletes_only_the_files_a_run_wrote(reference, tmp_path):
     out, work = str(tmp_path / "release"), str(tmp_path / "mine")
     shutil.copytree(reference["out"], out)
     shutil.copytree(reference["out"] + ".work", work)
-    run = json.load(open(os.path.join(work, "run.json")))
+    run = _load_json(os.path.join(work, "run.json"))
     run["work_dir_created"] = False
-    open(os.path.join(work, "run.json"), "w").write(json.dumps(run))
-    open(os.path.join(work, "notes.txt"), "w").write("mine")
+    Path(work, "run.json").write_text(json.dumps(run))
+    Path(work, "notes.txt").write_text("mine")
     os.makedirs(os.path.join(work, "round-0001", "mine"))
     args = [a for a in ARGS if a != "--keep-work"]
     proc = run_cli("protect", "--input", reference["train"], "--output", out, "--work-dir", work, *args)
