@@ -47,8 +47,8 @@ def _offsets(plan) -> tuple[dict, int]:
 
 
 def _pool(corpus: dict, mode: str, workers: int = 2, **kw):
-    settings = dict(mode=mode, resolution=28, pgd_steps=2, step_size="2/255", train_steps=3, batch_size=64,
-                    skip_converged=False)
+    settings = {"mode": mode, "resolution": 28, "pgd_steps": 2, "step_size": "2/255", "train_steps": 3,
+                "batch_size": 64, "skip_converged": False}
     cfg, plan = _config(corpus, **{**settings, **kw})
     actors = pool.start_workers(cfg.to_dict(), plan.num_classes, plan.channels, workers, 0, 1)
     shares = assign_shards(plan.shards, workers)
@@ -98,7 +98,7 @@ def test_a_training_stage_on_a_pool_of_two_is_one_workers_stage(local_ray, mnist
     0.04% of the movement from itself, the pool 0.07% (measured on this corpus). Before batch norm was pooled, two
     workers with per-worker statistics, on these very batches, ended 8.4% away: the shards are sorted by class
     (worker 0 holds digits 0-3 and 6-9, worker 1 holds 3-6), the case where per-worker statistics go wrong."""
-    settings = dict(resolution=28, train_steps=10, batch_size=512)
+    settings = {"resolution": 28, "train_steps": 10, "batch_size": 512}
     cfg, plan = _config(mnist_small, **settings)
     one = RoundWorker(cfg.to_dict(), plan.num_classes, plan.channels, 0, 1)
     one.load_shards([(s.id, s.url) for s in plan.shards])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import READER_KEY, READER_SECRET, make_bucket, upload_dir
+
 from pipeline.storage import fs
 from pipeline.storage.layout import default_work_dir
 from pipeline.storage.markers import is_done, write_marker
