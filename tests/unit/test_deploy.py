@@ -16,9 +16,9 @@ import tomllib
 
 import jsonschema
 import pytest
+import ray
 import yaml
 
-import ray
 from pipeline import pool
 from pipeline.cli import build_parser, config_from_args
 
@@ -34,12 +34,27 @@ def _yaml(name: str) -> dict:
         return yaml.safe_load(f)
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _json(path) -> dict | list:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _project_dependencies() -> list[str]:
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["dependencies"]
+
+
 # --- Dockerfile ---------------------------------------------------------------------------------------------------
 
 def dockerfile_instructions(path: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     out, pending = [], ""
-    for line in open(path).read().splitlines():
+    for line in _read(path).splitlines():
         if line.lstrip().startswith("#") or (not pending and not line.strip()):
             continue
         if line.rstrip().endswith("\\"):
@@ -82,7 +97,7 @@ def effective_command(steps: list[tuple[str, str]], command: list[str] | None) -
 
 
 def _pins() -> dict[str, str]:
-    deps = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["project"]["dependencies"]
+    deps = _project_dependencies()
     return {re.split(r"[\[=<>]", d)[0].lower(): d.split("==", 1)[1] for d in deps if "==" in d}
 
 
@@ -130,8 +145,7 @@ def test_dependency_layer_reads_exactly_pyprojects_dependencies():
     extract = shlex.split(run.split(">")[0])
     assert extract[0] == "python" and extract[1] == "-c"
     out = subprocess.run([sys.executable, "-c", extract[2]], cwd=REPO, capture_output=True, text=True, check=True)
-    deps = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["project"]["dependencies"]
-    assert out.stdout.split() == deps
+    assert out.stdout.split() == _project_dependencies()
 
 
 @pytest.mark.parametrize("command", [
@@ -196,14 +210,14 @@ if argv[:2] == ["job", "submit"]:
     script = kuberay_submitter_script(spec, "http://unlearnable-protect-head-svc:8265", "unlearnable-protect-abc12")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["/bin/bash", "-ce", "--", script], env=env, check=True, timeout=60)
-    submit = json.load(open(record))
+    submit = _json(record)
     words = submit[submit.index("--") + 1:]
     entrypoint = shlex.join(words)  # ray job submit (Ray 2.60, non-Windows)
 
     driver = tmp_path / "driver.json"
     _shim(str(bin_dir), "unlearnable", f"import json, sys\njson.dump(sys.argv[1:], open({str(driver)!r}, 'w'))\n")
     subprocess.run(entrypoint, shell=True, env=env, check=True, timeout=60)
-    return json.load(open(driver))
+    return _json(driver)
 
 
 def test_rayjob_entrypoint_survives_kuberays_shells_with_the_brace_pattern_as_one_argument(tmp_path):
@@ -227,7 +241,7 @@ def test_the_shell_check_catches_an_unquoted_pattern(tmp_path):
 
 
 def test_rayjob_is_valid_against_kuberays_rayjob_crd():
-    schema = json.load(open(RAYJOB_SCHEMA))
+    schema = _json(RAYJOB_SCHEMA)
     assert "ray.io_rayjobs.yaml" in schema["$comment"] and "v1.7.0" in schema["$comment"]
     jsonschema.Draft7Validator.check_schema(schema)
     job = _yaml("rayjob.yaml")
@@ -267,7 +281,7 @@ def test_rayjob_runs_protect_on_gpu_workers_with_credentials_from_a_secret_and_g
 
 def test_cluster_yaml_is_valid_against_the_schema_in_the_pinned_ray():
     schema_path = os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")
-    schema = json.load(open(schema_path))
+    schema = _json(schema_path)
     cluster = _yaml("cluster.yaml")
     jsonschema.validate(cluster, schema)
     bad = yaml.safe_load(yaml.safe_dump(cluster))
@@ -296,9 +310,9 @@ def test_cluster_gives_gpus_to_the_gpu_workers_only_and_scales_them_to_zero():
         assert re.fullmatch(r"ami-[0-9a-f]{8,17}", t["node_config"]["ImageId"])
     assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
     assert any("--disable-usage-stats" in c for c in cluster["head_start_ray_commands"])
-    text = open(os.path.join(DEPLOY, "cluster.yaml")).read()
+    text = _read(os.path.join(DEPLOY, "cluster.yaml"))
     assert "ray down deploy/cluster.yaml" in text and "Deep Learning" in text
-    assert "ray down deploy/cluster.yaml" in open(os.path.join(DEPLOY, "README.md")).read()
+    assert "ray down deploy/cluster.yaml" in _read(os.path.join(DEPLOY, "README.md"))
 
 
 # --- runtime env, credentials -------------------------------------------------------------------------------------
@@ -307,7 +321,7 @@ def test_runtime_env_ships_no_credentials():
     env = _yaml("runtime_env.yaml")
     assert set(env) <= {"env_vars", "pip", "working_dir", "py_modules", "config"}
     for name in ("runtime_env.yaml", "rayjob.yaml", "cluster.yaml"):
-        text = open(os.path.join(DEPLOY, name)).read()
+        text = _read(os.path.join(DEPLOY, name))
         data = yaml.safe_load(text)
         assert "AWS_SECRET_ACCESS_KEY" not in str(data) and "aws_secret_access_key" not in str(data).lower()
         assert not re.search(r"AKIA[0-9A-Z]{16}", text)

@@ -142,7 +142,7 @@ def test_pgd_restores_requires_grad_after_an_error():
     model = _tiny_model()
     x, _ = _batch()
     bad_y = torch.full((x.shape[0],), 99, dtype=torch.long)  # out of range for 10 classes
-    with pytest.raises(Exception):
+    with pytest.raises(IndexError, match="out of bounds"):
         pgd_minimize(model, x, bad_y, torch.zeros_like(x), eps=EPS, step_size=EPS / 4, steps=1)
     assert all(p.requires_grad for p in model.parameters())
 

@@ -300,7 +300,7 @@ def _recorded_training_inputs(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def test_train_step_without_adversary_is_unchanged(fitted):
-    state, x, y = fitted
+    _, x, y = fitted
     torch.manual_seed(3)
     a, b = build("small-cnn", 10, 1), build("small-cnn", 10, 1)
     b.load_state_dict(a.state_dict())

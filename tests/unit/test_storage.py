@@ -457,7 +457,8 @@ def test_missing_marker_reads_none_and_is_not_done(tmp_path):
 def test_torn_marker_counts_as_absent(tmp_path):
     url = str(tmp_path / "m.json")
     markers.write_marker(url, "h", samples=10)
-    full = open(url, "rb").read()
+    with open(url, "rb") as f:
+        full = f.read()
     for cut in (0, 1, len(full) // 2, len(full) - 1):
         _write(url, full[:cut])
         assert markers.read_marker(url) is None
