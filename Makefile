@@ -1,4 +1,5 @@
-# The two set-up commands: `make demo` and `make test`. Both create .venv with the pinned dependencies when missing.
+# The set-up commands: `make demo`, `make test` and `make lint` (ruff check). Each creates .venv with the pinned
+# dependencies when missing.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,6 +18,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests --durations=20
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) demo-output
