@@ -78,14 +78,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, metadata: bo
     decoded = _to_channels(img)
     if metadata:
         decoded.icc = _matching_icc(img.info.get("icc_profile"), decoded.color.shape[0])
-        exif = img.getexif()
-        # exif_transpose removed the orientation it applied; any other value left (1, or an invalid one) goes too.
-        exif.pop(ORIENTATION, None)
-        decoded.exif = exif.tobytes() if len(exif) else None
-        xmp = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
-        if isinstance(xmp, str):
-            xmp = xmp.encode()
-        decoded.xmp = _XMP_ORIENTATION.sub(b"", xmp) if xmp else None
+        try:
+            exif = img.getexif()
+            # exif_transpose removed the orientation it applied; any other value left (1, or invalid) goes too.
+            exif.pop(ORIENTATION, None)
+            decoded.exif = exif.tobytes() if len(exif) else None
+            xmp = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
+            if isinstance(xmp, str):
+                xmp = xmp.encode()
+            decoded.xmp = _XMP_ORIENTATION.sub(b"", xmp) if xmp else None
+        except Exception:  # noqa: BLE001 - metadata Pillow cannot rewrite is dropped (stripping is the safe side);
+            # the pixels decoded above, so the sample is released as it was accepted when loaded
+            decoded.exif = decoded.xmp = None
     return decoded
 
 

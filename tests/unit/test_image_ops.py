@@ -452,3 +452,20 @@ def test_an_icc_profile_for_another_colour_space_is_dropped():
     lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # not RGB either
     assert decode_image(_camera_jpeg(lab), metadata=True).icc is None
     assert decode_image(_camera_jpeg(_srgb_icc()), metadata=True).icc is not None
+
+
+def test_metadata_that_cannot_be_rewritten_is_dropped_never_a_failure(monkeypatch):
+    """The export decodes metadata the load did not: a photo accepted when loaded must not fail there. EXIF that
+    Pillow cannot parse or rewrite is dropped (the safe side of stripping); the pixels and the profile stay."""
+    exif = Image.Exif()
+    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 24.0)}  # upright already: the decode itself never rewrites the EXIF
+    data = _jpeg(Image.new("RGB", (20, 10), (200, 30, 30)), exif=exif, icc_profile=_srgb_icc())
+    assert decode_image(data, metadata=True).exif is not None
+
+    def broken(self):
+        raise ValueError("cannot write this EXIF")
+
+    monkeypatch.setattr(Image.Exif, "tobytes", broken)
+    assert decode_image(data).color.shape == (3, 10, 20)  # the load's decode does not touch metadata
+    dec = decode_image(data, metadata=True)
+    assert dec.color.shape == (3, 10, 20) and dec.exif is None and dec.xmp is None and dec.icc == _srgb_icc()
