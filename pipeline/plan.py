@@ -21,6 +21,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from pipeline.labels import LabelCensus, LabelSource, LabelsRefused
+from pipeline.progress import eta
 from pipeline.samples import find_image_member, screen, second_image_member
 from pipeline.storage import fs
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, shard_id
@@ -167,8 +168,8 @@ def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None
         if now - last_log >= PROGRESS_EVERY_S or i in (0, len(urls) - 1):  # a line while a large corpus is read
             last_log = now
             read = sum(s.samples for s in shards)
-            log.info("plan: %d/%d shards read, %d samples (%.0f samples/s)", i + 1, len(urls), read,
-                     read / max(now - t0, 1e-9))
+            log.info("plan: %d/%d shards read, %d samples (%.0f samples/s)%s", i + 1, len(urls), read,
+                     read / max(now - t0, 1e-9), eta(i + 1, len(urls), now - t0))
     try:
         num_classes, label_names = census.classes(num_classes)
     except LabelsRefused as exc:
