@@ -271,6 +271,7 @@ class Run:
 
     def __init__(self, cfg: ProtectConfig, layout: Layout, plan: Plan, chash: str) -> None:
         self.cfg, self.layout, self.plan, self.chash = cfg, layout, plan, chash
+        self.plan_order = [s.id for s in plan.shards]  # the probe assembles every worker's data in this order
         self.timings: dict[str, float] = dict.fromkeys(("load", "train", "noise", "check", "probe", "export"), 0.0)
         self.workers: list = []
         self.owner: dict[str, int] = {}  # shard id -> index of the worker that holds it
@@ -604,10 +605,9 @@ class Run:
         # via the coordinator). The clean-trained reference, needed once per run, trains on a second worker at the
         # same time when there is one.
         parts = [w.probe_data.remote() for w in self.workers]
-        order = [s.id for s in self.plan.shards]
-        released = self.workers[0].probe_score.remote("released", *parts, order=order)
+        released = self.workers[0].probe_score.remote("released", *parts, order=self.plan_order)
         if clean_ref is None:
-            clean = self.workers[1 % len(self.workers)].probe_score.remote("clean", *parts, order=order)
+            clean = self.workers[1 % len(self.workers)].probe_score.remote("clean", *parts, order=self.plan_order)
             clean_ref = round(pool.get(clean)["accuracy"], 4)  # as the round records keep it: resumed == not
             fs.write_bytes(self.layout.probe_record, json.dumps(
                 {"config_hash": self.chash, "probe_clean_accuracy": clean_ref}).encode())
@@ -639,9 +639,8 @@ class Run:
         names = names[len(plain):]
         self.heartbeat.phase(f"probe battery ({', '.join(names)})")
         parts = [w.probe_data.remote() for w in self.workers] if names else []
-        order = [s.id for s in self.plan.shards]
         refs = [self.workers[i % len(self.workers)].probe_score.remote("released", *parts, countermeasure=name,
-                                                                       order=order)
+                                                                       order=self.plan_order)
                 for i, name in enumerate(names)]
         self.battery = judge_battery(probe, plain + pool.get_all(refs))
         seconds = time.perf_counter() - t0

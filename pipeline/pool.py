@@ -126,8 +126,8 @@ def next_of(stream):
         ref = next(stream)
     except StopIteration:
         return None
-    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-        raise WorkerDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    except _DIED as exc:
+        raise _died(exc) from exc
     return get(ref)
 
 
@@ -135,11 +135,18 @@ def put(value):
     return ray.put(value)
 
 
+_DIED = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+
+
+def _died(exc: BaseException) -> WorkerDied:
+    return WorkerDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
 def get(refs, timeout: float | None = None):
     try:
         return ray.get(refs, timeout=timeout)
-    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-        raise WorkerDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    except _DIED as exc:
+        raise _died(exc) from exc
 
 
 def get_all(refs: list) -> list:

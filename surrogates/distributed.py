@@ -29,12 +29,13 @@ class _GlobalBatchNorm(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, eps: float):
         dims = [d for d in range(x.dim()) if d != 1]
         c = x.shape[1]
+        shape = [1, c] + [1] * (x.dim() - 2)
         xf = x.float()
         n = xf.numel() // max(c, 1)
         # Each worker's mean and centred sum of squares (two passes: no cancellation), combined over the pool in
         # float64 per channel: sum(x) and sum(x^2) = M2 + n * mean^2.
         local_mean = xf.mean(dims) if n else torch.zeros(c, device=x.device)
-        m2 = ((xf - local_mean.view([1, c] + [1] * (x.dim() - 2))) ** 2).sum(dims)
+        m2 = ((xf - local_mean.view(shape)) ** 2).sum(dims)
         local_mean, m2 = local_mean.double(), m2.double()
         stats = torch.cat([n * local_mean, m2 + n * local_mean * local_mean,
                            torch.tensor([float(n)], dtype=torch.float64, device=x.device)])
@@ -42,7 +43,6 @@ class _GlobalBatchNorm(torch.autograd.Function):
         count = stats[-1]
         mean = stats[:c] / count
         var = (stats[c : 2 * c] / count - mean * mean).clamp_(min=0.0)
-        shape = [1, c] + [1] * (x.dim() - 2)
         invstd = torch.rsqrt(var + eps).float()
         mean, var, count = mean.float(), var.float(), count.float()
         xhat = (xf - mean.view(shape)) * invstd.view(shape)
