@@ -1,4 +1,5 @@
-"""Image bytes in and out: decode to 8-bit arrays, resize to the working resolution, apply noise at native size, PNG.
+"""Image bytes in and out: decode to 8-bit arrays, resize to the working resolution, apply noise at native size,
+encode (PNG, or JPEG / WebP: ``encode_image``).
 
 An image is decoded into ``color`` (uint8 tensor, C x H x W with C = 1 for grayscale or 3 for RGB) and an optional
 ``alpha`` (uint8, H x W) that noise never touches. EXIF orientation is applied first; palette, CMYK, 16-bit and other
@@ -195,30 +196,81 @@ def release_native_batch(colors: torch.Tensor, deltas: torch.Tensor) -> torch.Te
     return release_uint8(colors, noise)
 
 
+# The release's encodings: --encode-format -> the member extension the release gives the protected image.
+ENCODE_FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+LOSSY_FORMATS = ("jpeg", "webp")
+DEFAULT_ENCODE_QUALITY = 90
+# What each lossy format can hold: JPEG has no alpha; both cap the side length.
+MAX_SIDE = {"jpeg": 65_535, "webp": 16_383}
+
+
 def encode_png(color: torch.Tensor, alpha: torch.Tensor | None = None, *, icc: bytes | None = None,
                exif: bytes | None = None, xmp: bytes | None = None) -> bytes:
     """Encode uint8 channels (and an untouched alpha) as PNG, with the given ICC profile, EXIF and XMP chunks and
     nothing else; deterministic bytes for the same pixels and metadata."""
+    return encode_image(color, alpha, icc=icc, exif=exif, xmp=xmp)
+
+
+def encode_image(color: torch.Tensor, alpha: torch.Tensor | None = None, *, fmt: str = "png",
+                 quality: int | None = None, icc: bytes | None = None, exif: bytes | None = None,
+                 xmp: bytes | None = None) -> bytes:
+    """Encode uint8 channels (and an untouched alpha) as ``fmt`` (``ENCODE_FORMATS``), with the given ICC profile,
+    EXIF and XMP and nothing else; deterministic bytes for the same pixels, metadata and settings.
+
+    JPEG keeps full chroma resolution (4:4:4): the noise lives in per-pixel colour detail that 4:2:0 would average
+    away. WebP keeps the colours under fully transparent pixels (``exact``), as the alpha is released untouched.
+    A JPEG of an image with alpha is refused (ValueError); ``unencodable`` says so before any work is spent."""
     arr = color.permute(1, 2, 0).contiguous().numpy()
     if alpha is not None:
         arr = np.concatenate([arr, alpha.numpy()[..., None]], axis=2)
-    if arr.shape[2] == 1:
-        img = Image.fromarray(arr[..., 0], mode="L")
-    elif arr.shape[2] == 2:
-        img = Image.fromarray(arr, mode="LA")
-    elif arr.shape[2] == 3:
-        img = Image.fromarray(arr, mode="RGB")
-    else:
-        img = Image.fromarray(arr, mode="RGBA")
+    img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr, mode=("L", "LA", "RGB", "RGBA")[arr.shape[2] - 1])
     extra: dict = {}
     if icc:
         extra["icc_profile"] = icc
     if exif:
         extra["exif"] = exif
-    if xmp:
-        info = PngImagePlugin.PngInfo()
-        info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
-        extra["pnginfo"] = info
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6, **extra)
+    if fmt == "png":
+        if xmp:
+            info = PngImagePlugin.PngInfo()
+            info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
+            extra["pnginfo"] = info
+        img.save(buf, format="PNG", compress_level=6, **extra)
+    elif fmt in LOSSY_FORMATS:
+        problem = unencodable(fmt, img.width, img.height, alpha is not None)
+        if problem:
+            raise ValueError(problem)
+        if xmp:
+            extra["xmp"] = xmp
+        q = DEFAULT_ENCODE_QUALITY if quality is None else int(quality)
+        if fmt == "jpeg":
+            img.save(buf, format="JPEG", quality=q, subsampling=0, optimize=False, **extra)
+        else:
+            img.save(buf, format="WEBP", quality=q, method=4, exact=True, **extra)
+    else:
+        raise ValueError(f"unknown encode format {fmt!r}; choose one of {', '.join(ENCODE_FORMATS)}")
     return buf.getvalue()
+
+
+def unencodable(fmt: str, width: int, height: int, has_alpha: bool) -> str | None:
+    """Why an image of this size and alpha cannot be released as ``fmt`` (a manifest error), or None."""
+    if fmt == "jpeg" and has_alpha:
+        return "has an alpha channel, which JPEG cannot hold (use --encode-format png or webp)"
+    side = MAX_SIDE.get(fmt)
+    if side is not None and max(width, height) > side:
+        return f"{width}x{height} is over {fmt.upper()}'s {side:,}-pixel side (use --encode-format png)"
+    return None
+
+
+def decoded_release(data: bytes, channels: int) -> torch.Tensor:
+    """The uint8 pixels (``channels`` x H x W) a victim decodes from released bytes: what the stop check, the probe
+    and the manifest's ``linf`` measure. (WebP has no grayscale: a gray image comes back as equal RGB channels.)"""
+    return match_channels(decode_image(data).color, channels)
+
+
+def encoded_roundtrip(color: torch.Tensor, alpha: torch.Tensor | None, fmt: str, quality: int | None
+                      ) -> torch.Tensor:
+    """``color`` as a victim gets it from a ``fmt`` release: encoded, then decoded (the same channels)."""
+    if fmt == "png":
+        return color
+    return decoded_release(encode_image(color, alpha, fmt=fmt, quality=quality), color.shape[0])

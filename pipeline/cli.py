@@ -13,6 +13,7 @@ import os
 import sys
 
 from ops.engine import COMPILE_CHOICES, CONVERGED_LOSS, PRECISIONS
+from ops.image import DEFAULT_ENCODE_QUALITY, ENCODE_FORMATS
 from ops.robust import ROBUST_CHOICES
 from pipeline.config import (
     DEFAULT_PROBE_ARCH,
@@ -63,6 +64,12 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-metadata", action="store_true",
                    help="release each photo's EXIF and XMP (camera, time, GPS position) too; by default only its ICC "
                         "colour profile is kept and the rest is stripped (orientation is always applied)")
+    p.add_argument("--encode-format", choices=list(ENCODE_FORMATS), default="png",
+                   help="the released images' encoding (member .png, .jpg or .webp). jpeg and webp are lossy: the "
+                        "stop check, the probe and the manifest's linf then see the decoded bytes, as a victim does, "
+                        "and linf includes the codec's error; JPEG refuses images with alpha")
+    p.add_argument("--encode-quality", type=int, default=None,
+                   help=f"jpeg or webp quality, 1-100 (default {DEFAULT_ENCODE_QUALITY})")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run at this output and start over")
     p.add_argument("--dry-run", action="store_true",
                    help="print the frozen plan (shards, samples, classes) and the work it takes; run nothing")

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from ops.engine import COMPILE_CHOICES, PRECISIONS
-from ops.image import DEFAULT_MAX_PIXELS
+from ops.image import DEFAULT_ENCODE_QUALITY, DEFAULT_MAX_PIXELS, ENCODE_FORMATS, LOSSY_FORMATS
 from ops.noise import parse_fraction
 from ops.robust import robust_spec
 
@@ -56,9 +56,11 @@ HASH_FIELDS = (
     "probe_countermeasures",
     "robust",
     "keep_metadata",
+    "encode_format",
+    "encode_quality",
 )
 # Hashed fields added later, with the value that does what runs did before them: hashed only when set otherwise.
-ADDED_FIELDS = {"robust": "off", "keep_metadata": False}
+ADDED_FIELDS = {"robust": "off", "keep_metadata": False, "encode_format": "png", "encode_quality": None}
 # The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
 MIN_RESOLUTION = 8
 
@@ -106,6 +108,10 @@ class ProtectConfig:
     skip_converged: bool = SKIP_CONVERGED_DEFAULT
     manifest_source_hash: bool = False  # a public sha256 of every original in the manifest (off: see manifest.py)
     keep_metadata: bool = False  # release EXIF and XMP (GPS, camera, time) beside the ICC profile; off: ICC only
+    # The release's image encoding. JPEG and WebP are lossy: the stop check, the probe and the manifest's linf then
+    # measure the decoded bytes, as a victim gets them (ops.image.encoded_roundtrip).
+    encode_format: str = "png"
+    encode_quality: int | None = None  # jpeg and webp only; default ops.image.DEFAULT_ENCODE_QUALITY
     keep_work: bool = False
     overwrite: bool = False
 
@@ -121,6 +127,16 @@ class ProtectConfig:
             raise ValueError(f"--step-size must be in (0, eps], got {self.step_size}")
         robust_spec(self.robust, self.eps)  # raises ValueError for a value other than off / on
         self.robust = str(self.robust).strip().lower()
+        self.encode_format = str(self.encode_format).strip().lower()
+        if self.encode_format not in ENCODE_FORMATS:
+            raise ValueError(f"--encode-format must be one of {', '.join(ENCODE_FORMATS)}, not {self.encode_format!r}")
+        if self.encode_format not in LOSSY_FORMATS:
+            if self.encode_quality is not None:
+                raise ValueError("--encode-quality applies to --encode-format jpeg or webp only (PNG is lossless)")
+        elif self.encode_quality is None:
+            self.encode_quality = DEFAULT_ENCODE_QUALITY
+        elif not 1 <= int(self.encode_quality) <= 100:
+            raise ValueError(f"--encode-quality must be in [1, 100], got {self.encode_quality}")
         if self.pgd_steps is None:
             self.pgd_steps = 20 if self.mode == "samplewise" else 1
         if self.noise_batch_size is None:

@@ -663,7 +663,7 @@ class Run:
         # Shards released by an earlier coordinator are checked against their markers first: one changed or lost
         # since then is released again (the state to do so is here).
         earlier = [s.id for s in self.plan.shards if is_done(layout.shard_marker(s.id), self.chash)]
-        damaged = verify_shards(layout.output, earlier, self.chash, bound=round(self.cfg.eps * 255))
+        damaged = verify_shards(layout.output, earlier, self.chash, self.cfg.to_dict())
         if damaged:
             log.warning("released shard(s) changed since they were written, released again: %s", ", ".join(damaged))
             drop(*[layout.shard_marker(s) for s in damaged])

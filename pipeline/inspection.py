@@ -11,6 +11,7 @@ import json
 import tarfile
 from dataclasses import dataclass
 
+from ops.image import ENCODE_FORMATS, LOSSY_FORMATS
 from pipeline.plan import Plan
 from pipeline.samples import REPEATED_KEY_ERROR
 from pipeline.storage import fs, manifest
@@ -110,8 +111,7 @@ def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
     if success is None:
         return Verdict([f"{layout.success} missing or unreadable: the release is not complete"], [], {})
     problems: list[str] = []
-    eps = float(success["config"]["eps"])
-    bound = round(eps * 255)
+    bound, ext = release_rule(success["config"])
     names = fs.listdir(output)
     try:
         merged = manifest.from_parquet(fs.read_bytes(layout.manifest)).to_pylist()
@@ -131,7 +131,7 @@ def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
     shard_rows: dict[str, list[dict]] = {}
     bad = []
     for shard in shard_ids:
-        found = _verify_shard(layout, shard, success["config_hash"], bound, totals, shard_rows)
+        found = _verify_shard(layout, shard, success["config_hash"], bound, ext, totals, shard_rows)
         if found:
             bad.append(shard)
             problems += found
@@ -144,11 +144,19 @@ def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
     return Verdict(problems, bad, {"shards": len(shard_ids), **totals, "linf_bound": bound})
 
 
-def verify_shards(output: str, shard_ids: list[str], chash: str, bound: int) -> list[str]:
+def release_rule(config: dict) -> tuple[int | None, str]:
+    """What every released image of a run with this config must satisfy: its bound on the manifest's ``linf`` in
+    uint8 levels (eps; None for a lossy encoding, whose codec error is part of ``linf``) and its member extension."""
+    fmt = config.get("encode_format") or "png"  # runs from before --encode-format released PNG
+    return (round(float(config["eps"]) * 255) if fmt not in LOSSY_FORMATS else None), ENCODE_FORMATS[fmt]
+
+
+def verify_shards(output: str, shard_ids: list[str], chash: str, config: dict) -> list[str]:
     """The shards among ``shard_ids`` whose release files do not match their markers and manifests."""
     layout = Layout(fs.strip_url(output), "")
-    return [s for s in shard_ids if _verify_shard(layout, s, chash, bound, {"input": 0, "protected": 0, "rejected": 0},
-                                                  {})]
+    bound, ext = release_rule(config)
+    return [s for s in shard_ids
+            if _verify_shard(layout, s, chash, bound, ext, {"input": 0, "protected": 0, "rejected": 0}, {})]
 
 
 def _verify_merged(merged: list[dict], shard_rows: dict[str, list[dict]], shard_ids: list[str]) -> list[str]:
@@ -164,7 +172,7 @@ def _verify_merged(merged: list[dict], shard_rows: dict[str, list[dict]], shard_
     return []
 
 
-def _verify_shard(layout: Layout, shard: str, chash: str, bound: int, totals: dict,
+def _verify_shard(layout: Layout, shard: str, chash: str, bound: int | None, ext: str, totals: dict,
                   shard_rows: dict[str, list[dict]]) -> list[str]:
     problems = []
     marker = read_marker(layout.shard_marker(shard)) or {}
@@ -188,29 +196,29 @@ def _verify_shard(layout: Layout, shard: str, chash: str, bound: int, totals: di
         problems.append(f"{shard}: a key has more than one manifest row")
     if any(r["shard"] != shard for r in rows):
         problems.append(f"{shard}: a manifest row names another shard")
-    pngs: dict[str, bytes] = {}
+    images: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
             for info in tar:
-                key, ext = split_member_name(info.name)
+                key, member = split_member_name(info.name)
                 if info.name.startswith("/") or ".." in info.name:
                     problems.append(f"{shard}: member name {info.name!r} is absolute or holds '..'")
-                if ext == "png":
-                    if key in pngs:
-                        problems.append(f"{shard}: {key}.png appears twice")
-                    pngs[key] = tar.extractfile(info).read()
+                if member == ext:
+                    if key in images:
+                        problems.append(f"{shard}: {key}.{ext} appears twice")
+                    images[key] = tar.extractfile(info).read()
     except tarfile.TarError as exc:
         return problems + [f"{shard}.tar unreadable: {exc}"]
-    if set(pngs) != set(protected):
+    if set(images) != set(protected):
         problems.append(f"{shard}: tar keys and protected manifest rows differ "
-                        f"({len(set(pngs) - set(protected))} extra, {len(set(protected) - set(pngs))} missing)")
-    for key, data in pngs.items():
+                        f"({len(set(images) - set(protected))} extra, {len(set(protected) - set(images))} missing)")
+    for key, data in images.items():
         row = protected.get(key)
         if row is None:
             continue
-        if hashlib.sha256(data).hexdigest() != row["output_sha256"]:
-            problems.append(f"{shard}: {key}.png does not match its manifest hash")
-        if row["linf"] is None or row["linf"] > bound:
+        if hashlib.sha256(data).hexdigest() != row["output_sha256"] or row["output_member"] != f"{key}.{ext}":
+            problems.append(f"{shard}: {key}.{ext} does not match its manifest row (hash or member)")
+        if row["linf"] is None or (bound is not None and row["linf"] > bound):
             problems.append(f"{shard}: {key} moved {row['linf']} levels, over the bound {bound}")
     counts = {"input": len(rows), "protected": len(protected), "rejected": len(rows) - len(protected)}
     for k, v in counts.items():

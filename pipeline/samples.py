@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ops.image import DecodedImage, ImageRejected, decode_image
+from ops.image import DecodedImage, ImageRejected, decode_image, unencodable
 from pipeline.labels import LabelSource, label_id, parse_label  # noqa: F401 - parse_label: the rules' old home
 from pipeline.storage.shards import RawSample, ShardReadError
 
@@ -36,6 +36,8 @@ class SampleRules:
     label_names: list[str] | tuple[str, ...] | None = None
     # Decode the ICC profile, EXIF and XMP too (the export writes them; the rounds need pixels only).
     metadata: bool = False
+    # The release's encoding (--encode-format): an image it cannot hold (alpha in a JPEG) is rejected at the load.
+    encode_format: str = "png"
 
     def __post_init__(self) -> None:
         self.label_source = LabelSource.parse(self.label_key)
@@ -155,6 +157,9 @@ def decode_sample(sample: RawSample, rules: SampleRules) -> Accepted | Rejected:
         image = decode_image(data, rules.max_pixels, metadata=rules.metadata)
     except ImageRejected as exc:
         return Rejected(sample.key, str(exc), label=label, source_sha256=sha)
+    problem = unencodable(rules.encode_format, image.width, image.height, image.alpha is not None)
+    if problem:
+        return Rejected(sample.key, problem, label=label, source_sha256=sha)
     return Accepted(sample.key, label, member, image, sha)
 
 
@@ -196,13 +201,14 @@ def ordered_map(fn: Callable, items: Iterable, threads: int, chunk: int = 16, de
                 return
 
 
-def released_members(sample: RawSample, png: bytes, image_member: str) -> dict[str, bytes]:
-    """The protected sample's members: ``png`` holds the protected image; every non-image member is unchanged.
+def released_members(sample: RawSample, encoded: bytes, image_member: str, ext: str = "png") -> dict[str, bytes]:
+    """The protected sample's members: ``ext`` (png, jpg or webp) holds the protected image; every non-image member
+    is unchanged.
 
     The original image member and any other image member are dropped: they are unprotected copies of the content.
     """
     out = {ext: data for ext, data in sample.members.items() if not is_image_member(ext) and ext != image_member}
-    out["png"] = png
+    out[ext] = encoded
     return out
 
 

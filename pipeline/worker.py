@@ -23,8 +23,12 @@ import torch.distributed as dist
 from ops import metrics
 from ops.engine import CONVERGED_LOSS, NoiseEngine, compile_args, to_device
 from ops.image import (
+    ENCODE_FORMATS,
+    LOSSY_FORMATS,
     DecodedImage,
-    encode_png,
+    decoded_release,
+    encode_image,
+    encoded_roundtrip,
     match_channels,
     release_native,
     release_native_batch,
@@ -90,7 +94,7 @@ class RoundWorker:
         # The same stream on every worker of a pool: each draws the pool's global batch and keeps its own rows of it.
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.rules = SampleRules(num_classes, self.cfg.max_pixels, self.cfg.image_key, self.cfg.label_key,
-                                 self.cfg.label_names)
+                                 self.cfg.label_names, encode_format=self.cfg.encode_format)
         r = self.cfg.resolution
         self.x = torch.empty(0, channels, r, r, dtype=torch.uint8, device=self.device)
         self.y = torch.empty(0, dtype=torch.long, device=self.device)
@@ -354,6 +358,8 @@ class RoundWorker:
         sd = self.shards[shard]
         sl = slice(sd.start, sd.end)
         noise = self._noise_rows(sl)
+        if self.cfg.encode_format in LOSSY_FORMATS:
+            return self._released_lossy(sd, noise)
         if sd.native_is_working:
             return release_uint8(self.x[sl], noise)
         r = self.cfg.resolution
@@ -372,6 +378,22 @@ class RoundWorker:
                 released = release_native_batch(colors, noise[idx])
                 out[idx] = resize_uint8(match_channels(released, self.channels), (r, r))
         return out
+
+    def _released_lossy(self, sd: ShardData, noise: torch.Tensor) -> torch.Tensor:
+        """``released_working`` of a JPEG or WebP release: each released image encoded as the export encodes it and
+        decoded again, on the host, image by image (``encoded_roundtrip``: the same pixels as the release's bytes)."""
+        r, cfg = self.cfg.resolution, self.cfg
+        noise = noise.cpu()
+
+        def one(i: int) -> torch.Tensor:
+            nat = sd.natives[i]
+            released = encoded_roundtrip(release_native(nat.color, noise[i]), nat.alpha, cfg.encode_format,
+                                         cfg.encode_quality)
+            return to_working(released, r, self.channels)
+
+        rows = list(ordered_map(one, range(len(sd.natives)), self.threads))
+        out = torch.stack(rows) if rows else torch.empty(0, self.channels, r, r, dtype=torch.uint8)
+        return to_device(out, self.device)
 
     def released_error(self) -> dict:
         """The surrogate's errors on the released data of every shard this worker holds (summed by the caller)."""
@@ -430,16 +452,18 @@ class RoundWorker:
         layout = Layout(output, work)
         sd = self.shards[shard]
         noise = self._noise_rows(slice(sd.start, sd.end)).cpu()
-        index = linf_max = 0
+        index = 0
         read_error = None
         # The export decodes the photos' metadata too: the ICC profile always goes with the pixels; EXIF and XMP
         # (GPS position, camera, time) only with --keep-metadata.
         rules = replace(self.rules, metadata=True)
         keep = self.cfg.keep_metadata
+        fmt = self.cfg.encode_format
+        ext = ENCODE_FORMATS[fmt]
 
         def released() -> Iterator[tuple]:
-            """In shard order: a finished manifest row (rejections), or a released image still to encode as PNG."""
-            nonlocal index, linf_max, read_error
+            """In shard order: a finished manifest row (rejections), or a released image still to encode."""
+            nonlocal index, read_error
             for item, result in prepare_each(iter_samples(sd.url), rules, self.threads):
                 if isinstance(result, ShardReadError):
                     read_error = result.message
@@ -450,13 +474,9 @@ class RoundWorker:
                     continue
                 if index >= len(sd.keys) or sd.keys[index] != result.key:
                     raise RuntimeError(f"shard {shard} changed since it was loaded (sample {result.key})")
-                original = result.image.color
-                image = release_native(original, noise[index])
-                linf = metrics.linf(image, original)
-                linf_max = max(linf_max, linf)
+                image = release_native(result.image.color, noise[index])
                 row = {"label": result.label, "width": result.image.width, "height": result.image.height,
-                       "source_sha256": result.source_sha256, "output_member": f"{result.key}.png", "linf": linf,
-                       "l2": metrics.l2(image, original), "psnr": metrics.psnr(image, original)}
+                       "source_sha256": result.source_sha256, "output_member": f"{result.key}.{ext}"}
                 index += 1
                 yield row, (item, result, image)
 
@@ -466,11 +486,16 @@ class RoundWorker:
                 return row, None
             item, result, image = accepted
             decoded = result.image
-            # zlib: the slow part of the export, on the threads
-            png = encode_png(image, decoded.alpha, icc=decoded.icc, exif=decoded.exif if keep else None,
-                             xmp=decoded.xmp if keep else None)
-            sample = RawSample(result.key, released_members(item, png, result.image_member))
-            return manifest.row(result.key, shard, "protected", output_sha256=_sha256(png), **row), sample
+            # zlib (or the JPEG / WebP encoder): the slow part of the export, on the threads
+            data = encode_image(image, decoded.alpha, fmt=fmt, quality=self.cfg.encode_quality, icc=decoded.icc,
+                                exif=decoded.exif if keep else None, xmp=decoded.xmp if keep else None)
+            # The image quality of what a victim decodes: for a lossy release, the codec's error is in it.
+            released = image if fmt == "png" else decoded_release(data, image.shape[0])
+            original = decoded.color
+            row.update(linf=metrics.linf(released, original), l2=metrics.l2(released, original),
+                       psnr=metrics.psnr(released, original))
+            sample = RawSample(result.key, released_members(item, data, result.image_member, ext))
+            return manifest.row(result.key, shard, "protected", output_sha256=_sha256(data), **row), sample
 
         rows: list[dict] = []
         out_samples: list[RawSample] = []
@@ -483,6 +508,7 @@ class RoundWorker:
         tar_bytes = write_tar(out_samples)
         manifest_bytes = manifest.to_parquet(rows, source_hash=self.cfg.manifest_source_hash)
         protected = sum(1 for r in rows if r["status"] == "protected")
+        linf_max = max((r["linf"] for r in rows if r["status"] == "protected"), default=0)
         stats = {
             "shard": shard,
             "input": len(rows),

@@ -1,7 +1,8 @@
 """An img2dataset output folder, read as it is: ``<shard>.tar`` shards of ``.jpg`` + ``.txt`` (caption) + ``.json``
 (the class name under ``label``) beside ``<shard>.parquet`` and ``<shard>_stats.json`` sidecars, built from real MNIST
-digits. ``protect --label-key json:label`` protects every sample, keeps the captions and JSON byte for byte, and
-labels the manifest with the sorted vocabulary's ids; without a usable label the run is refused at plan time."""
+digits. ``protect --label-key json:label --encode-format jpeg`` protects every sample into a JPEG release, keeps the
+captions and JSON byte for byte, and labels the manifest with the sorted vocabulary's ids; without a usable label
+the run is refused at plan time."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import tarfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -60,7 +62,8 @@ def i2d_run(mnist_small, tmp_path_factory):
     folder = str(root / "i2d")
     samples = _img2dataset_folder(mnist_small, folder)
     out = str(root / "release")
-    proc = run_cli("protect", "--input", folder, "--output", out, "--label-key", "json:label", *ARGS)
+    proc = run_cli("protect", "--input", folder, "--output", out, "--label-key", "json:label", "--encode-format", "jpeg",
+                   "--encode-quality", "92", *ARGS)
     rows = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist() if proc.returncode in (0, 4) else []
     return {"proc": proc, "out": out, "folder": folder, "samples": samples, "rows": rows}
 
@@ -76,20 +79,28 @@ def test_every_sample_is_protected_with_its_vocabulary_id(i2d_run):
         success = json.load(f)
     assert success["config"]["label_names"] == vocabulary  # the release says what each id means
     assert success["counts"] == {"input": 300, "protected": 300, "rejected": 0}
+    assert success["config"]["encode_format"] == "jpeg" and success["config"]["encode_quality"] == 92
 
 
-def test_captions_and_json_are_released_byte_identical_beside_the_protected_png(i2d_run):
+def test_captions_and_json_are_released_byte_identical_beside_the_protected_jpeg(i2d_run):
     samples, seen = i2d_run["samples"], set()
+    rows = {r["key"]: r for r in i2d_run["rows"]}
     for shard in ("00000", "00001", "00002"):
         with tarfile.open(os.path.join(i2d_run["out"], f"{shard}.tar")) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         for name, data in members.items():
             key, ext = name.split(".", 1)
-            assert ext in ("png", "txt", "json"), name  # the original .jpg is not released
-            if ext != "png":
+            assert ext in ("jpg", "txt", "json"), name
+            if ext != "jpg":
                 assert data == samples[key][ext], name
+            else:
+                # A new JPEG (not the original's bytes), whose decoded pixels the manifest measured.
+                assert data != samples[key]["jpg"] and rows[key]["output_member"] == name
+                released = np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+                original = np.asarray(Image.open(io.BytesIO(samples[key]["jpg"])), dtype=np.int16)
+                assert rows[key]["linf"] == np.abs(released - original).max() > 0
             seen.add(name)
-    assert seen == {f"{k}.{e}" for k in samples for e in ("png", "txt", "json")}
+    assert seen == {f"{k}.{e}" for k in samples for e in ("jpg", "txt", "json")}
 
 
 def test_the_sidecars_are_not_read_as_shards(i2d_run):

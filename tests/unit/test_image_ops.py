@@ -469,3 +469,31 @@ def test_metadata_that_cannot_be_rewritten_is_dropped_never_a_failure(monkeypatc
     assert decode_image(data).color.shape == (3, 10, 20)  # the load's decode does not touch metadata
     dec = decode_image(data, metadata=True)
     assert dec.color.shape == (3, 10, 20) and dec.exif is None and dec.xmp is None and dec.icc == _srgb_icc()
+
+
+def test_encode_image_lossy_formats_are_deterministic_full_chroma_and_refuse_what_they_cannot_hold():
+    from ops.image import decoded_release, encode_image, encoded_roundtrip, unencodable
+
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (3, 24, 40), dtype=torch.uint8, generator=g)
+    gray = torch.randint(0, 256, (1, 24, 40), dtype=torch.uint8, generator=g)
+    for fmt in ("jpeg", "webp"):
+        a, b = encode_image(rgb, fmt=fmt, quality=90), encode_image(rgb, fmt=fmt, quality=90)
+        assert a == b and Image.open(io.BytesIO(a)).format == fmt.upper()
+        assert len(encode_image(rgb, fmt=fmt, quality=50)) < len(a)  # the quality reaches the encoder
+        # WebP has no grayscale: a gray release decodes as RGB and is judged as gray again.
+        assert decoded_release(encode_image(gray, fmt=fmt), 1).shape == (1, 24, 40)
+        assert torch.equal(encoded_roundtrip(rgb, None, fmt, 90), decoded_release(a, 3))
+    assert torch.equal(encoded_roundtrip(rgb, None, "png", None), rgb)
+    # 4:4:4: a one-pixel colour checkerboard survives a JPEG at quality 95 (4:2:0 would average its chroma away).
+    board = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    board[0, ::2, ::2] = board[0, 1::2, 1::2] = 255
+    back = decoded_release(encode_image(board, fmt="jpeg", quality=95), 3).to(torch.int32)
+    assert (back - board.to(torch.int32)).abs().max() < 40
+    alpha = torch.full((24, 40), 200, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="alpha"):
+        encode_image(rgb, alpha, fmt="jpeg")
+    assert unencodable("webp", 20_000, 10, False) and unencodable("jpeg", 100, 100, False) is None
+    assert unencodable("png", 100_000, 100_000, True) is None
+    with pytest.raises(ValueError, match="encode format"):
+        encode_image(rgb, fmt="gif")

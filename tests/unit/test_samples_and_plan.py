@@ -364,16 +364,30 @@ def test_config_hash_ignores_workers_addresses_and_max_rounds():
 
 
 def test_fields_added_later_change_the_hash_only_when_set_away_from_what_earlier_runs_did():
-    """--robust and --keep-metadata came after the first runs: at off / False a run keeps the identity it had before
-    they existed (it resumes under the newer version); set, they change it and are named as the difference."""
+    """--robust, --keep-metadata and --encode-format came after the first runs: at off / False / png a run keeps the
+    identity it had before they existed (it resumes under the newer version); set, they change it and are named as
+    the difference."""
     cfg = _cfg().resolved()
     before = cfg.hashed_fields()
-    assert "robust" not in before and "keep_metadata" not in before
+    assert not {"robust", "keep_metadata", "encode_format", "encode_quality"} & set(before)
     base = config_hash(cfg, "p")
-    for kw in ({"robust": "on"}, {"keep_metadata": True}):
+    for kw in ({"robust": "on"}, {"keep_metadata": True}, {"encode_format": "webp", "encode_quality": 90}):
         changed = _cfg(**kw).resolved()
         assert config_hash(changed, "p") != base, kw
-        assert differing_fields(before, changed.hashed_fields()) == list(kw), kw
+        assert differing_fields(before, changed.hashed_fields()) == sorted(kw), kw
+    # A JPEG's quality is part of its identity, its default included.
+    jpegs = [config_hash(_cfg(encode_format="jpeg", encode_quality=q).resolved(), "p") for q in (None, 90, 85)]
+    assert jpegs[0] == jpegs[1] != jpegs[2] and base not in jpegs
+
+
+def test_encode_format_and_quality_are_validated():
+    assert _cfg(encode_format="JPEG").resolved().encode_format == "jpeg"
+    assert _cfg().resolved().encode_quality is None
+    for kw, match in (({"encode_format": "gif"}, "--encode-format"), ({"encode_quality": 80}, "PNG is lossless"),
+                      ({"encode_format": "jpeg", "encode_quality": 0}, "--encode-quality"),
+                      ({"encode_format": "webp", "encode_quality": 101}, "--encode-quality")):
+        with pytest.raises(ValueError, match=match):
+            _cfg(**kw).resolved()
 
 
 def test_config_hash_same_for_fraction_text_and_float():

@@ -176,23 +176,98 @@ def test_the_export_keeps_the_icc_profile_and_releases_exif_and_xmp_only_when_as
     (tmp_path / "in").mkdir()
     url = str(tmp_path / "in" / "cam-000000.tar")
     (tmp_path / "in" / "cam-000000.tar").write_bytes(write_tar(samples))
-    for keep in (False, True):
-        out = tmp_path / f"out-{keep}"
+    for keep, fmt in ((False, "png"), (True, "png"), (False, "jpeg"), (True, "jpeg"), (False, "webp")):
+        out = tmp_path / f"out-{keep}-{fmt}"
         cfg = ProtectConfig(inputs=[str(tmp_path / "in")], output=str(out), resolution=16, num_classes=10,
-                            keep_metadata=keep).resolved()
+                            keep_metadata=keep, encode_format=fmt).resolved()
         worker = RoundWorker(cfg.to_dict(), 10, 3, threads=1)
         worker.load_shard("cam-000000", url)
         assert all(n.exif is None and n.icc is None for n in worker.shards["cam-000000"].natives)  # pixels only
-        worker.export_shard("cam-000000", str(out), str(tmp_path / f"work-{keep}"), "0" * 64)
+        worker.export_shard("cam-000000", str(out), str(tmp_path / f"work-{keep}-{fmt}"), "0" * 64)
         released = list(iter_samples(str(out / "cam-000000.tar")))
         assert [s.key for s in released] == [s.key for s in samples]
         for sample in released:
-            img = Image.open(io.BytesIO(sample.members["png"]))
+            img = Image.open(io.BytesIO(sample.members[{"jpeg": "jpg"}.get(fmt, fmt)]))
+            assert img.format == fmt.upper()
             assert img.size == (10, 20) and img.getpixel((2, 2))[0] > 200  # upright: the red half on top
             assert img.info.get("icc_profile") == icc
             exif = img.getexif()
+            xmp = img.info.get("XML:com.adobe.xmp") or img.info.get("xmp") or b""
+            xmp = xmp.decode() if isinstance(xmp, bytes) else xmp
             if keep:
                 assert exif.get_ifd(0x8825)[1] == "N" and 0x0112 not in exif
-                assert "xmpmeta" in img.info["XML:com.adobe.xmp"] and "Orientation" not in img.info["XML:com.adobe.xmp"]
+                assert "xmpmeta" in xmp and "Orientation" not in xmp
             else:
-                assert len(exif) == 0 and "XML:com.adobe.xmp" not in img.info
+                assert len(exif) == 0 and not xmp
+
+
+def test_a_lossy_release_is_judged_on_the_decoded_bytes_it_releases(tmp_path):
+    """--encode-format jpeg and webp: the stop check's (and the probe's) released images are exactly the pixels a
+    victim decodes from the release's bytes, resized to the working resolution; the manifest's linf, l2 and psnr
+    are measured on those decoded pixels (so they include the codec's error); an RGBA image is rejected by a JPEG
+    run at the load, with the reason, and released with its alpha untouched by a WebP run."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ops import metrics
+    from ops.image import decode_image, match_channels
+    from pipeline.storage import manifest
+    from pipeline.storage.shards import iter_samples
+
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 40, 52), (1, 40, 52), (3, 17, 70), (3, 32, 32), (1, 32, 32), (3, 24, 24)] * 2
+    samples = []
+    for i, shape in enumerate(shapes):
+        image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        samples.append(RawSample(f"img-{i:03d}", {"png": encode_png(image), "cls": str(i % 10).encode(),
+                                                  "txt": f"caption {i}".encode()}))
+    rgba = np.concatenate([np.full((20, 20, 3), 90, np.uint8), np.tile(np.arange(20, dtype=np.uint8)[:, None] * 12,
+                                                                       (1, 20))[..., None]], axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
+    samples.append(RawSample("with-alpha", {"png": buf.getvalue(), "cls": b"3"}))
+    (tmp_path / "in").mkdir()
+    url = str(tmp_path / "in" / "photos-000000.tar")
+    (tmp_path / "in" / "photos-000000.tar").write_bytes(write_tar(samples))
+    originals = {s.key: decode_image(s.members["png"]) for s in samples}
+    for fmt, ext, quality in (("jpeg", "jpg", 85), ("webp", "webp", None)):
+        out = tmp_path / f"out-{fmt}"
+        cfg = ProtectConfig(inputs=[str(tmp_path / "in")], output=str(out), resolution=32, batch_size=8,
+                            num_classes=10, encode_format=fmt, encode_quality=quality).resolved()
+        assert cfg.encode_quality == (quality or 90)
+        worker = RoundWorker(cfg.to_dict(), 10, 3, threads=1)
+        worker.load_shard("photos-000000", url)
+        sd = worker.shards["photos-000000"]
+        assert ("with-alpha" in sd.keys) == (fmt == "webp")
+        worker.delta.uniform_(-cfg.eps, cfg.eps, generator=g)
+        checked = worker.released_working("photos-000000")
+        worker.export_shard("photos-000000", str(out), str(tmp_path / f"work-{fmt}"), "0" * 64)
+        released = {s.key: s for s in iter_samples(str(out / "photos-000000.tar"))}
+        assert list(released) == sd.keys
+        rows = {r["key"]: r for r in manifest.from_parquet((out / "photos-000000.parquet").read_bytes()).to_pylist()}
+        if fmt == "jpeg":
+            assert rows["with-alpha"]["status"] == "rejected" and "alpha" in rows["with-alpha"]["error"]
+        codec_error = False
+        for i, key in enumerate(sd.keys):
+            sample = released[key]
+            assert set(sample.members) == {ext, "cls"} | ({"txt"} if key != "with-alpha" else set())
+            data = sample.members[ext]
+            assert Image.open(io.BytesIO(data)).format == fmt.upper()
+            original = originals[key]
+            victim = decode_image(data)
+            pixels = match_channels(victim.color, original.color.shape[0])
+            # The stop check's row is what a victim decodes from these bytes, at the working resolution.
+            assert torch.equal(checked[i], to_working(pixels, 32, 3)), key
+            row = rows[key]
+            assert row["output_member"] == f"{key}.{ext}"
+            assert row["linf"] == metrics.linf(pixels, original.color)
+            assert row["psnr"] == metrics.psnr(pixels, original.color)
+            codec_error |= row["linf"] > round(cfg.eps * 255)
+            if key == "with-alpha":
+                assert torch.equal(victim.alpha, original.alpha)
+        assert codec_error  # the codec's error shows in linf: it is not the noise's bound
+        check = worker.released_error()
+        wrong = int((predict(worker.model, checked.float() / 255.0) != worker.y).sum())
+        assert (check["wrong"], check["total"]) == (wrong, len(sd.keys))
