@@ -1,51 +1,234 @@
-"""``make-shards``: an image folder with one sub-folder per class into WebDataset shards with ``cls`` labels.
+"""``make-shards``: a folder of files (local or an object-storage prefix) into WebDataset shards, streamed.
 
-Classes are numbered by the sorted sub-folder names; ``classes.json`` beside the shards records the mapping.
-Files keep their bytes and extension (a ``.jpg`` stays ``<key>.jpg``); files that are not images go in as they are
-and are rejected, with their reason, when protected.
+The source is walked recursively in sorted order of each file's relative path (compared folder by folder), so the
+same tree always gives the same shards; names starting with ``.`` (files and folders) are skipped. Labels:
+
+- ``folders`` (the default): a file's label is its top-level sub-folder under the source. Classes are numbered by
+  the sorted sub-folder names; ``classes.json`` beside the shards records the mapping. Files directly in the source
+  are refused (they have no class).
+- ``none``: no ``cls`` member at all.
+
+A sample's key is its relative path without the extension, separators and dots made ``_`` (``cat/a.b.png`` ->
+``cat_a_b``); two files that map to one key stay separate samples. Files keep their bytes and extension (a ``.jpg``
+stays ``<key>.jpg``); files that are not images go in as they are and are rejected, with their reason, when protected.
+
+Memory stays bounded by one file, not by the corpus or a shard: each file is read once and appended at once to the
+tar being written in a temp file, and each finished tar is committed whole (``<prefix>-000000.tar``, ...).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+
+from webdataset import TarWriter
 
 from pipeline.storage import fs
-from pipeline.storage.shards import RawSample, write_tar
+from pipeline.storage.shards import TAR_MTIME
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpeg", ".webp": "webp"}
+LABEL_MODES = ("folders", "none")
+PROGRESS_EVERY = 10  # shards between two progress lines
 
 
-def make_shards(src_dir: str, out: str, per_shard: int = 1000, prefix: str = "shard") -> dict:
+def make_shards(src: str, out: str, per_shard: int = 1000, prefix: str = "shard", labels: str = "folders") -> dict:
+    """Write the files under ``src`` as shards of ``per_shard`` samples under ``out``; return what was written."""
     if per_shard < 1:
         raise ValueError("--per-shard must be at least 1")
-    classes = sorted(d for d in os.listdir(src_dir) if os.path.isdir(os.path.join(src_dir, d)))
-    if not classes:
-        raise ValueError(f"{src_dir} has no class sub-folders")
-    samples: list[RawSample] = []
+    if labels not in LABEL_MODES:
+        raise ValueError(f"--labels must be one of {', '.join(LABEL_MODES)}, not {labels!r}")
+    fs.check_no_credentials(src, "SRC")
+    fs.check_no_credentials(out, "OUT")
+    src_at, out_at = fs.location(src), fs.location(out)
+    if src_at[0] == out_at[0] and (out_at[1].rstrip("/") + "/").startswith(src_at[1].rstrip("/") + "/"):
+        raise ValueError(f"OUT {out} is inside SRC {src}: a rerun would read the shards back as source files")
+    source = _Source(src)
+    classes: list[str] = []
+    if labels == "folders":
+        folders, root_files = source.top_level()
+        if root_files:
+            raise ValueError(f"{src} holds files directly in it ({root_files[0]}, ...) but --labels folders takes the "
+                             "label from the sub-folder: move them into class sub-folders or pass --labels none")
+        classes = folders
+    class_id = {name: str(i).encode() for i, name in enumerate(classes)}
+
+    writer = _ShardWriter(out, prefix, per_shard)
     keys: set[str] = set()
-    for label, name in enumerate(classes):
-        folder = os.path.join(src_dir, name)
-        for fname in sorted(os.listdir(folder)):
-            path = os.path.join(folder, fname)
-            if not os.path.isfile(path):
-                continue
-            stem, ext = os.path.splitext(fname)
+    try:
+        for rel in source.files():
+            stem, ext = posixpath.splitext(rel)
             member = EXTENSIONS.get(ext.lower(), ext.lower().lstrip(".") or "bin")
-            with open(path, "rb") as f:
-                data = f.read()
-            key = f"{name}_{stem}".replace(".", "_").replace("/", "_")
+            key = stem.replace("/", "_").replace(".", "_")
             # Two files may map to one key (x.png and x.jpg, a.b.png and a_b.png): keep them separate samples.
             base, n = key, 1
             while key in keys:
                 n += 1
                 key = f"{base}_{n}"
             keys.add(key)
-            samples.append(RawSample(key, {member: data, "cls": str(label).encode()}))
-    shards = []
-    for i in range(0, len(samples), per_shard):
-        url = fs.join(out, f"{prefix}-{i // per_shard:06d}.tar")
-        fs.write_verified(url, write_tar(samples[i : i + per_shard]))
-        shards.append(url)
-    fs.write_bytes(fs.join(out, "classes.json"), json.dumps(dict(enumerate(classes)), indent=2).encode())
-    return {"shards": shards, "samples": len(samples), "classes": len(classes)}
+            members = {member: source.read(rel)}
+            if labels == "folders":
+                members["cls"] = class_id[rel.split("/", 1)[0]]
+            writer.add(key, members)
+        if writer.samples == 0:
+            raise ValueError(f"{src} holds no files to shard (names starting with '.' are skipped)")
+        shards = writer.finish()
+    finally:
+        writer.abort()  # a temp file left by an error; nothing after finish()
+    if labels == "folders":
+        fs.write_bytes(fs.join(out, "classes.json"), json.dumps(dict(enumerate(classes)), indent=2).encode())
+    log.info("make-shards: %d samples in %d shards under %s", writer.samples, len(shards), out)
+    return {"shards": shards, "samples": writer.samples, "classes": len(classes) if labels == "folders" else None,
+            "labels": labels}
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+class _Source:
+    """The files under a folder or prefix: listed in sorted order of their relative paths, read one at a time."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fsys, self.root = fs.filesystem(url)
+        self.root = self.root.rstrip("/") or self.root
+        self.local = fs.is_local(url)
+        self._remote: list[str] | None = None
+        if not fs.retry(lambda: self.fsys.isdir(self.root), f"isdir {url}"):
+            if fs.retry(lambda: self.fsys.exists(self.root), f"exists {url}"):
+                raise ValueError(f"SRC {url} is a file, not a folder")
+            raise ValueError(f"SRC {url} does not exist")
+
+    def top_level(self) -> tuple[list[str], list[str]]:
+        """The sorted names of the (non-hidden) sub-folders and of the files directly in the source."""
+        if self.local:
+            with os.scandir(self.root) as it:
+                entries = [e for e in it if not _hidden(e.name)]
+            return (sorted(e.name for e in entries if e.is_dir()),
+                    sorted(e.name for e in entries if not e.is_dir() and e.is_file()))
+        # Object stores have no folders, only prefixes of objects: a folder is a first component with more after it.
+        rels = self._remote_files()
+        return sorted({r.split("/", 1)[0] for r in rels if "/" in r}), [r for r in rels if "/" not in r]
+
+    def files(self) -> Iterator[str]:
+        """Relative paths (``/``-separated) of every non-hidden file, sorted folder by folder."""
+        if self.local:
+            yield from self._walk_local(self.root, "", frozenset({os.path.realpath(self.root)}))
+        else:
+            yield from self._remote_files()
+
+    def read(self, rel: str) -> bytes:
+        if self.local:
+            with open(os.path.join(self.root, *rel.split("/")), "rb") as f:
+                return f.read()
+        path = f"{self.root}/{rel}"
+        return fs.retry(lambda: self.fsys.cat_file(path), f"read {self.url}/{rel}")
+
+    def _walk_local(self, folder: str, rel: str, seen: frozenset[str]) -> Iterator[str]:
+        # Lazily, one folder's listing at a time; entries sorted by name give the same order as sorting the whole
+        # list of relative paths component by component (a folder "a" before a file "a.png").
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
+        for entry in entries:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_dir():  # follows a link to a folder, as a listing by hand would
+                real = os.path.realpath(entry.path)
+                if real in seen:
+                    log.warning("make-shards: skipping %s, a link back to a folder above it", name)
+                    continue
+                yield from self._walk_local(entry.path, name, seen | {real})
+            elif entry.is_file():
+                yield name
+
+    def _remote_files(self) -> list[str]:
+        # One recursive listing (no per-folder requests); names only, the contents are read one file at a time.
+        if self._remote is None:
+            found = fs.retry(lambda: self.fsys.find(self.root, withdirs=False), f"list {self.url}")
+            rels = []
+            for path in found:
+                rel = path[len(self.root):].strip("/") if path.startswith(self.root + "/") else ""
+                parts = rel.split("/")
+                if rel and not path.endswith("/") and not any(not p or _hidden(p) for p in parts):
+                    rels.append(rel)
+            self._remote = sorted(rels, key=lambda r: r.split("/"))
+        return self._remote
+
+
+class _ShardWriter:
+    """Shards written one after another: each sample goes straight into a tar in a temp file, and a full tar is
+    committed whole, so a reader never sees part of a shard and memory never holds one."""
+
+    def __init__(self, out: str, prefix: str, per_shard: int) -> None:
+        self.out, self.prefix, self.per_shard = out, prefix, per_shard
+        self.local = fs.is_local(out)
+        self.fsys, self.out_path = fs.filesystem(out)
+        self.shards: list[str] = []
+        self.samples = 0
+        self._in_shard = 0
+        self._tmp: str | None = None
+        self._file = None
+        self._tar: TarWriter | None = None
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        if self._tar is None:
+            self._open()
+        self._tar.write({"__key__": key, **members})
+        self._in_shard += 1
+        self.samples += 1
+        if self._in_shard == self.per_shard:
+            self._commit()
+
+    def finish(self) -> list[str]:
+        if self._tar is not None:
+            self._commit()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tmp is not None and os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+        self._tmp = self._file = self._tar = None
+
+    def _open(self) -> None:
+        if self.local:
+            # The temp file sits beside the shard so that the rename below stays within one file system.
+            os.makedirs(self.out_path, exist_ok=True)
+            folder = self.out_path
+        else:
+            folder = None
+        fd, self._tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".tar")
+        self._file = os.fdopen(fd, "wb")
+        # The same TarWriter settings as shards.write_tar: the same samples give the same bytes.
+        self._tar = TarWriter(self._file, encoder=False, mtime=TAR_MTIME, user="unlearnable", group="unlearnable")
+        self._in_shard = 0
+
+    def _commit(self) -> None:
+        url = fs.join(self.out, f"{self.prefix}-{len(self.shards):06d}.tar")
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        written = os.path.getsize(self._tmp)
+        if self.local:
+            os.chmod(self._tmp, 0o644)  # shards are read by whoever they are handed to (mkstemp makes 0600)
+            os.replace(self._tmp, os.path.join(self.out_path, os.path.basename(url)))  # atomic within a file system
+        else:
+            # S3 has no rename: the upload (one PUT, or a multipart upload completed at its end) is the atomic step.
+            path = f"{self.out_path.rstrip('/')}/{os.path.basename(url)}"
+            fs.retry(lambda: self.fsys.put_file(self._tmp, path), f"write {url}")
+            os.unlink(self._tmp)
+        stored = fs.size(url)
+        if stored != written:
+            raise OSError(f"verification failed for {url}: wrote {written} bytes, store reports {stored}")
+        self._tmp = self._file = self._tar = None
+        self.shards.append(url)
+        log.debug("make-shards: wrote %s (%d samples)", url, self._in_shard)
+        if len(self.shards) % PROGRESS_EVERY == 0:
+            log.info("make-shards: %d shards, %d samples written", len(self.shards), self.samples)
