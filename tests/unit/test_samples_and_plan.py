@@ -1,5 +1,5 @@
-"""Unit tests for sample validation (samples), the frozen plan (plan), the run config (config), make-shards and the
-bundled MNIST shards (mnist)."""
+"""Unit tests for sample validation (samples), the frozen plan (plan), the run config (config) and the bundled MNIST
+shards (mnist); make-shards has its own file (test_make_shards.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from PIL import Image
 
 from pipeline import mnist
 from pipeline.config import HASH_FIELDS, ProtectConfig, config_hash, differing_fields
-from pipeline.make_shards import make_shards
 from pipeline.plan import Plan, PlanError, ShardPlan, build_plan, expand_inputs
 from pipeline.samples import Accepted, Rejected, SampleRules, ordered_map, prepare, prepare_each, released_members
 from pipeline.storage import fs
@@ -400,65 +399,6 @@ def test_differing_fields_names_the_changed_fields():
     assert differing_fields(a, b) == ["eps", "seed", "step_size"]
     assert differing_fields(a, dict(a)) == []
     assert differing_fields({"x": 1}, {"y": 1}) == ["x", "y"]
-
-
-# ---------------------------------------------------------------------------------------------------- make_shards
-
-
-def _image_folder(root, layout: dict[str, list[str]]) -> None:
-    for cls, names in layout.items():
-        (root / cls).mkdir(parents=True)
-        for i, name in enumerate(names):
-            fmt = "JPEG" if name.endswith(".jpg") else "PNG"
-            (root / cls / name).write_bytes(_img_bytes("RGB", value=10 * i + len(cls), fmt=fmt))
-
-
-def test_make_shards_labels_classes_in_sorted_folder_order(tmp_path):
-    src = tmp_path / "src"
-    _image_folder(src, {"zebra": ["a.png", "b.png"], "ant": ["c.png", "d.jpg", "e.png"]})
-    (src / "README.txt").write_text("not a class")
-    report = make_shards(str(src), str(tmp_path / "out"), per_shard=1000)
-    assert report["samples"] == 5 and report["classes"] == 2 and len(report["shards"]) == 1
-    got = [s for s in iter_samples(report["shards"][0])]
-    assert all(isinstance(s, RawSample) for s in got)
-    labels = {s.key: s.members["cls"] for s in got}
-    assert labels == {"ant_c": b"0", "ant_d": b"0", "ant_e": b"0", "zebra_a": b"1", "zebra_b": b"1"}
-    by_key = {s.key: s for s in got}
-    assert by_key["ant_d"].members["jpg"] == (src / "ant" / "d.jpg").read_bytes()  # bytes kept as they are
-    assert by_key["zebra_b"].members["png"] == (src / "zebra" / "b.png").read_bytes()
-
-
-def test_make_shards_respects_per_shard_and_writes_classes_json(tmp_path):
-    src = tmp_path / "src"
-    _image_folder(src, {"cat": ["1.png", "2.png", "3.png"], "dog": ["4.png", "5.png"]})
-    out = tmp_path / "out"
-    report = make_shards(str(src), str(out), per_shard=2)
-    assert [os.path.basename(u) for u in report["shards"]] == ["shard-000000.tar", "shard-000001.tar",
-                                                              "shard-000002.tar"]
-    counts = [len(list(iter_samples(u))) for u in report["shards"]]
-    assert counts == [2, 2, 1]
-    assert json.loads((out / "classes.json").read_text()) == {"0": "cat", "1": "dog"}
-    assert sorted(os.listdir(out)) == ["classes.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-
-
-def test_make_shards_files_with_the_same_stem_stay_separate_samples(tmp_path):
-    """``x.png`` and ``x.jpg`` (or ``a.b.png`` and ``a_b.png``) in one class must not collapse into one sample."""
-    src = tmp_path / "src"
-    _image_folder(src, {"cat": ["x.jpg", "x.png", "a.b.png", "a_b.png"], "dog": ["y.png"]})
-    report = make_shards(str(src), str(tmp_path / "out"))
-    got = [s for u in report["shards"] for s in iter_samples(u)]
-    keys = [s.key for s in got]
-    assert len(got) == report["samples"] == 5, f"reported {report['samples']} samples, shard holds keys {keys}"
-    assert len(set(keys)) == len(keys), f"duplicate keys {keys}"
-
-
-def test_make_shards_refuses_bad_arguments(tmp_path):
-    (tmp_path / "flat").mkdir()
-    (tmp_path / "flat" / "a.png").write_bytes(_img_bytes())
-    with pytest.raises(ValueError, match="no class sub-folders"):
-        make_shards(str(tmp_path / "flat"), str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="--per-shard"):
-        make_shards(str(tmp_path / "flat"), str(tmp_path / "out"), per_shard=0)
 
 
 # ---------------------------------------------------------------------------------------------------- mnist
