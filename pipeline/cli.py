@@ -171,11 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("make-shards", help="an image folder (one sub-folder per class) to WebDataset shards",
-                       formatter_class=_Formatter)
-    p.add_argument("src_dir")
-    p.add_argument("out")
-    p.add_argument("--per-shard", type=int, default=1000)
+    p = sub.add_parser("make-shards", help="a folder of images (local or s3://bucket/prefix, walked recursively) to "
+                       "WebDataset shards, streamed", formatter_class=_Formatter)
+    p.add_argument("src", metavar="SRC", help="a folder or a URL (s3://bucket/prefix); hidden names are skipped")
+    p.add_argument("out", metavar="OUT", help="where the shards go: a folder or a URL")
+    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    p.add_argument("--labels", choices=["folders", "none"], default="folders",
+                   help="folders: the label is the top-level sub-folder (classes.json records the ids); "
+                        "none: no cls member")
     return parser
 
 
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-shards":
             from pipeline.make_shards import make_shards
 
-            written = make_shards(args.src_dir, args.out, args.per_shard)
+            written = make_shards(args.src, args.out, args.per_shard, labels=args.labels)
             print(json.dumps(written, indent=2))
             return 0
     except (ConfigRefused, ValueError) as exc:
