@@ -64,6 +64,9 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-metadata", action="store_true",
                    help="release each photo's EXIF and XMP (camera, time, GPS position) too; by default only its ICC "
                         "colour profile is kept and the rest is stripped (orientation is always applied)")
+    p.add_argument("--labels", choices=["member", "cluster"], default="member",
+                   help="member: each sample's label is read (--label-key); cluster: an unlabelled corpus, grouped "
+                        "by k-means on its pixels into --num-classes pseudo-classes that the noise is made for")
     p.add_argument("--encode-format", choices=list(ENCODE_FORMATS), default="png",
                    help="the released images' encoding (member .png, .jpg or .webp). jpeg and webp are lossy: the "
                         "stop check, the probe and the manifest's linf then see the decoded bytes, as a victim does, "

@@ -58,9 +58,11 @@ HASH_FIELDS = (
     "keep_metadata",
     "encode_format",
     "encode_quality",
+    "labels",
 )
 # Hashed fields added later, with the value that does what runs did before them: hashed only when set otherwise.
-ADDED_FIELDS = {"robust": "off", "keep_metadata": False, "encode_format": "png", "encode_quality": None}
+ADDED_FIELDS = {"robust": "off", "keep_metadata": False, "encode_format": "png", "encode_quality": None,
+                "labels": "member"}
 # The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
 MIN_RESOLUTION = 8
 
@@ -99,6 +101,9 @@ class ProtectConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     image_key: str | None = None
     label_key: str = "cls"
+    # "member": each sample's label is read (--label-key); "cluster": an unlabelled corpus, grouped by k-means into
+    # --num-classes pseudo-classes (pipeline.clusters).
+    labels: str = "member"
     # Filled from the plan, like num_classes: the sorted class names when labels are names (a label's id is its
     # position; echoed in _SUCCESS.json so the manifest's ids can be read), None for integer labels. Not hashed on
     # its own: the plan's digest holds it.
@@ -137,6 +142,10 @@ class ProtectConfig:
             self.encode_quality = DEFAULT_ENCODE_QUALITY
         elif not 1 <= int(self.encode_quality) <= 100:
             raise ValueError(f"--encode-quality must be in [1, 100], got {self.encode_quality}")
+        if self.labels not in ("member", "cluster"):
+            raise ValueError(f"--labels must be member or cluster, not {self.labels!r}")
+        if self.labels == "cluster" and self.num_classes is None:
+            raise ValueError("--labels cluster needs --num-classes K: the number of groups to form")
         if self.pgd_steps is None:
             self.pgd_steps = 20 if self.mode == "samplewise" else 1
         if self.noise_batch_size is None:

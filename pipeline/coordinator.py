@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from pipeline import faults, pool
+from pipeline import clusters, faults, pool
 from pipeline.config import PROBE_MARGIN, ProtectConfig, config_hash, differing_fields, probe_battery
 from pipeline.inspection import verify, verify_shards
 from pipeline.lease import Lease
@@ -111,7 +111,8 @@ def prepare_run(cfg: ProtectConfig) -> Prepared:
     record = _read_json(layout.run_record)
     plan = _load_plan(layout, record)
     if plan is None:
-        plan = build_plan(input_shards, cfg.num_classes, cfg.image_key, cfg.label_key)  # listed once, above
+        plan = build_plan(input_shards, cfg.num_classes, cfg.image_key, cfg.label_key,  # listed once, above
+                          cfg.labels)
     if cfg.num_classes is None:
         cfg.num_classes = plan.num_classes
     cfg.label_names = list(plan.label_names) or None  # the workers map class names to ids with it
@@ -330,6 +331,31 @@ class Run:
             offsets[s.id] = total
             total += counts[s.id]
         pool.get_all([w.set_global_rows.remote(offsets, total) for w in self.workers])
+        if cfg.labels == "cluster":
+            self._cluster_labels()
+
+    def _cluster_labels(self) -> None:
+        """--labels cluster: every sample's label becomes its k-means cluster (``pipeline.clusters``), from the
+        centroids this run committed, or from a k-means over the pool committed now."""
+        layout = self.layout
+        self.heartbeat.phase("cluster")
+        try:
+            centroids = clusters.from_bytes(load_checked(layout.clusters, layout.clusters_marker, self.chash))
+            how = "the run's committed centroids"
+        except DamagedUnit:
+            t0 = time.perf_counter()
+            workers = self.workers
+            centroids, iterations = clusters.kmeans(
+                lambda m: pool.get_all([w.cluster_candidates.remote(m) for w in workers]),
+                lambda c: pool.get_all([w.cluster_sums.remote(pool.put(c)) for w in workers]),
+                self.plan.num_classes, self.cfg.seed)
+            commit(layout.clusters, clusters.to_bytes(centroids), layout.clusters_marker, self.chash,
+                   iterations=iterations)
+            how = f"k-means, {iterations} iteration(s), {time.perf_counter() - t0:.1f} s"
+        ref = pool.put(centroids)
+        sizes = [sum(c) for c in zip(*pool.get_all([w.set_centroids.remote(ref) for w in self.workers]))]
+        log.info("--labels cluster: %d groups (%s); sizes %s", len(sizes), how, sizes)
+
 
     def stop_workers(self) -> None:
         for w in self.workers:

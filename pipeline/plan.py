@@ -127,9 +127,14 @@ def _image_channels(data: bytes) -> int | None:
         return None  # undecodable: the worker rejects it with its reason
 
 
-def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None, label_key: str) -> Plan:
+def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None, label_key: str,
+               labels: str = "member") -> Plan:
     """Count every shard's samples and read every label: PlanError (one line that says what to pass) when the
-    corpus cannot be protected as asked."""
+    corpus cannot be protected as asked. ``labels="cluster"``: no label is read; ``num_classes`` groups are formed
+    later (``pipeline.clusters``)."""
+    cluster = labels == "cluster"
+    if cluster and num_classes is None:
+        raise PlanError("--labels cluster needs --num-classes K: the number of groups to form")
     try:
         census = LabelCensus(LabelSource.parse(label_key))
     except ValueError as exc:
@@ -162,7 +167,8 @@ def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None
             if sample_channels is None:
                 continue
             channels = max(channels, sample_channels)
-            census.add(item.members)
+            if not cluster:
+                census.add(item.members)
         shards.append(ShardPlan(shard_id(url), url, count))
         now = time.monotonic()
         if now - last_log >= PROGRESS_EVERY_S or i in (0, len(urls) - 1):  # a line while a large corpus is read
@@ -171,14 +177,15 @@ def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None
             log.info("plan: %d/%d shards read, %d samples (%.0f samples/s)%s", i + 1, len(urls), read,
                      read / max(now - t0, 1e-9), eta(i + 1, len(urls), now - t0))
     try:
-        num_classes, label_names = census.classes(num_classes)
+        num_classes, label_names = (num_classes, ()) if cluster else census.classes(num_classes)
     except LabelsRefused as exc:
         raise PlanError(str(exc)) from None
     if num_classes < 2:
         what = f"one class name ({label_names[0][:40]!r})" if label_names else f"one class ({num_classes})"
         raise PlanError(f"need at least 2 classes, but the labels under --label-key {label_key} give {what}")
+    kind = "clusters to form" if cluster else "class names" if label_names else "integer labels"
     log.info("plan: %d shards, %d samples, %d classes (%s), %d channel(s)", len(shards),
-             sum(s.samples for s in shards), num_classes, "class names" if label_names else "integer labels", channels)
+             sum(s.samples for s in shards), num_classes, kind, channels)
     return Plan(tuple(shards), num_classes, channels, label_names)
 
 

@@ -38,13 +38,18 @@ class SampleRules:
     metadata: bool = False
     # The release's encoding (--encode-format): an image it cannot hold (alpha in a JPEG) is rejected at the load.
     encode_format: str = "png"
+    # --labels cluster: no label is read; the worker gives each sample its cluster (pipeline.clusters).
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         self.label_source = LabelSource.parse(self.label_key)
         self.label_ids = {name: i for i, name in enumerate(self.label_names)} if self.label_names else None
 
     def label(self, members: dict[str, bytes]) -> int:
-        """The sample's class id (``pipeline.labels``); ValueError says what is wrong."""
+        """The sample's class id (``pipeline.labels``); ValueError says what is wrong. -1 with ``cluster``: the
+        worker assigns it."""
+        if self.cluster:
+            return -1
         return label_id(members, self.label_source, self.num_classes, self.label_ids)
 
 
@@ -156,10 +161,10 @@ def decode_sample(sample: RawSample, rules: SampleRules) -> Accepted | Rejected:
     try:
         image = decode_image(data, rules.max_pixels, metadata=rules.metadata)
     except ImageRejected as exc:
-        return Rejected(sample.key, str(exc), label=label, source_sha256=sha)
+        return Rejected(sample.key, str(exc), label=None if rules.cluster else label, source_sha256=sha)
     problem = unencodable(rules.encode_format, image.width, image.height, image.alpha is not None)
     if problem:
-        return Rejected(sample.key, problem, label=label, source_sha256=sha)
+        return Rejected(sample.key, problem, label=None if rules.cluster else label, source_sha256=sha)
     return Accepted(sample.key, label, member, image, sha)
 
 

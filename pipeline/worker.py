@@ -37,7 +37,7 @@ from ops.image import (
 )
 from ops.noise import apply_classwise_update, decode_noise, encode_noise, release_uint8
 from ops.robust import robust_adversary, robust_spec
-from pipeline import faults
+from pipeline import clusters, faults
 from pipeline.config import ProtectConfig
 from pipeline.probe import probe_score
 from pipeline.samples import Rejected, SampleRules, ordered_map, prepare_each, released_members
@@ -94,7 +94,9 @@ class RoundWorker:
         # The same stream on every worker of a pool: each draws the pool's global batch and keeps its own rows of it.
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.rules = SampleRules(num_classes, self.cfg.max_pixels, self.cfg.image_key, self.cfg.label_key,
-                                 self.cfg.label_names, encode_format=self.cfg.encode_format)
+                                 self.cfg.label_names, encode_format=self.cfg.encode_format,
+                                 cluster=self.cfg.labels == "cluster")
+        self.centroids: torch.Tensor | None = None  # --labels cluster: set once the pool has clustered
         r = self.cfg.resolution
         self.x = torch.empty(0, channels, r, r, dtype=torch.uint8, device=self.device)
         self.y = torch.empty(0, dtype=torch.long, device=self.device)
@@ -150,6 +152,8 @@ class RoundWorker:
             labels.append(result.label)
         r = self.cfg.resolution
         x = torch.stack(working) if working else torch.empty(0, self.channels, r, r, dtype=torch.uint8)
+        if self.centroids is not None:  # --labels cluster, a shard loaded after the clustering (a guest)
+            labels = clusters.nearest(clusters.features(x), self.centroids).tolist()
         start = self.x.shape[0]
         # Uploaded once per shard, through pinned host memory on a GPU (ops.engine.to_device).
         self.x = torch.cat([self.x, to_device(x, self.device)])
@@ -159,6 +163,40 @@ class RoundWorker:
         self.shards[shard] = ShardData(shard, url, start, self.x.shape[0], keys, natives, same, rejected, read_error)
         return {"shard": shard, "accepted": len(keys), "rejected": rejected, "read_error": read_error,
                 "seconds": time.perf_counter() - t0}
+
+    # ---- --labels cluster (pipeline.clusters) --------------------------------------------------------------------
+    def _feature_chunks(self, chunk: int = 16384) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, features) of every held row, a chunk at a time (a million rows never in memory at once)."""
+        for start in range(0, self.x.shape[0], chunk):
+            yield start, clusters.features(self.x[start : start + chunk].cpu())
+
+    def cluster_candidates(self, m: int) -> list[tuple[str, torch.Tensor]]:
+        """This worker's ``m`` owned samples of smallest key hash (the k-means++ candidates): (hash, features)."""
+        ranked = sorted((clusters.key_rank(k, self.cfg.seed), sd.start + i) for s in self.owned
+                        for sd in (self.shards[s],) for i, k in enumerate(sd.keys))[:m]
+        if not ranked:
+            return []
+        feats = clusters.features(self.x[torch.tensor([row for _, row in ranked], device=self.x.device)].cpu())
+        return [(rank, f) for (rank, _), f in zip(ranked, feats)]
+
+    def cluster_sums(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Lloyd step's share: per-centroid float64 feature sums and counts of the owned rows."""
+        total = torch.zeros(centroids.shape[0], centroids.shape[1], dtype=torch.float64)
+        counts = torch.zeros(centroids.shape[0], dtype=torch.float64)
+        for start, feats in self._feature_chunks():
+            feats = feats[: max(0, self.n_owned - start)]
+            s, c = clusters.sums(feats, centroids)
+            total += s
+            counts += c
+        return total, counts
+
+    def set_centroids(self, centroids: torch.Tensor) -> list[int]:
+        """Every held sample's label becomes its nearest centroid (and so will a shard loaded later); returns the
+        owned samples' cluster sizes."""
+        self.centroids = centroids
+        for start, feats in self._feature_chunks():
+            self.y[start : start + feats.shape[0]] = clusters.nearest(feats, centroids).to(self.y.device)
+        return torch.bincount(self.y[: self.n_owned].cpu(), minlength=centroids.shape[0]).tolist()
 
     def set_global_rows(self, offsets: dict[str, int], total: int) -> None:
         """Where this worker's owned shards sit in the whole corpus: ``offsets`` maps each shard of the plan to its
@@ -452,6 +490,7 @@ class RoundWorker:
         layout = Layout(output, work)
         sd = self.shards[shard]
         noise = self._noise_rows(slice(sd.start, sd.end)).cpu()
+        labels = self.y[sd.start : sd.end].tolist()  # the labels trained on (with --labels cluster, the clusters)
         index = 0
         read_error = None
         # The export decodes the photos' metadata too: the ICC profile always goes with the pixels; EXIF and XMP
@@ -475,7 +514,7 @@ class RoundWorker:
                 if index >= len(sd.keys) or sd.keys[index] != result.key:
                     raise RuntimeError(f"shard {shard} changed since it was loaded (sample {result.key})")
                 image = release_native(result.image.color, noise[index])
-                row = {"label": result.label, "width": result.image.width, "height": result.image.height,
+                row = {"label": labels[index], "width": result.image.width, "height": result.image.height,
                        "source_sha256": result.source_sha256, "output_member": f"{result.key}.{ext}"}
                 index += 1
                 yield row, (item, result, image)

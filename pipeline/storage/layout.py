@@ -95,6 +95,15 @@ class Layout:
         """The probe's countermeasure battery on the final release (a resumed export does not train it again)."""
         return fs.join(self.work, "probe_battery.json")
 
+    @property
+    def clusters(self) -> str:
+        """--labels cluster: the centroids that give every sample its pseudo-label (a resumed run reuses them)."""
+        return fs.join(self.work, "clusters.pt")
+
+    @property
+    def clusters_marker(self) -> str:
+        return fs.join(self.work, "clusters.json")
+
     def round_dir(self, r: int) -> str:
         return fs.join(self.work, f"round-{r:04d}")
 
@@ -159,7 +168,8 @@ class Layout:
             if ATTEMPT_NAME.fullmatch(n) or n.startswith(TEMP_PREFIX):
                 fs.remove(fs.join(self.attempts, n))
         fs.remove_empty_dir(self.attempts)
-        for url in (self.plan, self.probe_record, self.battery_record, self.last_error, self.lease):
+        for url in (self.plan, self.probe_record, self.battery_record, self.clusters, self.clusters_marker,
+                    self.last_error, self.lease):
             fs.remove(url)
         for n in names:
             if n.startswith(TEMP_PREFIX):

@@ -27,8 +27,9 @@ ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--tra
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def _img2dataset_folder(mnist_small, folder) -> dict[str, dict]:
-    """The MNIST train shards rewritten the way img2dataset writes its output; returns each key's members."""
+def _img2dataset_folder(mnist_small, folder, labelled: bool = True) -> dict[str, dict]:
+    """The MNIST train shards rewritten the way img2dataset writes its output (the class name in the JSON's
+    ``label`` when ``labelled``); returns each key's members."""
     os.makedirs(folder)
     samples: dict[str, dict] = {}
     for s, url in enumerate(mnist_small["train"]):
@@ -42,7 +43,7 @@ def _img2dataset_folder(mnist_small, folder) -> dict[str, dict]:
             new_key = f"{s:05d}{i:04d}"
             url_ = f"https://example.com/mnist/{key}.jpg"
             meta = {"url": url_, "key": new_key, "status": "success", "error_message": None, "width": 28,
-                    "height": 28, "label": NAMES[digit]}
+                    "height": 28, **({"label": NAMES[digit]} if labelled else {})}
             members = {"jpg": buf.getvalue(), "txt": f"a handwritten {NAMES[digit]}".encode(),
                        "json": json.dumps(meta).encode()}
             shard.append(RawSample(new_key, members))
@@ -123,3 +124,30 @@ def test_a_corpus_without_a_usable_label_is_refused_in_one_line_before_ray_start
         assert "--label-key json:FIELD (fields seen: error_message, height, key, label, status, url, width)" in last
         assert "Traceback" not in proc.stderr and "Ray" not in proc.stderr and proc.stdout == ""
         assert not os.path.exists(out)  # nothing written
+
+
+def test_the_same_shards_unlabelled_are_protected_with_labels_cluster(mnist_small, tmp_path):
+    """No label anywhere (the JSON without its class): ``--labels cluster --num-classes 10`` groups the digits by
+    k-means and protects every sample; the captions and JSON are released byte for byte; the manifest's label is the
+    sample's cluster."""
+    folder = str(tmp_path / "unlabelled")
+    samples = _img2dataset_folder(mnist_small, folder, labelled=False)
+    out = str(tmp_path / "release")
+    proc = run_cli("protect", "--input", folder, "--output", out, "--labels", "cluster", "--num-classes", "10", *ARGS)
+    assert proc.returncode in (0, 4), proc.stderr[-4000:]
+    assert "--labels cluster: 10 groups (k-means" in proc.stderr
+    rows = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
+    assert len(rows) == 300 and {r["status"] for r in rows} == {"protected"}
+    clusters = [r["label"] for r in rows]
+    assert set(clusters) <= set(range(10)) and len(set(clusters)) >= 8
+    for shard in ("00000", "00001", "00002"):
+        with tarfile.open(os.path.join(out, f"{shard}.tar")) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                assert ext in ("png", "txt", "json") and (ext == "png" or tar.extractfile(m).read() ==
+                                                          samples[key][ext]), m.name
+    with open(os.path.join(out, "_SUCCESS.json")) as f:
+        success = json.load(f)
+    assert success["config"]["labels"] == "cluster" and success["hashed_config"]["labels"] == "cluster"
+    assert run_cli("verify", out).returncode == 0
+    assert not os.path.exists(out + ".work")  # the centroids went with the rest of the work dir
