@@ -3,8 +3,11 @@
     python benchmarks/efficacy.py --dataset mnist --robust off,on --archs small-cnn,resnet-mini --seeds 0,1,2
     python benchmarks/efficacy.py --dataset fashion ...   # Debian's dataset-fashion-mnist (installed if missing)
     python benchmarks/efficacy.py --dataset photos ...    # crops of plasma-workspace-wallpapers photos
+    python benchmarks/efficacy.py --robust off --encode png,jpeg:95,jpeg:85,webp:90 ...  # release encodings
+    python benchmarks/efficacy.py --robust off --labels member,cluster ...  # labels hidden: k-means pseudo-labels
 
-For each ``--robust`` setting the corpus is protected with ``protect`` (in-process, a real local Ray), then victims
+For each ``--robust`` setting and ``--encode`` format (``protect --encode-format FMT --encode-quality Q``) the corpus
+is protected with ``protect`` (in-process, a real local Ray), then victims
 are trained from scratch on the clean corpus (plain training) and on each release (under every countermeasure of
 ``--countermeasures``), each architecture and seed, and scored on the clean test split. Prints one markdown table per
 dataset (the figures ``docs/efficacy.md`` quotes) and writes everything as JSON under ``--out``.
@@ -142,6 +145,12 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=400, help="train images per class (fashion, photos)")
     p.add_argument("--max-rounds", type=int, default=None, help="protect --max-rounds (default: the demo's)")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="protect --cpus-per-worker (and threads)")
+    p.add_argument("--labels", default="member",
+                   help="comma-separated protect --labels settings (cluster: the labels are not read; k-means "
+                        "pseudo-labels into 10 groups; the victims still train with the true labels, which the release "
+                        "passes through)")
+    p.add_argument("--encode", default="png",
+                   help="comma-separated release encodings: png, jpeg:Q, webp:Q (protect --encode-format/-quality)")
     p.add_argument("--out", default="/tmp/efficacy")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -161,25 +170,34 @@ def main() -> int:
     resolution = base["resolution"]
     pad = 2 if resolution <= 28 else 4
     results: dict = {"dataset": args.dataset, "settings": base, "releases": {}, "victims": {}}
+    releases = {}
     for robust in args.robust.split(","):
-        release = os.path.join(out, f"release-robust-{robust}")
-        t0 = time.perf_counter()
-        if fs.exists(os.path.join(release, "_SUCCESS.json")):  # a finished release: reused (delete it to redo)
-            success, exit_code = json.loads(fs.read_bytes(os.path.join(release, "_SUCCESS.json"))), None
-        else:
-            cfg = ProtectConfig(inputs=train, output=release, probe_countermeasures="none", robust=robust,
-                                cpus_per_worker=args.cpus_per_worker, **base)
-            run = protect(cfg)
-            success, exit_code = run.success, run.exit_code
-        results["releases"][robust] = {
-            "seconds": round(time.perf_counter() - t0, 1), "timings": success.get("timings"),
-            "rounds": success["rounds"], "stop_reason": success["stop_reason"],
-            "image_steps": success.get("image_steps"), "probe_accuracy": success["protection"]["probe_accuracy"],
-            "exit_code": exit_code}
-        print(json.dumps({robust: results["releases"][robust]}), flush=True)
+        for encode, labels in ((e, lab) for e in args.encode.split(",") for lab in args.labels.split(",")):
+            fmt, _, quality = encode.partition(":")
+            name = (f"robust {robust}" + ("" if fmt == "png" else f", {fmt} {quality}")
+                    + ("" if labels == "member" else f", labels {labels}"))
+            release = os.path.join(out, f"release-robust-{robust}" + ("" if fmt == "png" else f"-{fmt}{quality}")
+                                   + ("" if labels == "member" else f"-{labels}"))
+            releases[name] = release
+            t0 = time.perf_counter()
+            if fs.exists(os.path.join(release, "_SUCCESS.json")):  # a finished release: reused (delete it to redo)
+                success, exit_code = json.loads(fs.read_bytes(os.path.join(release, "_SUCCESS.json"))), None
+            else:
+                cfg = ProtectConfig(inputs=train, output=release, probe_countermeasures="none", robust=robust,
+                                    cpus_per_worker=args.cpus_per_worker, encode_format=fmt, labels=labels,
+                                    num_classes=10 if labels == "cluster" else None,
+                                    encode_quality=int(quality) if quality else None, **base)
+                run = protect(cfg)
+                success, exit_code = run.success, run.exit_code
+            results["releases"][name] = {
+                "seconds": round(time.perf_counter() - t0, 1), "timings": success.get("timings"),
+                "rounds": success["rounds"], "stop_reason": success["stop_reason"],
+                "image_steps": success.get("image_steps"), "probe_accuracy": success["protection"]["probe_accuracy"],
+                "exit_code": exit_code, "tar_bytes": sum(fs.size(u) for u in fs.find(release, ".tar")),
+                "input_tar_bytes": sum(fs.size(u) for u in fs.find(train[0], ".tar"))}
+            print(json.dumps({name: results["releases"][name]}), flush=True)
     for arch in archs:
-        sources = [("clean", train, ["none"])] + [(f"robust {r}", [os.path.join(out, f"release-robust-{r}")], battery)
-                                                   for r in args.robust.split(",")]
+        sources = [("clean", train, ["none"])] + [(name, [release], battery) for name, release in releases.items()]
         for name, source, cms in sources:
             t0 = time.perf_counter()
             v = evaluate(source, test, arch=arch, epochs=args.epochs, resolution=resolution, pad=pad, seeds=seeds,
