@@ -1,10 +1,10 @@
-"""A pool of two workers protects as well as one worker: ``protect`` at its defaults on 1,500 real MNIST digits in 4
+"""A pool of two workers protects as well as one worker: ``protect`` at its defaults on 1,000 real MNIST digits in 4
 shards, once with ``--workers 1`` and once with ``--workers 2`` (two CPU actors on a real local Ray, gloo), then
 victims trained from scratch on each release.
 
 The shards are the digits in index order, so sorted by class: worker 0 of the pool holds digits 0-2 and 5-7,
-worker 1 holds 2-4 and 7-9. This is the corpus on which a pool used to stall (per-worker batch-norm statistics: the
-run went all 30 rounds and did not protect, where one worker stops in 7). The pool now draws one worker's batches
+worker 1 holds 2-4 and 7-9. This is the kind of corpus on which a pool used to stall (per-worker batch-norm statistics: on
+1,500 such digits the run went all 30 rounds and did not protect, where one worker stopped in 7). The pool now draws one worker's batches
 and normalises over the whole batch, so the two runs follow the same trajectory up to float32 summation order.
 
 The noise and the surrogate are at their defaults (small-cnn, 20 PGD steps of eps/10, 10 train steps of 512, stop at
@@ -35,8 +35,8 @@ ARGS = ["--resolution", "28", "--probe-arch", "small-cnn", "--probe-countermeasu
 def corpus(tmp_path_factory) -> dict:
     from pipeline.mnist import make_mnist_corpus
 
-    root = tmp_path_factory.mktemp("mnist-1500")
-    made = make_mnist_corpus(str(root), per_class_train=150, per_class_test=50, per_shard=375)
+    root = tmp_path_factory.mktemp("mnist-1000")
+    made = make_mnist_corpus(str(root), per_class_train=100, per_class_test=50, per_shard=250)
     assert len(made["train"]) == 4
     return {"root": str(root), **made}
 
