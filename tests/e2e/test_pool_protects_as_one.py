@@ -3,9 +3,10 @@ shards, once with ``--workers 1`` and once with ``--workers 2`` (two CPU actors 
 victims trained from scratch on each release.
 
 The shards are the digits in index order, so sorted by class: worker 0 of the pool holds digits 0-2 and 5-7,
-worker 1 holds 2-4 and 7-9. This is the kind of corpus on which a pool used to stall (per-worker batch-norm statistics: on
-1,500 such digits the run went all 30 rounds and did not protect, where one worker stopped in 7). The pool now draws one worker's batches
-and normalises over the whole batch, so the two runs follow the same trajectory up to float32 summation order.
+worker 1 holds 2-4 and 7-9. This is the kind of corpus on which a pool used to stall (per-worker batch-norm
+statistics: on 1,500 such digits the run went all 30 rounds and did not protect, where one worker stopped in 7). The
+pool now draws one worker's batches and normalises over the whole batch, so the two runs follow the same trajectory
+up to float32 summation order.
 
 The noise and the surrogate are at their defaults (small-cnn, 20 PGD steps of eps/10, 10 train steps of 512, stop at
 1% error). Set are only ``--resolution 28`` (the digits' own size: the default 32 would resample the noise twice)
