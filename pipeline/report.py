@@ -1,8 +1,11 @@
-"""The demo's report: ``report.md`` (figures and tables) and ``report.png`` (images, noise, rounds, victims)."""
+"""The demo's report: ``report.md`` (figures and tables) and ``report.png`` (images, noise, rounds, victims).
+
+The run's own report (``report.html``, as ``unlearnable report`` writes it for any finished run) is
+``pipeline.run_report``; the demo writes both, and picks its samples the same way.
+"""
 
 from __future__ import annotations
 
-import io
 import os
 
 import matplotlib
@@ -10,34 +13,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from PIL import Image
 
-from pipeline.storage.shards import RawSample, iter_samples
-
-
-def sample_pairs(input_url: str, release_url: str, count: int = 10) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(key, original, protected) pixel arrays of up to ``count`` released samples, one per class where labelled."""
-    released = {}
-    classes: set[bytes] = set()
-    for item in iter_samples(release_url):
-        if not isinstance(item, RawSample) or "png" not in item.members:
-            continue
-        label = item.members.get("cls")
-        if label is not None and label in classes:
-            continue
-        classes.add(label)
-        released[item.key] = np.array(Image.open(io.BytesIO(item.members["png"])))
-        if len(released) >= count:
-            break
-    pairs = []
-    for item in iter_samples(input_url):
-        if isinstance(item, RawSample) and item.key in released:
-            original = np.array(Image.open(io.BytesIO(item.members["png"])))
-            pairs.append((item.key, original, released[item.key]))
-    return pairs
+from pipeline.run_report import choose_samples, pick_samples, read_manifest, read_success
 
 
-def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, settings: dict, wall: dict) -> None:
+def sample_pairs(release: str, inputs: list[str], count: int = 10) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(key, original, protected) pixel arrays of up to ``count`` released samples, one per class where labelled,
+    chosen and matched (by shard and key) as ``unlearnable report`` does."""
+    table = read_manifest(release)
+    if table is None:
+        return []
+    shown = pick_samples(release, choose_samples(table, count), inputs, read_success(release).get("config") or {})
+    return [(s.key, s.original, s.released) for s in shown if s.original is not None]
+
+
+def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, settings: dict, wall: dict,
+                 html_report: str | None = None) -> None:
     _figure(os.path.join(out_dir, "report.png"), success, victims, pairs)
     p = success["protection"]
     lines = [
@@ -48,6 +39,8 @@ def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, set
         "",
         "![report](report.png)",
         "",
+        *([(f"The run's report (samples, rounds, the probe's battery, rejections, timings, config): "
+            f"[{html_report}]({html_report})"), ""] if html_report else []),
         "## Victims (trained from scratch, scored on the clean test set)",
         "",
         "| victim | trained on | seeds | clean test accuracy (each) | mean |",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from conftest import run_cli
 
@@ -33,4 +34,12 @@ def test_demo_protects_mnist_and_the_probe_agrees_with_the_victims(tmp_path):
         report = f.read()
     assert "probe" in report and f"{100 * summary['victim_protected']:.1f}%" in report and "**holds**" in report
     assert os.path.getsize(os.path.join(out, "report.png")) > 10_000
+    # The run's report.html, beside the release (as `unlearnable report` writes it), with originals and noise.
+    folder = os.path.join(out, "release.report")
+    assert os.path.realpath(summary["report_html"]) == os.path.realpath(os.path.join(folder, "report.html"))
+    with open(summary["report_html"], encoding="utf-8") as f:
+        page = f.read()
+    sources = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
+    assert "sample-00-original.png" in sources and "sample-00-noise.png" in sources and "battery.png" not in sources
+    assert all(os.path.isfile(os.path.join(folder, s)) for s in sources) and "protection holds" in page
     assert not os.path.exists(os.path.join(out, "release.work"))  # noise state never left behind
