@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import os
@@ -316,8 +317,9 @@ def _check_release(worker, shard: str, limit: int = 64) -> dict:
     n = min(limit, sd.end - sd.start)
     on_device = worker.released_working(shard)[:n].cpu().to(torch.int32)
     noise = worker._noise_rows(slice(sd.start, sd.start + n)).cpu()
-    reference = torch.stack([to_working(release_native(sd.natives[i].color, noise[i]), worker.cfg.resolution,
-                                        worker.channels) for i in range(n)]).to(torch.int32)
+    natives = itertools.islice(worker._natives(sd), n)  # kept, or decoded again (--cache)
+    reference = torch.stack([to_working(release_native(nat.color, noise[i]), worker.cfg.resolution,
+                                        worker.channels) for i, nat in enumerate(natives)]).to(torch.int32)
     diff = (on_device - reference).abs()
     return {"stop-check images within 1 level of the export's": int(diff.max()) <= 1,
             "stop-check images >= 99.9% identical pixels": float((diff == 0).float().mean()) >= 0.999}

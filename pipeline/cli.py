@@ -16,6 +16,7 @@ from ops.engine import COMPILE_CHOICES, CONVERGED_LOSS, PRECISIONS
 from ops.image import DEFAULT_ENCODE_QUALITY, ENCODE_FORMATS
 from ops.robust import ROBUST_CHOICES
 from pipeline.config import (
+    CACHE_CHOICES,
     DEFAULT_PROBE_ARCH,
     DEFAULT_PROBE_COUNTERMEASURES,
     DEFAULT_PROBE_STEPS,
@@ -64,6 +65,12 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-metadata", action="store_true",
                    help="release each photo's EXIF and XMP (camera, time, GPS position) too; by default only its ICC "
                         "colour profile is kept and the rest is stripped (orientation is always applied)")
+    p.add_argument("--cache", choices=list(CACHE_CHOICES), default="auto",
+                   help="where the stop check finds each photo at native size: memory (kept from the load), none "
+                        "(decoded from the input again every round: bounded memory), auto (memory up to "
+                        "--cache-memory-gb per worker, the rest streamed). The release is the same in every mode")
+    p.add_argument("--cache-memory-gb", type=float, default=None,
+                   help="--cache auto's budget per worker (default: a fifth of the node's memory)")
     p.add_argument("--labels", choices=["member", "cluster"], default="member",
                    help="member: each sample's label is read (--label-key); cluster: an unlabelled corpus, grouped "
                         "by k-means on its pixels into --num-classes pseudo-classes that the noise is made for")

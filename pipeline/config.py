@@ -63,6 +63,7 @@ HASH_FIELDS = (
 # Hashed fields added later, with the value that does what runs did before them: hashed only when set otherwise.
 ADDED_FIELDS = {"robust": "off", "keep_metadata": False, "encode_format": "png", "encode_quality": None,
                 "labels": "member"}
+CACHE_CHOICES = ("auto", "memory", "none")
 # The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
 MIN_RESOLUTION = 8
 
@@ -119,6 +120,11 @@ class ProtectConfig:
     encode_quality: int | None = None  # jpeg and webp only; default ops.image.DEFAULT_ENCODE_QUALITY
     keep_work: bool = False
     overwrite: bool = False
+    # Where the stop check finds the photos at native size (not hashed: the release is the same in every mode):
+    # memory: kept from the load; none: decoded from the input again each round; auto: memory up to
+    # cache_memory_gb (default a fifth of the node's memory) per worker, the shards beyond it streamed.
+    cache: str = "auto"
+    cache_memory_gb: float | None = None
 
     def resolved(self) -> ProtectConfig:
         """Fill the defaults that depend on other fields and validate; raises ValueError naming the bad field."""
@@ -142,6 +148,10 @@ class ProtectConfig:
             self.encode_quality = DEFAULT_ENCODE_QUALITY
         elif not 1 <= int(self.encode_quality) <= 100:
             raise ValueError(f"--encode-quality must be in [1, 100], got {self.encode_quality}")
+        if self.cache not in CACHE_CHOICES:
+            raise ValueError(f"--cache must be one of {', '.join(CACHE_CHOICES)}, not {self.cache!r}")
+        if self.cache_memory_gb is not None and not self.cache_memory_gb >= 0:
+            raise ValueError(f"--cache-memory-gb must be at least 0, got {self.cache_memory_gb}")
         if self.labels not in ("member", "cluster"):
             raise ValueError(f"--labels must be member or cluster, not {self.labels!r}")
         if self.labels == "cluster" and self.num_classes is None:

@@ -50,6 +50,8 @@ from surrogates.distributed import pool_batch_norm
 from surrogates.training import load_checkpoint, make_optimizer, predict, save_checkpoint, train_step
 
 log = logging.getLogger(__name__)
+# --cache auto without --cache-memory-gb: a worker keeps native images up to this share of its node's memory.
+CACHE_SHARE_OF_MEMORY = 0.2
 
 
 @dataclass
@@ -59,7 +61,9 @@ class ShardData:
     start: int  # this shard's rows in the worker's tensors: [start, end)
     end: int
     keys: list[str]
-    natives: list[DecodedImage]
+    # The decoded images at native size, kept for the stop check (``--cache``); None: not kept, the stop check
+    # streams the shard again (a shard whose images are the working images needs none, unless the release is lossy).
+    natives: list[DecodedImage] | None
     native_is_working: bool  # every image already has the working size and channels: no resize needed
     rejected: int = 0
     read_error: str | None = None
@@ -97,6 +101,8 @@ class RoundWorker:
                                  self.cfg.label_names, encode_format=self.cfg.encode_format,
                                  cluster=self.cfg.labels == "cluster")
         self.centroids: torch.Tensor | None = None  # --labels cluster: set once the pool has clustered
+        self.cached_bytes = 0  # native images counted against --cache auto's budget
+        self.cache_budget = cache_budget(self.cfg.cache_memory_gb)
         r = self.cfg.resolution
         self.x = torch.empty(0, channels, r, r, dtype=torch.uint8, device=self.device)
         self.y = torch.empty(0, dtype=torch.long, device=self.device)
@@ -160,7 +166,8 @@ class RoundWorker:
         self.y = torch.cat([self.y, to_device(torch.tensor(labels, dtype=torch.long), self.device)])
         self.delta = torch.cat([self.delta, torch.zeros(x.shape, device=self.device)])
         same = all(tuple(n.color.shape) == (self.channels, r, r) for n in natives)
-        self.shards[shard] = ShardData(shard, url, start, self.x.shape[0], keys, natives, same, rejected, read_error)
+        kept = natives if self._cache_natives(natives, same) else None
+        self.shards[shard] = ShardData(shard, url, start, self.x.shape[0], keys, kept, same, rejected, read_error)
         return {"shard": shard, "accepted": len(keys), "rejected": rejected, "read_error": read_error,
                 "seconds": time.perf_counter() - t0}
 
@@ -197,6 +204,40 @@ class RoundWorker:
         for start, feats in self._feature_chunks():
             self.y[start : start + feats.shape[0]] = clusters.nearest(feats, centroids).to(self.y.device)
         return torch.bincount(self.y[: self.n_owned].cpu(), minlength=centroids.shape[0]).tolist()
+
+    def _cache_natives(self, natives: list[DecodedImage], same: bool) -> bool:
+        """Whether to keep a shard's native images in memory (``--cache``): never when the stop check does not need
+        them (the working images are the natives and the release is PNG); ``memory`` always; ``none`` never;
+        ``auto`` while this worker's kept natives stay within ``--cache-memory-gb``."""
+        mode = self.cfg.cache
+        if (same and self.cfg.encode_format not in LOSSY_FORMATS) or mode == "none":
+            return False
+        size = sum(n.color.numel() + (0 if n.alpha is None else n.alpha.numel()) for n in natives)
+        if mode == "auto" and self.cached_bytes + size > self.cache_budget:
+            if self.cached_bytes <= self.cache_budget:
+                log.info("worker %d: native images over the --cache budget of %.1f GB from shard %d on: the stop "
+                         "check streams those shards from the input", self.index, self.cache_budget / 1e9,
+                         len(self.shards))
+            self.cached_bytes += size  # counted, not kept: the next shards are streamed too
+            return False
+        self.cached_bytes += size
+        return True
+
+    def _natives(self, sd: ShardData) -> Iterator[DecodedImage]:
+        """A shard's accepted images at native size, in order: kept ones, or decoded again from the input."""
+        if sd.natives is not None:
+            yield from sd.natives
+            return
+        index = 0
+        for _, result in prepare_each(iter_samples(sd.url), self.rules, self.threads):
+            if isinstance(result, (ShardReadError, Rejected)):
+                continue
+            if index >= len(sd.keys) or sd.keys[index] != result.key:
+                raise RuntimeError(f"shard {sd.id} changed since it was loaded (sample {result.key})")
+            index += 1
+            yield result.image
+        if index != len(sd.keys):
+            raise RuntimeError(f"shard {sd.id} changed since it was loaded: {index} of {len(sd.keys)} samples found")
 
     def set_global_rows(self, offsets: dict[str, int], total: int) -> None:
         """Where this worker's owned shards sit in the whole corpus: ``offsets`` maps each shard of the plan to its
@@ -402,19 +443,14 @@ class RoundWorker:
             return release_uint8(self.x[sl], noise)
         r = self.cfg.resolution
         out = torch.empty_like(self.x[sl])
-        by_shape: dict[tuple, list[int]] = {}
-        for i, nat in enumerate(sd.natives):
-            by_shape.setdefault(tuple(nat.color.shape), []).append(i)
         # A GPU takes a batch's worth at once; a CPU is fastest a few images at a time (a 128-image chunk of 256-px
         # photos ran at half the per-image speed here: the float intermediates overflow the caches).
         chunk = self.cfg.noise_batch_size if self.device.type == "cuda" else 4
-        for rows in by_shape.values():
-            for start in range(0, len(rows), chunk):
-                part = rows[start : start + chunk]
-                colors = to_device(torch.stack([sd.natives[i].color for i in part]), self.device)
-                idx = torch.tensor(part, device=self.device)
-                released = release_native_batch(colors, noise[idx])
-                out[idx] = resize_uint8(match_channels(released, self.channels), (r, r))
+        for part in _size_groups(self._natives(sd), chunk):
+            colors = to_device(torch.stack([nat.color for _, nat in part]), self.device)
+            idx = torch.tensor([i for i, _ in part], device=self.device)
+            released = release_native_batch(colors, noise[idx])
+            out[idx] = resize_uint8(match_channels(released, self.channels), (r, r))
         return out
 
     def _released_lossy(self, sd: ShardData, noise: torch.Tensor) -> torch.Tensor:
@@ -423,13 +459,13 @@ class RoundWorker:
         r, cfg = self.cfg.resolution, self.cfg
         noise = noise.cpu()
 
-        def one(i: int) -> torch.Tensor:
-            nat = sd.natives[i]
+        def one(job: tuple[int, DecodedImage]) -> torch.Tensor:
+            i, nat = job
             released = encoded_roundtrip(release_native(nat.color, noise[i]), nat.alpha, cfg.encode_format,
                                          cfg.encode_quality)
             return to_working(released, r, self.channels)
 
-        rows = list(ordered_map(one, range(len(sd.natives)), self.threads))
+        rows = list(ordered_map(one, enumerate(self._natives(sd)), self.threads))
         out = torch.stack(rows) if rows else torch.empty(0, self.channels, r, r, dtype=torch.uint8)
         return to_device(out, self.device)
 
@@ -564,6 +600,33 @@ class RoundWorker:
         stats.update(commit_files(files, layout.shard_marker(shard), config_hash,
                                   seconds=round(time.perf_counter() - t0, 3), **stats))
         return stats
+
+
+def cache_budget(gigabytes: float | None) -> int:
+    """``--cache auto``'s budget for one worker's native images in bytes: ``gigabytes``, or a fifth of the node's
+    physical memory."""
+    if gigabytes is not None:
+        return int(gigabytes * 1e9)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * CACHE_SHARE_OF_MEMORY)
+
+
+def _size_groups(natives: Iterator[DecodedImage], chunk: int, pending_limit: int = 64
+                 ) -> Iterator[list[tuple[int, DecodedImage]]]:
+    """(row, image) pairs of one native size, at most ``chunk`` together, as ``natives`` stream by; at most
+    ``pending_limit`` images wait for company (each row's pixels do not depend on its group: tested)."""
+    pending: dict[tuple, list[tuple[int, DecodedImage]]] = {}
+    waiting = 0
+    for i, nat in enumerate(natives):
+        group = pending.setdefault(tuple(nat.color.shape), [])
+        group.append((i, nat))
+        waiting += 1
+        if len(group) == chunk:
+            yield pending.pop(tuple(nat.color.shape))
+            waiting -= chunk
+        elif waiting >= pending_limit:
+            yield from pending.values()
+            pending, waiting = {}, 0
+    yield from pending.values()
 
 
 def _sha256(data: bytes) -> str:

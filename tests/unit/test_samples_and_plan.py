@@ -357,7 +357,8 @@ def test_config_hash_ignores_workers_addresses_and_max_rounds():
     base = config_hash(_cfg().resolved(), "p")
     for kw in ({"workers": 8}, {"ray_address": "ray://head:10001"}, {"max_rounds": 99}, {"gpus_per_worker": 1},
                {"cpus_per_worker": 2}, {"work_dir": "/elsewhere"}, {"keep_work": True}, {"overwrite": True},
-               {"output": "/other-out"}, {"inputs": ["/other/in.tar"]}):
+               {"output": "/other-out"}, {"inputs": ["/other/in.tar"]}, {"cache": "none"}, {"cache": "memory"},
+               {"cache_memory_gb": 0.5}):
         assert config_hash(_cfg(**kw).resolved(), "p") == base, kw
     assert not {"workers", "ray_address", "max_rounds"} & set(HASH_FIELDS)
 
@@ -377,6 +378,12 @@ def test_fields_added_later_change_the_hash_only_when_set_away_from_what_earlier
     # A JPEG's quality is part of its identity, its default included.
     jpegs = [config_hash(_cfg(encode_format="jpeg", encode_quality=q).resolved(), "p") for q in (None, 90, 85)]
     assert jpegs[0] == jpegs[1] != jpegs[2] and base not in jpegs
+
+
+def test_cache_mode_and_budget_are_validated():
+    for kw, match in (({"cache": "disk"}, "--cache must be"), ({"cache_memory_gb": -1}, "--cache-memory-gb")):
+        with pytest.raises(ValueError, match=match):
+            _cfg(**kw).resolved()
 
 
 def test_encode_format_and_quality_are_validated():

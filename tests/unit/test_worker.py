@@ -271,3 +271,43 @@ def test_a_lossy_release_is_judged_on_the_decoded_bytes_it_releases(tmp_path):
         check = worker.released_error()
         wrong = int((predict(worker.model, checked.float() / 255.0) != worker.y).sum())
         assert (check["wrong"], check["total"]) == (wrong, len(sd.keys))
+
+
+def test_the_stop_check_and_the_release_are_the_same_in_every_cache_mode(tmp_path):
+    """--cache memory keeps the photos at native size, none decodes them from the input again for every stop check,
+    auto keeps them up to its budget (here: the first shard only) and streams the rest; PNG and JPEG releases. The
+    stop check's images and the released bytes are identical in every mode."""
+    from pipeline.storage.shards import iter_samples
+
+    g = torch.Generator().manual_seed(11)
+    shapes = [(3, 40, 52), (1, 40, 52), (3, 17, 70), (3, 40, 52), (1, 33, 33), (3, 32, 32)] * 4
+    (tmp_path / "in").mkdir()
+    shards = []
+    for s in range(2):
+        samples = []
+        for i, shape in enumerate(shapes):
+            image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+            samples.append(RawSample(f"s{s}-{i:03d}", {"png": encode_png(image), "cls": str(i % 10).encode()}))
+        (tmp_path / "in" / f"photos-{s:06d}.tar").write_bytes(write_tar(samples))
+        shards.append((f"photos-{s:06d}", str(tmp_path / "in" / f"photos-{s:06d}.tar")))
+    noise = torch.empty(2 * len(shapes), 3, 32, 32).uniform_(-8 / 255, 8 / 255, generator=g)
+    for fmt in ("png", "jpeg"):
+        seen = {}
+        for cache, budget in (("memory", None), ("none", None), ("auto", 1e-4)):
+            cfg = ProtectConfig(inputs=[str(tmp_path / "in")], output="/unused", resolution=32, num_classes=10,
+                                batch_size=8, encode_format=fmt, cache=cache, cache_memory_gb=budget).resolved()
+            worker = RoundWorker(cfg.to_dict(), 10, 3, threads=1)
+            worker.load_shards(shards)
+            kept = [worker.shards[s].natives is not None for s, _ in shards]
+            assert kept == {"memory": [True, True], "none": [False, False], "auto": [True, False]}[cache], cache
+            worker.delta.copy_(noise)
+            checked = torch.cat([worker.released_working(s) for s, _ in shards])
+            out = tmp_path / f"out-{fmt}-{cache}"
+            for s, _ in shards:
+                worker.export_shard(s, str(out), str(tmp_path / f"work-{fmt}-{cache}"), "0" * 64)
+            released = [(x.key, x.members) for s, _ in shards for x in iter_samples(str(out / f"{s}.tar"))]
+            seen[cache] = (checked, released, (out / "photos-000001.parquet").read_bytes())
+            assert (checked.to(torch.int32) - worker.x.to(torch.int32)).abs().sum() > 0
+        for cache in ("none", "auto"):
+            assert torch.equal(seen[cache][0], seen["memory"][0]), (fmt, cache)
+            assert seen[cache][1] == seen["memory"][1] and seen[cache][2] == seen["memory"][2], (fmt, cache)
