@@ -210,7 +210,7 @@ def _finished_run(cfg: ProtectConfig, prepared: Prepared) -> RunResult | None:
                 len(verdict.problems), verdict.problems[0])
     if not verdict.bad_shards:
         # Only the merged manifest or the run record's counts are wrong: both are rebuilt from the shards.
-        _rewrite_merged(layout, prepared.plan, done)
+        _rewrite_merged(layout, prepared.plan, done, cfg.manifest_source_hash)
         _clean_up(cfg, layout)
         return RunResult(EXIT_OK if done["protection"]["holds"] else EXIT_UNPROTECTED, done)
     final = done["rounds"] - 1
@@ -229,21 +229,24 @@ def _finished_run(cfg: ProtectConfig, prepared: Prepared) -> RunResult | None:
     return None
 
 
-def _rewrite_merged(layout: Layout, plan: Plan, success: dict) -> None:
-    counts, parts = _shard_counts(layout, plan)
-    fs.write_verified(layout.manifest, manifest.merge(parts))
+def _rewrite_merged(layout: Layout, plan: Plan, success: dict, source_hash: bool) -> None:
+    counts = _merge_manifests(layout, plan, source_hash)
     fs.write_bytes(layout.success, json.dumps({**success, "counts": counts, "shards": len(plan.shards)}, indent=2,
                                               default=str).encode())
     log.warning("manifest.parquet and the counts in _SUCCESS.json rewritten from the shards' manifests")
 
 
-def _shard_counts(layout: Layout, plan: Plan) -> tuple[dict, list[bytes]]:
+def _merge_manifests(layout: Layout, plan: Plan, source_hash: bool) -> dict:
+    """``manifest.parquet`` from the shards' manifests, streamed a shard at a time; returns the counts the shards'
+    markers hold."""
     counts = {"input": 0, "protected": 0, "rejected": 0}
     for shard in plan.shards:
         stats = read_marker(layout.shard_marker(shard.id))
         for k in counts:
             counts[k] += stats[k]
-    return counts, [fs.read_bytes(layout.shard_manifest(s.id)) for s in plan.shards]
+    with fs.writing(layout.manifest) as out:
+        manifest.merge((fs.read_bytes(layout.shard_manifest(s.id)) for s in plan.shards), out, source_hash)
+    return counts
 
 
 def _noise_units(cfg: ProtectConfig, plan: Plan) -> list[str]:
@@ -713,8 +716,7 @@ class Run:
                 done += 1
                 log.info("export: %d/%d shards written (%s: %d protected, %d rejected)%s", done, total, shard,
                          stats["protected"], stats["rejected"], eta(done, total, time.perf_counter() - t0))
-        self.counts, parts = _shard_counts(layout, self.plan)
-        fs.write_verified(layout.manifest, manifest.merge(parts))
+        self.counts = _merge_manifests(layout, self.plan, self.cfg.manifest_source_hash)
         self.timings["export"] += time.perf_counter() - t0
 
     def finish(self, t_start: float) -> RunResult:

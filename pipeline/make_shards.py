@@ -18,11 +18,11 @@ tar being written in a temp file, and each finished tar is committed whole (``<p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import posixpath
-import tempfile
 from collections.abc import Iterator
 
 from webdataset import TarWriter
@@ -161,18 +161,15 @@ class _Source:
 
 
 class _ShardWriter:
-    """Shards written one after another: each sample goes straight into a tar in a temp file, and a full tar is
-    committed whole, so a reader never sees part of a shard and memory never holds one."""
+    """Shards written one after another: each sample goes straight into a tar in a temp file (``fs.writing``), and a
+    full tar is committed whole, so a reader never sees part of a shard and memory never holds one."""
 
     def __init__(self, out: str, prefix: str, per_shard: int) -> None:
         self.out, self.prefix, self.per_shard = out, prefix, per_shard
-        self.local = fs.is_local(out)
-        self.fsys, self.out_path = fs.filesystem(out)
         self.shards: list[str] = []
         self.samples = 0
         self._in_shard = 0
-        self._tmp: str | None = None
-        self._file = None
+        self._stack: contextlib.ExitStack | None = None
         self._tar: TarWriter | None = None
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
@@ -190,44 +187,26 @@ class _ShardWriter:
         return self.shards
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._tmp is not None and os.path.exists(self._tmp):
-            os.unlink(self._tmp)
-        self._tmp = self._file = self._tar = None
+        """The shard being written is not committed, and its temp file goes."""
+        if self._stack is not None:
+            self._stack.__exit__(RuntimeError, RuntimeError("make-shards aborted"), None)
+        self._stack = self._tar = None
+
+    def _url(self) -> str:
+        return fs.join(self.out, f"{self.prefix}-{len(self.shards):06d}.tar")
 
     def _open(self) -> None:
-        if self.local:
-            # The temp file sits beside the shard so that the rename below stays within one file system.
-            os.makedirs(self.out_path, exist_ok=True)
-            folder = self.out_path
-        else:
-            folder = None
-        fd, self._tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".tar")
-        self._file = os.fdopen(fd, "wb")
+        self._stack = contextlib.ExitStack()
+        file = self._stack.enter_context(fs.writing(self._url()))
         # The same TarWriter settings as shards.write_tar: the same samples give the same bytes.
-        self._tar = TarWriter(self._file, encoder=False, mtime=TAR_MTIME, user="unlearnable", group="unlearnable")
+        self._tar = TarWriter(file, encoder=False, mtime=TAR_MTIME, user="unlearnable", group="unlearnable")
         self._in_shard = 0
 
     def _commit(self) -> None:
-        url = fs.join(self.out, f"{self.prefix}-{len(self.shards):06d}.tar")
+        url = self._url()
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        written = os.path.getsize(self._tmp)
-        if self.local:
-            os.chmod(self._tmp, 0o644)  # shards are read by whoever they are handed to (mkstemp makes 0600)
-            os.replace(self._tmp, os.path.join(self.out_path, os.path.basename(url)))  # atomic within a file system
-        else:
-            # S3 has no rename: the upload (one PUT, or a multipart upload completed at its end) is the atomic step.
-            path = f"{self.out_path.rstrip('/')}/{os.path.basename(url)}"
-            fs.retry(lambda: self.fsys.put_file(self._tmp, path), f"write {url}")
-            os.unlink(self._tmp)
-        stored = fs.size(url)
-        if stored != written:
-            raise OSError(f"verification failed for {url}: wrote {written} bytes, store reports {stored}")
-        self._tmp = self._file = self._tar = None
+        self._stack.close()  # the temp file renamed into place or uploaded, its size checked
+        self._stack = self._tar = None
         self.shards.append(url)
         log.debug("make-shards: wrote %s (%d samples)", url, self._in_shard)
         if len(self.shards) % PROGRESS_EVERY == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -9,8 +10,8 @@ import os
 import posixpath
 import tempfile
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -149,6 +150,37 @@ def write_verified(url: str, data: bytes) -> str:
     if stored != len(data):
         raise OSError(f"verification failed for {url}: wrote {len(data)} bytes, store reports {stored}")
     return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def writing(url: str) -> Iterator[BinaryIO]:
+    """Write ``url`` through a local temp file, for data too large to hold in memory: committed whole when the block
+    ends (``os.replace`` beside it on a file system; one upload to an object store, a multipart upload completing at
+    its end), then its stored size checked, as ``write_verified``. On an error nothing is committed or left behind."""
+    local = is_local(url)
+    fsys, path = filesystem(url)
+    folder = None
+    if local:
+        folder = os.path.dirname(os.path.abspath(path))  # the rename stays within one file system
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path)[-40:])
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        written = os.path.getsize(tmp)
+        if local:
+            os.chmod(tmp, 0o644)  # release files are read by anyone the owner publishes them to (mkstemp: 0600)
+            os.replace(tmp, path)
+        else:
+            retry(lambda: fsys.put_file(tmp, path), f"write {url}")
+        stored = size(url)
+        if stored != written:
+            raise OSError(f"verification failed for {url}: wrote {written} bytes, store reports {stored}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def remove(url: str, recursive: bool = False) -> None:

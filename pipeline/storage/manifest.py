@@ -7,6 +7,8 @@ a public hash of every original lets anyone confirm a guessed original.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,12 +55,14 @@ def from_parquet(data: bytes) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
 
-def merge(parts: list[bytes]) -> bytes:
-    """One manifest of all shards' rows, in the order given (the plan's shard order)."""
-    tables = [from_parquet(p) for p in parts]
-    schema = SCHEMA if any("source_sha256" in t.column_names for t in tables) else PUBLIC_SCHEMA
-    tables = [t.cast(schema) for t in tables]
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
+def merge(parts: Iterable[bytes], out: BinaryIO, source_hash: bool = False) -> int:
+    """One manifest of all shards' rows, in the order given (the plan's shard order), written to ``out`` a shard at a
+    time (one row group each): memory holds one shard's rows, not the corpus's. Returns the rows written."""
+    schema = SCHEMA if source_hash else PUBLIC_SCHEMA
+    rows = 0
+    with pq.ParquetWriter(out, schema) as writer:
+        for part in parts:
+            table = from_parquet(part).cast(schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    return rows

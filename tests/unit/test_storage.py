@@ -412,7 +412,7 @@ def test_manifest_holds_source_hashes_only_when_asked():
     table = manifest.from_parquet(manifest.to_parquet(rows, source_hash=True))
     assert table.column_names == DESIGN_COLUMNS[:7] + ["source_sha256"] + DESIGN_COLUMNS[7:]
     assert table.column("source_sha256").to_pylist() == ["ab" * 32]
-    merged = manifest.from_parquet(manifest.merge([manifest.to_parquet(rows, source_hash=True)] * 2))
+    merged = manifest.from_parquet(_merged([manifest.to_parquet(rows, source_hash=True)] * 2, source_hash=True))
     assert merged.column("source_sha256").to_pylist() == ["ab" * 32] * 2
 
 
@@ -422,19 +422,41 @@ def test_manifest_row_fills_missing_columns_with_none():
     assert r["label"] is None and r["error"] == "x"
 
 
-def test_manifest_merge_keeps_all_rows_in_order():
+def _merged(parts, source_hash: bool = False) -> bytes:
+    buf = io.BytesIO()
+    manifest.merge(iter(parts), buf, source_hash)
+    return buf.getvalue()
+
+
+def test_manifest_merge_keeps_all_rows_in_order_and_streams_a_shard_at_a_time():
     part1 = manifest.to_parquet(_rows())
     part2 = manifest.to_parquet([manifest.row("t0", "shard-b", "protected", label=1)])
     part3 = manifest.to_parquet([])
-    merged = manifest.from_parquet(manifest.merge([part2, part3, part1]))
+    data = _merged([part2, part3, part1])
+    merged = manifest.from_parquet(data)
     assert merged.column_names == DESIGN_COLUMNS
     assert merged.column("key").to_pylist() == ["t0", "s0", "s1"]
     assert merged.column("shard").to_pylist() == ["shard-b", "shard-a", "shard-a"]
+    # Written as each shard's manifest came (one row group each), never as one table of every row.
+    assert pq.ParquetFile(io.BytesIO(data)).num_row_groups == 3
 
 
 def test_manifest_merge_of_nothing_is_an_empty_manifest():
-    table = manifest.from_parquet(manifest.merge([]))
+    table = manifest.from_parquet(_merged([]))
     assert table.num_rows == 0 and table.column_names == DESIGN_COLUMNS
+
+
+def test_writing_commits_whole_or_leaves_nothing(tmp_path):
+    url = str(tmp_path / "out" / "big.parquet")
+    with fs.writing(url) as f:
+        f.write(b"a" * 1000)
+        assert not os.path.exists(url)  # nothing visible before the block ends
+    assert fs.read_bytes(url) == b"a" * 1000 and oct(os.stat(url).st_mode & 0o777) == "0o644"
+    with pytest.raises(RuntimeError), fs.writing(url) as f:
+        f.write(b"b" * 10)
+        raise RuntimeError("cut short")
+    assert fs.read_bytes(url) == b"a" * 1000  # the old object stays whole
+    assert os.listdir(tmp_path / "out") == ["big.parquet"]  # no temp file left
 
 
 # ---------------------------------------------------------------------------------------------------- markers
