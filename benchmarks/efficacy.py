@@ -102,14 +102,7 @@ def build(dataset: str, data: str, per_class: int) -> None:
         _write(data, "train", x[tr], y[tr])
         _write(data, "test", xt[te], yt[te])
         return
-    _install(dataset, WALLPAPERS)
-    photos = []
-    for folder in sorted(os.listdir(WALLPAPERS)):
-        images = os.path.join(WALLPAPERS, folder, "contents", "images")
-        jpgs = sorted(f for f in os.listdir(images) if f.endswith(".jpg")) if os.path.isdir(images) else []
-        if jpgs:  # the largest version of each photo
-            photos.append(max((os.path.join(images, f) for f in jpgs), key=os.path.getsize))
-    photos = photos[:10]
+    photos = wallpaper_photos()
     xs, ys = [], []
     for label, path in enumerate(photos):
         img = Image.open(path).convert("RGB")
@@ -125,6 +118,19 @@ def build(dataset: str, data: str, per_class: int) -> None:
     n_train = per_class * 10
     _write(data, "train", x[order[:n_train]], y[order[:n_train]])
     _write(data, "test", x[order[n_train:]], y[order[n_train:]])
+
+
+def wallpaper_photos(count: int = 10) -> list[str]:
+    """The first ``count`` photos of Debian's wallpapers (installed with apt-get where the script may), each at
+    its largest size."""
+    _install("photos", WALLPAPERS)
+    photos = []
+    for folder in sorted(os.listdir(WALLPAPERS)):
+        images = os.path.join(WALLPAPERS, folder, "contents", "images")
+        jpgs = sorted(f for f in os.listdir(images) if f.endswith(".jpg")) if os.path.isdir(images) else []
+        if jpgs:
+            photos.append(max((os.path.join(images, f) for f in jpgs), key=os.path.getsize))
+    return photos[:count]
 
 
 def settings(dataset: str) -> dict:

@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.efficacy import WALLPAPERS, _install
+from benchmarks.efficacy import wallpaper_photos
 from pipeline.config import ProtectConfig
 from pipeline.coordinator import protect
 from pipeline.demo import DEMO_SETTINGS
@@ -41,16 +41,9 @@ from pipeline.storage.shards import RawSample, write_tar
 def build(data: str, per_class: int, native: int) -> None:
     if fs.exists(os.path.join(data, "test", "test-000000.tar")):
         return
-    _install("photos", WALLPAPERS)
     rng = np.random.default_rng(0)
-    photos = []
-    for folder in sorted(os.listdir(WALLPAPERS)):
-        images = os.path.join(WALLPAPERS, folder, "contents", "images")
-        jpgs = sorted(f for f in os.listdir(images) if f.endswith(".jpg")) if os.path.isdir(images) else []
-        if jpgs:  # the largest version of each photo
-            photos.append(max((os.path.join(images, f) for f in jpgs), key=os.path.getsize))
     splits: dict[str, list[RawSample]] = {"train": [], "test": []}
-    for label, path in enumerate(photos[:10]):
+    for label, path in enumerate(wallpaper_photos()):
         img = Image.open(path).convert("RGB")
         side = min(img.size)
         for i in range(per_class + per_class // 4):
