@@ -133,8 +133,8 @@ def wallpaper_photos(count: int = 10) -> list[str]:
     return photos[:count]
 
 
-def settings(dataset: str) -> dict:
-    base = dict(DEMO_SETTINGS["samplewise"])
+def settings(dataset: str, mode: str = "samplewise") -> dict:
+    base = {"mode": mode, **DEMO_SETTINGS[mode]}
     if dataset == "photos":
         base["resolution"] = 32
     return base
@@ -144,6 +144,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=("mnist", "fashion", "photos"), default="mnist")
     p.add_argument("--robust", default="off,on", help="comma-separated protect --robust settings")
+    p.add_argument("--mode", choices=("samplewise", "classwise"), default="samplewise",
+                   help="protect --mode (at the demo's settings for that mode)")
     p.add_argument("--archs", default="small-cnn,resnet-mini")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", default="0,1,2")
@@ -170,7 +172,7 @@ def main() -> int:
         from ops.countermeasures import ALL
 
         battery = list(ALL)
-    base = settings(args.dataset)
+    base = settings(args.dataset, args.mode)
     if args.max_rounds:
         base["max_rounds"] = args.max_rounds
     resolution = base["resolution"]
@@ -180,9 +182,11 @@ def main() -> int:
     for robust in args.robust.split(","):
         for encode, labels in ((e, lab) for e in args.encode.split(",") for lab in args.labels.split(",")):
             fmt, _, quality = encode.partition(":")
-            name = (f"robust {robust}" + ("" if fmt == "png" else f", {fmt} {quality}")
+            name = (("class-wise, " if args.mode == "classwise" else "") + f"robust {robust}"
+                    + ("" if fmt == "png" else f", {fmt} {quality}")
                     + ("" if labels == "member" else f", labels {labels}"))
-            release = os.path.join(out, f"release-robust-{robust}" + ("" if fmt == "png" else f"-{fmt}{quality}")
+            release = os.path.join(out, ("release-classwise-" if args.mode == "classwise" else "release-")
+                                   + f"robust-{robust}" + ("" if fmt == "png" else f"-{fmt}{quality}")
                                    + ("" if labels == "member" else f"-{labels}"))
             releases[name] = release
             t0 = time.perf_counter()
