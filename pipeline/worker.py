@@ -131,17 +131,37 @@ class RoundWorker:
         coordinator logs the load's progress shard by shard)."""
         if self.n_owned != self.x.shape[0]:
             raise RuntimeError("owned shards are loaded before any guest shard")
+        # The shards' rows join the worker's tensors once, after the last shard: growing them shard by shard would
+        # copy them again for every shard and hold two copies at each step.
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         for (shard, url), items in zip(shards, read_ahead([u for _, u in shards])):
-            result = self._decode_into(shard, url, items)
+            result, x, y = self._decode(shard, url, items, self.x.shape[0] + sum(len(r[1]) for r in rows))
+            rows.append((x, y))
             self.owned.append(shard)
-            self.n_owned = self.x.shape[0]
             yield result
+        self._append_rows(rows)
+        self.n_owned = self.x.shape[0]
 
     def load_shard(self, shard: str, url: str) -> dict:
         """One shard (see ``load_shards``)."""
         return self.load_shards([(shard, url)])[0]
 
-    def _decode_into(self, shard: str, url: str, items) -> dict:
+    def _append_rows(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Decoded shards' working images and labels after the rows held, with zero noise: uploaded once, through
+        pinned host memory on a GPU (ops.engine.to_device)."""
+        if not rows:
+            return
+        x = to_device(torch.cat([r[0] for r in rows]), self.device)
+        y = to_device(torch.cat([r[1] for r in rows]), self.device)
+        held = self.x.shape[0] > 0
+        self.x = torch.cat([self.x, x]) if held else x
+        self.y = torch.cat([self.y, y]) if held else y
+        zeros = torch.zeros(x.shape, device=self.device)
+        self.delta = torch.cat([self.delta, zeros]) if held else zeros
+
+    def _decode(self, shard: str, url: str, items, start: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Decode one shard whose rows will start at ``start``; registers it and returns its result, working images
+        and labels (``_append_rows`` adds them)."""
         t0 = time.perf_counter()
         keys, natives, working, labels = [], [], [], []
         rejected, read_error = 0, None
@@ -160,16 +180,12 @@ class RoundWorker:
         x = torch.stack(working) if working else torch.empty(0, self.channels, r, r, dtype=torch.uint8)
         if self.centroids is not None:  # --labels cluster, a shard loaded after the clustering (a guest)
             labels = clusters.nearest(clusters.features(x), self.centroids).tolist()
-        start = self.x.shape[0]
-        # Uploaded once per shard, through pinned host memory on a GPU (ops.engine.to_device).
-        self.x = torch.cat([self.x, to_device(x, self.device)])
-        self.y = torch.cat([self.y, to_device(torch.tensor(labels, dtype=torch.long), self.device)])
-        self.delta = torch.cat([self.delta, torch.zeros(x.shape, device=self.device)])
         same = all(tuple(n.color.shape) == (self.channels, r, r) for n in natives)
         kept = natives if self._cache_natives(natives, same) else None
-        self.shards[shard] = ShardData(shard, url, start, self.x.shape[0], keys, kept, same, rejected, read_error)
-        return {"shard": shard, "accepted": len(keys), "rejected": rejected, "read_error": read_error,
-                "seconds": time.perf_counter() - t0}
+        self.shards[shard] = ShardData(shard, url, start, start + len(keys), keys, kept, same, rejected, read_error)
+        result = {"shard": shard, "accepted": len(keys), "rejected": rejected, "read_error": read_error,
+                  "seconds": time.perf_counter() - t0}
+        return result, x, torch.tensor(labels, dtype=torch.long)
 
     # ---- --labels cluster (pipeline.clusters) --------------------------------------------------------------------
     def _feature_chunks(self, chunk: int = 16384) -> Iterator[tuple[int, torch.Tensor]]:
@@ -375,7 +391,8 @@ class RoundWorker:
         (not trained on, checked or exported here), take its noise from ``state`` (round_ - 1's, checked by the
         coordinator; None in round 0), update it."""
         if shard not in self.shards:
-            self._decode_into(shard, url, iter_samples(url))
+            _, x, y = self._decode(shard, url, iter_samples(url), self.x.shape[0])
+            self._append_rows([(x, y)])
         if self.cfg.mode == "samplewise":
             sd = self.shards[shard]
             if state is not None:
