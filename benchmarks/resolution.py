@@ -69,6 +69,10 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=100, help="train crops per photo (test: a quarter)")
     p.add_argument("--mode", choices=("samplewise", "classwise"), default="classwise")
     p.add_argument("--max-rounds", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="protect --batch-size (default: the demo's)")
+    p.add_argument("--train-steps", type=int, default=None, help="protect --train-steps (default: the demo's)")
+    p.add_argument("--probe-arch", default="small-cnn", help="protect --probe-arch (resnet-mini costs much more at 128 px)")
+    p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--arch", default="small-cnn", help="the victims' architecture")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", default="0,1")
@@ -85,9 +89,11 @@ def main() -> int:
     sources = {"clean": train}
     for res in (int(r) for r in args.resolutions.split(",")):
         release = os.path.join(args.out, f"release-{args.mode}-{res}")
-        settings = {**DEMO_SETTINGS[args.mode], "resolution": res}
-        if args.max_rounds:
-            settings["max_rounds"] = args.max_rounds
+        settings = {**DEMO_SETTINGS[args.mode], "resolution": res, "probe_arch": args.probe_arch,
+                    "probe_steps": args.probe_steps}
+        for name in ("max_rounds", "batch_size", "train_steps"):
+            if getattr(args, name):
+                settings[name] = getattr(args, name)
         t0 = time.perf_counter()
         if fs.exists(os.path.join(release, "_SUCCESS.json")):  # a finished release: reused (delete it to redo)
             success = json.loads(fs.read_bytes(os.path.join(release, "_SUCCESS.json")))
