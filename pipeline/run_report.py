@@ -25,11 +25,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from PIL import Image
 
-from ops.image import ImageRejected, decode_image
+from ops.image import ImageRejected, decode_image, to_gray
 from pipeline.samples import find_image_member
 from pipeline.storage import fs
 from pipeline.storage.layout import Layout, default_work_dir
@@ -43,7 +44,7 @@ DEFAULT_SAMPLES = 8
 THUMB_PX = 144  # the longest side of a sample's picture on the page
 # The files a report writes besides report.html; a rerun removes the old ones of these names (and no others).
 OWN_FILES = re.compile(r"(rounds|battery|sample-\d{2}-(original|noise|released))\.png")
-MANIFEST_COLUMNS = ("key", "shard", "status", "error", "label", "output_member")
+MANIFEST_COLUMNS = ("key", "shard", "status", "error", "label", "output_member", "linf")
 
 
 @dataclass
@@ -59,10 +60,17 @@ class Shown:
 
     @property
     def noise(self) -> np.ndarray | None:
-        """released - original in uint8 levels, when both are the same shape."""
-        if self.original is None or self.original.shape != self.released.shape:
+        """released - original in uint8 levels, when both are the same shape. (A gray original released as RGB with
+        equal channels, as WebP releases gray images, is compared as gray.)"""
+        if self.original is None:
             return None
-        return self.released.astype(np.int16) - self.original.astype(np.int16)
+        released = self.released
+        if self.original.ndim == 2 and released.ndim == 3:
+            # As the manifest measured it (ops.image.match_channels): a lossy codec leaves the channels a level apart.
+            released = to_gray(torch.from_numpy(released).permute(2, 0, 1))[0].numpy()
+        if self.original.shape != released.shape:
+            return None
+        return released.astype(np.int16) - self.original.astype(np.int16)
 
 
 def report_dir(output: str, out: str | None = None) -> str:
@@ -226,12 +234,18 @@ def pick_samples(output: str, rows: list[dict], inputs: list[str] | None, config
                 elif item.original is not None and item.noise is None:
                     item.note = (f"the original is {item.original.shape}, the released image {item.released.shape}: "
                                  "--input is not this run's input")
-                elif item.noise is not None and bound and int(np.abs(item.noise).max()) > bound:
-                    item.note = (f"the original differs by {int(np.abs(item.noise).max())} levels, over the budget of "
-                                 f"{bound}: --input is probably not this run's input")
+                elif item.noise is not None and int(np.abs(item.noise).max()) > _moved(row, bound):
+                    item.note = (f"the original differs by {int(np.abs(item.noise).max())} levels, over the "
+                                 f"{_moved(row, bound)} the manifest records: --input is probably not this run's input")
             shown.append(item)
     order = {(r["shard"], r["key"]): i for i, r in enumerate(rows)}
     return sorted(shown, key=lambda s: order[(s.shard, s.key)])
+
+
+def _moved(row: dict, bound: int) -> int:
+    """How far the release may differ from its original: the manifest's linf (a lossy release's includes the
+    codec's error), else the budget."""
+    return int(row["linf"]) if row.get("linf") is not None else bound
 
 
 def amplification(config: dict) -> int:

@@ -139,6 +139,28 @@ def test_grayscale_and_colour_jpeg_originals_noise_and_released_one_per_label(re
     assert "not this run" not in page  # the noise of both is within the budget
 
 
+def test_a_lossy_release_of_a_gray_image_shows_its_noise_within_what_the_manifest_records(tmp_path):
+    """A WebP release of a gray image comes back as RGB channels a level apart, and its codec error is over eps:
+    compared as gray and against the manifest's linf, its noise is shown, and --input is not doubted."""
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(gray).convert("RGB").save(buf, format="WEBP", quality=60)
+    decoded = np.array(Image.open(io.BytesIO(buf.getvalue())))
+    linf = int(np.abs(decoded.astype(int) @ np.array([299, 587, 114]) // 1000 - gray.astype(int)).max()) + 1
+    assert linf > 8
+    out, inputs = tmp_path / "release", tmp_path / "inputs"
+    out.mkdir()
+    inputs.mkdir()
+    (inputs / "s-000.tar").write_bytes(raw_tar([("w0.png", _png(gray)), ("w0.cls", b"0")]))
+    (out / "s-000.tar").write_bytes(raw_tar([("w0.webp", buf.getvalue()), ("w0.cls", b"0")]))
+    rows = [manifest.row("w0", "s-000", "protected", label=0, output_member="w0.webp", linf=linf)]
+    (out / "manifest.parquet").write_bytes(manifest.to_parquet(rows))
+    (out / "_SUCCESS.json").write_text(json.dumps(_success(holds=True, battery=False)))
+    page = _read(write_run_report(str(out), [str(inputs)]))
+    assert "sample-00-noise.png" in _img_sources(page) and "not this run" not in page
+
+
 def test_without_input_only_released_images_and_the_reason(release):
     folder = release["out"] + ".report"
     page = _read(write_run_report(release["out"]))
