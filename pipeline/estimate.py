@@ -31,7 +31,8 @@ def estimate(cfg: ProtectConfig, rate: float | None = None, workers: int | None 
             "samples": samples,
             "classes": cfg.num_classes or plan.num_classes,
             # Integer labels, or class names with the ids the plan gave them (the first ones; the plan holds all).
-            "labels": ({"kind": "class names", "first_ids": {n: i for i, n in enumerate(plan.label_names[:10])}}
+            "labels": ({"kind": "clusters (k-means after the load)"} if cfg.labels == "cluster" else
+                       {"kind": "class names", "first_ids": {n: i for i, n in enumerate(plan.label_names[:10])}}
                        if plan.label_names else {"kind": "integers"}),
             "channels": plan.channels,
             "largest_shard": max((s.samples for s in plan.shards), default=0),
