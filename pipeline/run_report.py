@@ -324,7 +324,9 @@ def verdict(success: dict) -> dict:
     worst = p.get("worst_case")
     warnings = []
     if not holds:
-        if p.get("probe_clean_accuracy") is not None and p["probe_clean_accuracy"] <= p["threshold"]:
+        if p.get("why"):  # the run said why its probe cannot certify it (--labels cluster)
+            why = p["why"]
+        elif p.get("probe_clean_accuracy") is not None and p["probe_clean_accuracy"] <= p["threshold"]:
             why = (f"the probe learns only {_pct(p['probe_clean_accuracy'])} from clean data, so it cannot tell "
                    "whether the noise protects")
         elif worst and worst.get("accuracy", 0) > p["threshold"]:

@@ -129,13 +129,14 @@ def test_a_corpus_without_a_usable_label_is_refused_in_one_line_before_ray_start
 def test_the_same_shards_unlabelled_are_protected_with_labels_cluster(mnist_small, tmp_path):
     """No label anywhere (the JSON without its class): ``--labels cluster --num-classes 10`` groups the digits by
     k-means and protects every sample; the captions and JSON are released byte for byte; the manifest's label is the
-    sample's cluster."""
+    sample's cluster. The run never reports the release protected: its probe learns the clusters, not the classes
+    (exit 4, 'not certified')."""
     folder = str(tmp_path / "unlabelled")
     samples = _img2dataset_folder(mnist_small, folder, labelled=False)
     out = str(tmp_path / "release")
     proc = run_cli("protect", "--input", folder, "--output", out, "--labels", "cluster", "--num-classes", "10", *ARGS)
-    assert proc.returncode in (0, 4), proc.stderr[-4000:]
-    assert "--labels cluster: 10 groups (k-means" in proc.stderr
+    assert proc.returncode == 4, proc.stderr[-4000:]
+    assert "--labels cluster: 10 groups (k-means" in proc.stderr and "PROTECTION NOT CERTIFIED" in proc.stderr
     rows = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
     assert len(rows) == 300 and {r["status"] for r in rows} == {"protected"}
     clusters = [r["label"] for r in rows]
@@ -149,5 +150,7 @@ def test_the_same_shards_unlabelled_are_protected_with_labels_cluster(mnist_smal
     with open(os.path.join(out, "_SUCCESS.json")) as f:
         success = json.load(f)
     assert success["config"]["labels"] == "cluster" and success["hashed_config"]["labels"] == "cluster"
+    p = success["protection"]
+    assert p["holds"] is False and p["certified"] is False and "clusters, not the classes" in p["why"]
     assert run_cli("verify", out).returncode == 0
     assert not os.path.exists(out + ".work")  # the centroids went with the rest of the work dir

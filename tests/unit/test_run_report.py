@@ -190,6 +190,17 @@ def test_not_protected_is_loud_and_never_says_holds(release):
     assert "4 protected and 1 rejected of 5" in summary and "2 round(s)" in summary and "stop_rule" in summary
 
 
+def test_a_run_whose_probe_cannot_certify_it_says_why(release):
+    with open(os.path.join(release["out"], "_SUCCESS.json")) as f:
+        success = json.load(f)
+    success["protection"].update(holds=False, certified=False, why="the probe learns the clusters <not classes>")
+    with open(os.path.join(release["out"], "_SUCCESS.json"), "w") as f:
+        json.dump(success, f)
+    page = _read(write_run_report(release["out"], [release["inputs"]]))
+    assert "NOT PROTECTED: the probe learns the clusters &lt;not classes&gt;" in page
+    assert "protection holds" not in page
+
+
 def test_protected_run_says_holds_without_a_warning(release):
     with open(os.path.join(release["out"], "_SUCCESS.json"), "w") as f:
         json.dump(_success(holds=True, battery=False), f)
