@@ -11,6 +11,9 @@ import json
 import tarfile
 from dataclasses import dataclass
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from ops.image import ENCODE_FORMATS, LOSSY_FORMATS
 from pipeline.plan import Plan
 from pipeline.samples import REPEATED_KEY_ERROR
@@ -114,31 +117,36 @@ def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
     bound, ext = release_rule(success["config"])
     names = fs.listdir(output)
     try:
-        merged = manifest.from_parquet(fs.read_bytes(layout.manifest)).to_pylist()
+        merged = pq.ParquetFile(io.BytesIO(fs.read_bytes(layout.manifest)))
+        merged_shards = set(pc.unique(merged.read(columns=["shard"]).column("shard")).to_pylist())
     except FileNotFoundError:
-        merged = None
+        merged, merged_shards = None, set()
         problems.append("manifest.parquet missing")
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
-        merged = None
+        merged, merged_shards = None, set()
         problems.append(f"manifest.parquet unreadable ({type(exc).__name__})")
     if shard_ids is None:
-        shard_ids = sorted({n[: -len("_stats.json")] for n in names if n.endswith("_stats.json")}
-                           | {r["shard"] for r in merged or []})
+        shard_ids = sorted({n[: -len("_stats.json")] for n in names if n.endswith("_stats.json")} | merged_shards)
     allowed = {"manifest.parquet", "_SUCCESS.json"} | {f"{s}{x}" for s in shard_ids for x in (".tar", ".parquet",
                                                                                                "_stats.json")}
     problems += [f"unexpected object in the release: {n}" for n in names if n not in allowed]
     totals = {"input": 0, "protected": 0, "rejected": 0}
-    shard_rows: dict[str, list[dict]] = {}
+    # The merged manifest is compared with each shard's rows as the shards are checked, a batch of its rows at a
+    # time: a million rows are never held at once.
+    merge_check = _MergedCheck(merged) if merged is not None else None
     bad = []
     for shard in shard_ids:
+        shard_rows: dict[str, list[dict]] = {}
         found = _verify_shard(layout, shard, success["config_hash"], bound, ext, totals, shard_rows)
         if found:
             bad.append(shard)
             problems += found
+        if merge_check is not None:
+            merge_check.expect(shard_rows.get(shard, []))
     if "shards" in success and success["shards"] != len(shard_ids):
         problems.append(f"_SUCCESS.json says {success['shards']} shards, the release holds {len(shard_ids)}")
-    if merged is not None:
-        problems += _verify_merged(merged, shard_rows, shard_ids)
+    if merge_check is not None:
+        problems += merge_check.finish()
     if success["counts"] != totals:
         problems.append(f"_SUCCESS.json counts {success['counts']} differ from the shards' {totals}")
     return Verdict(problems, bad, {"shards": len(shard_ids), **totals, "linf_bound": bound})
@@ -159,17 +167,33 @@ def verify_shards(output: str, shard_ids: list[str], chash: str, config: dict) -
             if _verify_shard(layout, s, chash, bound, ext, {"input": 0, "protected": 0, "rejected": 0}, {})]
 
 
-def _verify_merged(merged: list[dict], shard_rows: dict[str, list[dict]], shard_ids: list[str]) -> list[str]:
-    """Every row of the merged manifest equals its shard's row, field for field, in the shards' order."""
-    expected = [row for shard in shard_ids for row in shard_rows.get(shard, [])]
-    if len(merged) != len(expected):
-        return [f"manifest.parquet has {len(merged)} rows, the shards {len(expected)}"]
-    for i, (got, want) in enumerate(zip(merged, expected)):
-        if got != want:
-            fields = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-            return [(f"manifest.parquet row {i} (key {want.get('key')!r}, shard {want.get('shard')}) differs from "
-                     f"its shard's manifest in: {', '.join(fields)}")]
-    return []
+class _MergedCheck:
+    """Every row of the merged manifest equals its shard's row, field for field, in the shards' order: ``expect``
+    each shard's rows in turn, then ``finish``. The merged rows are read a batch at a time."""
+
+    def __init__(self, merged: pq.ParquetFile) -> None:
+        self.total = merged.metadata.num_rows
+        self.rows = (row for batch in merged.iter_batches(batch_size=65536) for row in batch.to_pylist())
+        self.index = 0  # rows compared
+        self.expected = 0
+        self.problem: str | None = None
+
+    def expect(self, rows: list[dict]) -> None:
+        self.expected += len(rows)
+        for want in rows:
+            if self.problem is not None or self.index >= self.total:
+                return
+            got = next(self.rows)
+            if got != want:
+                fields = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+                self.problem = (f"manifest.parquet row {self.index} (key {want.get('key')!r}, shard "
+                                f"{want.get('shard')}) differs from its shard's manifest in: {', '.join(fields)}")
+            self.index += 1
+
+    def finish(self) -> list[str]:
+        if self.total != self.expected:
+            return [f"manifest.parquet has {self.total} rows, the shards {self.expected}"]
+        return [self.problem] if self.problem else []
 
 
 def _verify_shard(layout: Layout, shard: str, chash: str, bound: int | None, ext: str, totals: dict,

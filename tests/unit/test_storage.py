@@ -555,3 +555,23 @@ def test_layout_shard_files_live_in_output_and_round_files_in_work():
     work_files = [lay.run_record, lay.plan, lay.probe_record, lay.round_dir(0), lay.checkpoint(0),
                   lay.noise_state(0, "x"), lay.round_marker(0)]
     assert not any(f.startswith("s3://bkt/out/") for f in work_files)
+
+
+def test_verify_compares_the_merged_manifest_a_batch_at_a_time():
+    from pipeline.inspection import _MergedCheck
+
+    rows = [manifest.row(f"k{i}", f"s{i // 70_000}", "protected", label=i % 10) for i in range(140_001)]
+    data = _merged([manifest.to_parquet(rows[:70_000]), manifest.to_parquet(rows[70_000:])])
+    merged = manifest.from_parquet(data).to_pylist()
+    check = _MergedCheck(pq.ParquetFile(io.BytesIO(data)))  # batches of 65,536 rows: the shards cross them
+    check.expect(merged[:70_000])
+    check.expect(merged[70_000:])
+    assert check.finish() == []
+    check = _MergedCheck(pq.ParquetFile(io.BytesIO(data)))
+    check.expect(merged[:70_000])
+    check.expect([*merged[70_000:100_000], {**merged[100_000], "label": 99}, *merged[100_001:]])
+    assert check.finish() == [("manifest.parquet row 100000 (key 'k100000', shard s1) differs from its shard's "
+                               "manifest in: label")]
+    check = _MergedCheck(pq.ParquetFile(io.BytesIO(data)))
+    check.expect(merged[:-1])
+    assert check.finish() == ["manifest.parquet has 140001 rows, the shards 140000"]
