@@ -212,7 +212,7 @@ def released_members(sample: RawSample, encoded: bytes, image_member: str, ext: 
 
     The original image member and any other image member are dropped: they are unprotected copies of the content.
     """
-    out = {ext: data for ext, data in sample.members.items() if not is_image_member(ext) and ext != image_member}
+    out = {name: data for name, data in sample.members.items() if not is_image_member(name) and name != image_member}
     out[ext] = encoded
     return out
 
