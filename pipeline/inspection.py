@@ -118,7 +118,9 @@ def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
     names = fs.listdir(output)
     try:
         merged = pq.ParquetFile(io.BytesIO(fs.read_bytes(layout.manifest)))
-        merged_shards = set(pc.unique(merged.read(columns=["shard"]).column("shard")).to_pylist())
+        # The shards the merged manifest names, only when the caller did not say which the release holds.
+        merged_shards = (set(pc.unique(merged.read(columns=["shard"]).column("shard")).to_pylist())
+                         if shard_ids is None else set())
     except FileNotFoundError:
         merged, merged_shards = None, set()
         problems.append("manifest.parquet missing")
@@ -136,13 +138,12 @@ def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
     merge_check = _MergedCheck(merged) if merged is not None else None
     bad = []
     for shard in shard_ids:
-        shard_rows: dict[str, list[dict]] = {}
-        found = _verify_shard(layout, shard, success["config_hash"], bound, ext, totals, shard_rows)
+        found, rows = _verify_shard(layout, shard, success["config_hash"], bound, ext, totals)
         if found:
             bad.append(shard)
             problems += found
         if merge_check is not None:
-            merge_check.expect(shard_rows.get(shard, []))
+            merge_check.expect(rows)
     if "shards" in success and success["shards"] != len(shard_ids):
         problems.append(f"_SUCCESS.json says {success['shards']} shards, the release holds {len(shard_ids)}")
     if merge_check is not None:
@@ -164,7 +165,7 @@ def verify_shards(output: str, shard_ids: list[str], chash: str, config: dict) -
     layout = Layout(fs.strip_url(output), "")
     bound, ext = release_rule(config)
     return [s for s in shard_ids
-            if _verify_shard(layout, s, chash, bound, ext, {"input": 0, "protected": 0, "rejected": 0}, {})]
+            if _verify_shard(layout, s, chash, bound, ext, {"input": 0, "protected": 0, "rejected": 0})[0]]
 
 
 class _MergedCheck:
@@ -177,13 +178,18 @@ class _MergedCheck:
         self.index = 0  # rows compared
         self.expected = 0
         self.problem: str | None = None
+        self.unreadable: str | None = None  # a row group that does not decode (its footer did)
 
     def expect(self, rows: list[dict]) -> None:
         self.expected += len(rows)
         for want in rows:
             if self.problem is not None or self.index >= self.total:
                 return
-            got = next(self.rows)
+            try:
+                got = next(self.rows)
+            except Exception as exc:  # noqa: BLE001 - a damaged row group: pyarrow raises several kinds
+                self.problem = self.unreadable = f"manifest.parquet unreadable ({type(exc).__name__})"
+                return
             if got != want:
                 fields = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
                 self.problem = (f"manifest.parquet row {self.index} (key {want.get('key')!r}, shard "
@@ -191,28 +197,30 @@ class _MergedCheck:
             self.index += 1
 
     def finish(self) -> list[str]:
+        if self.unreadable:
+            return [self.unreadable]
         if self.total != self.expected:
             return [f"manifest.parquet has {self.total} rows, the shards {self.expected}"]
         return [self.problem] if self.problem else []
 
 
-def _verify_shard(layout: Layout, shard: str, chash: str, bound: int | None, ext: str, totals: dict,
-                  shard_rows: dict[str, list[dict]]) -> list[str]:
+def _verify_shard(layout: Layout, shard: str, chash: str, bound: int | None, ext: str,
+                  totals: dict) -> tuple[list[str], list[dict]]:
+    """One shard's problems, and its manifest's rows once its manifest matches its marker (else none)."""
     problems = []
     marker = read_marker(layout.shard_marker(shard)) or {}
     if marker.get("config_hash") != chash:
-        return [f"{shard}: marker missing or from another run"]
+        return [f"{shard}: marker missing or from another run"], []
     try:
         tar_bytes = fs.read_bytes(layout.shard_tar(shard))
         man_bytes = fs.read_bytes(layout.shard_manifest(shard))
     except FileNotFoundError as exc:
-        return [f"{shard}: {exc}"]
+        return [f"{shard}: {exc}"], []
     if len(tar_bytes) != marker.get("tar_bytes") or hashlib.sha256(tar_bytes).hexdigest() != marker.get("tar_sha256"):
         problems.append(f"{shard}.tar does not match its marker (size or sha256)")
     if hashlib.sha256(man_bytes).hexdigest() != marker.get("manifest_sha256"):
-        return problems + [f"{shard}.parquet does not match its marker"]
+        return problems + [f"{shard}.parquet does not match its marker"], []
     rows = manifest.from_parquet(man_bytes).to_pylist()
-    shard_rows[shard] = rows
     protected = {r["key"]: r for r in rows if r["status"] == "protected"}
     # A key may repeat only as a rejected repeat of an earlier sample; otherwise one row per key.
     first_rows = [r["key"] for r in rows if not (r["status"] == "rejected" and r["error"] == REPEATED_KEY_ERROR)]
@@ -232,7 +240,7 @@ def _verify_shard(layout: Layout, shard: str, chash: str, bound: int | None, ext
                         problems.append(f"{shard}: {key}.{ext} appears twice")
                     images[key] = tar.extractfile(info).read()
     except tarfile.TarError as exc:
-        return problems + [f"{shard}.tar unreadable: {exc}"]
+        return problems + [f"{shard}.tar unreadable: {exc}"], rows
     if set(images) != set(protected):
         problems.append(f"{shard}: tar keys and protected manifest rows differ "
                         f"({len(set(images) - set(protected))} extra, {len(set(protected) - set(images))} missing)")
@@ -249,4 +257,4 @@ def _verify_shard(layout: Layout, shard: str, chash: str, bound: int | None, ext
         if marker.get(k) != v:
             problems.append(f"{shard}: marker says {k}={marker.get(k)}, manifest {v}")
         totals[k] += v
-    return problems
+    return problems, rows

@@ -575,3 +575,10 @@ def test_verify_compares_the_merged_manifest_a_batch_at_a_time():
     check = _MergedCheck(pq.ParquetFile(io.BytesIO(data)))
     check.expect(merged[:-1])
     assert check.finish() == ["manifest.parquet has 140001 rows, the shards 140000"]
+    # A row group that does not decode behind a footer that does: a problem, not an exception out of verify.
+    damaged = bytearray(data)
+    for i in range(200, 4000):
+        damaged[i] ^= 0x5A
+    check = _MergedCheck(pq.ParquetFile(io.BytesIO(bytes(damaged))))
+    check.expect(merged)
+    assert check.finish()[0].startswith("manifest.parquet unreadable (")
