@@ -21,6 +21,7 @@ The centroids are committed in the work dir (``clusters.pt`` and its marker): a 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Callable
 
 import torch
@@ -121,14 +122,10 @@ def kmeans(offer: Callable[[int], list[list[tuple[str, torch.Tensor]]]],
 
 
 def to_bytes(centroids: torch.Tensor) -> bytes:
-    import io
-
     buf = io.BytesIO()
     torch.save({"centroids": centroids.to(torch.float64).contiguous()}, buf)
     return buf.getvalue()
 
 
 def from_bytes(data: bytes) -> torch.Tensor:
-    import io
-
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["centroids"]

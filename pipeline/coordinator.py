@@ -352,9 +352,13 @@ class Run:
         except DamagedUnit:
             t0 = time.perf_counter()
             workers = self.workers
+
+            def lloyd_sums(centroids):  # the centroids go into the object store once, not once per worker
+                ref = pool.put(centroids)
+                return pool.get_all([w.cluster_sums.remote(ref) for w in workers])
+
             centroids, iterations = clusters.kmeans(
-                lambda m: pool.get_all([w.cluster_candidates.remote(m) for w in workers]),
-                lambda c: pool.get_all([w.cluster_sums.remote(pool.put(c)) for w in workers]),
+                lambda m: pool.get_all([w.cluster_candidates.remote(m) for w in workers]), lloyd_sums,
                 self.plan.num_classes, self.cfg.seed)
             commit(layout.clusters, clusters.to_bytes(centroids), layout.clusters_marker, self.chash,
                    iterations=iterations)
