@@ -126,11 +126,12 @@ def read_manifest(output: str):
     except FileNotFoundError:
         return None
     try:
-        table = pq.read_table(io.BytesIO(data))
+        parquet = pq.ParquetFile(io.BytesIO(data))
+        # Only the columns the report needs are decoded (a million-row manifest's hashes stay on disk).
+        return parquet.read(columns=[c for c in MANIFEST_COLUMNS if c in parquet.schema_arrow.names])
     except Exception:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
         log.warning("manifest.parquet unreadable: the report leaves out counts by status and rejections")
         return None
-    return table.select([c for c in MANIFEST_COLUMNS if c in table.column_names])
 
 
 def rejections(table) -> tuple[dict[str, int], list[tuple[str, int]]]:
