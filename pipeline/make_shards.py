@@ -45,8 +45,7 @@ def make_shards(src: str, out: str, per_shard: int = 1000, prefix: str = "shard"
         raise ValueError(f"--labels must be one of {', '.join(LABEL_MODES)}, not {labels!r}")
     fs.check_no_credentials(src, "SRC")
     fs.check_no_credentials(out, "OUT")
-    src_at, out_at = fs.location(src), fs.location(out)
-    if src_at[0] == out_at[0] and (out_at[1].rstrip("/") + "/").startswith(src_at[1].rstrip("/") + "/"):
+    if fs.within(fs.location(out), fs.location(src)):
         raise ValueError(f"OUT {out} is inside SRC {src}: a rerun would read the shards back as source files")
     source = _Source(src)
     classes: list[str] = []

@@ -92,8 +92,7 @@ def report_dir(output: str, out: str | None = None) -> str:
     except ValueError:
         pass  # a release at a bucket root has no default work dir
     for what, place in places:
-        scheme, path = fs.location(place)
-        if scheme == where[0] and (where[1] == path or where[1].startswith(path.rstrip("/") + "/")):
+        if fs.within(where, fs.location(place)):
             raise ValueError(f"--out {out} is inside {what} ({place}): the report goes beside the release, never "
                              f"into it (default: {output}{REPORT_SUFFIX})")
     return where[1]

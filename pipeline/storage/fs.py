@@ -65,12 +65,14 @@ def location(url: str) -> tuple[str, str]:
     return scheme, posixpath.normpath("/" + rest).lstrip("/")
 
 
+def within(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """True when location ``a`` is ``b`` or lies inside it (locations as ``location`` gives them)."""
+    return a[0] == b[0] and (a[1].rstrip("/") + "/").startswith(b[1].rstrip("/") + "/")
+
+
 def overlaps(a: tuple[str, str], b: tuple[str, str]) -> bool:
     """True when two locations are equal or one contains the other."""
-    if a[0] != b[0]:
-        return False
-    pa, pb = a[1].rstrip("/") + "/", b[1].rstrip("/") + "/"
-    return pa.startswith(pb) or pb.startswith(pa)
+    return within(a, b) or within(b, a)
 
 
 # Errors that no retry or rerun can mend: the user has to change something (exit 2, not "rerun to resume").
