@@ -66,7 +66,8 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
                    help="release each photo's EXIF and XMP (camera, time, GPS position) too; by default only its ICC "
                         "colour profile is kept and the rest is stripped (orientation is always applied)")
     p.add_argument("--cache", choices=list(CACHE_CHOICES), default="auto",
-                   help="where the stop check finds each photo at native size: memory (kept from the load), none "
+                   help="where the stop check finds each photo at native size: memory (kept from the load), disk "
+                        "(written raw to the worker's local disk, under TMPDIR, at load and read back), none "
                         "(decoded from the input again every round: bounded memory), auto (memory up to "
                         "--cache-memory-gb per worker, the rest streamed). The release is the same in every mode")
     p.add_argument("--cache-memory-gb", type=float, default=None,

@@ -63,7 +63,7 @@ HASH_FIELDS = (
 # Hashed fields added later, with the value that does what runs did before them: hashed only when set otherwise.
 ADDED_FIELDS = {"robust": "off", "keep_metadata": False, "encode_format": "png", "encode_quality": None,
                 "labels": "member"}
-CACHE_CHOICES = ("auto", "memory", "none")
+CACHE_CHOICES = ("auto", "memory", "disk", "none")
 # The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
 MIN_RESOLUTION = 8
 
@@ -121,7 +121,8 @@ class ProtectConfig:
     keep_work: bool = False
     overwrite: bool = False
     # Where the stop check finds the photos at native size (not hashed: the release is the same in every mode):
-    # memory: kept from the load; none: decoded from the input again each round; auto: memory up to
+    # memory: kept from the load; disk: written raw to the worker's local disk at load (pipeline.native_cache) and
+    # read back each round; none: decoded from the input again each round; auto: memory up to
     # cache_memory_gb (default a fifth of the node's memory) per worker, the shards beyond it streamed.
     cache: str = "auto"
     cache_memory_gb: float | None = None

@@ -39,6 +39,7 @@ from ops.noise import apply_classwise_update, decode_noise, encode_noise, releas
 from ops.robust import robust_adversary, robust_spec
 from pipeline import clusters, faults
 from pipeline.config import ProtectConfig
+from pipeline.native_cache import DiskCache, DiskShard
 from pipeline.probe import probe_score
 from pipeline.samples import Rejected, SampleRules, ordered_map, prepare_each, released_members
 from pipeline.storage import manifest
@@ -61,9 +62,10 @@ class ShardData:
     start: int  # this shard's rows in the worker's tensors: [start, end)
     end: int
     keys: list[str]
-    # The decoded images at native size, kept for the stop check (``--cache``); None: not kept, the stop check
-    # streams the shard again (a shard whose images are the working images needs none, unless the release is lossy).
-    natives: list[DecodedImage] | None
+    # The decoded images at native size, kept for the stop check (``--cache``): in memory, or on local disk; None: not
+    # kept, the stop check streams the shard again (a shard whose images are the working images needs none, unless
+    # the release is lossy).
+    natives: list[DecodedImage] | DiskShard | None
     native_is_working: bool  # every image already has the working size and channels: no resize needed
     rejected: int = 0
     read_error: str | None = None
@@ -103,6 +105,7 @@ class RoundWorker:
         self.centroids: torch.Tensor | None = None  # --labels cluster: set once the pool has clustered
         self.cached_bytes = 0  # native images counted against --cache auto's budget
         self.cache_budget = cache_budget(self.cfg.cache_memory_gb)
+        self.disk_cache = DiskCache() if self.cfg.cache == "disk" else None
         r = self.cfg.resolution
         self.x = torch.empty(0, channels, r, r, dtype=torch.uint8, device=self.device)
         self.y = torch.empty(0, dtype=torch.long, device=self.device)
@@ -181,7 +184,7 @@ class RoundWorker:
         if self.centroids is not None:  # --labels cluster, a shard loaded after the clustering (a guest)
             labels = clusters.nearest(clusters.features(x), self.centroids).tolist()
         same = all(tuple(n.color.shape) == (self.channels, r, r) for n in natives)
-        kept = natives if self._cache_natives(natives, same) else None
+        kept = self._cache_natives(natives, same)
         self.shards[shard] = ShardData(shard, url, start, start + len(keys), keys, kept, same, rejected, read_error)
         result = {"shard": shard, "accepted": len(keys), "rejected": rejected, "read_error": read_error,
                   "seconds": time.perf_counter() - t0}
@@ -221,13 +224,16 @@ class RoundWorker:
             self.y[start : start + feats.shape[0]] = clusters.nearest(feats, centroids).to(self.y.device)
         return torch.bincount(self.y[: self.n_owned].cpu(), minlength=centroids.shape[0]).tolist()
 
-    def _cache_natives(self, natives: list[DecodedImage], same: bool) -> bool:
-        """Whether to keep a shard's native images in memory (``--cache``): never when the stop check does not need
-        them (the working images are the natives and the release is PNG); ``memory`` always; ``none`` never;
-        ``auto`` while this worker's kept natives stay within ``--cache-memory-gb``."""
+    def _cache_natives(self, natives: list[DecodedImage], same: bool) -> list[DecodedImage] | DiskShard | None:
+        """Where to keep a shard's native images (``--cache``), None for nowhere: never kept when the stop check does
+        not need them (the working images are the natives and the release is PNG); ``memory`` always in memory;
+        ``disk`` always on local disk; ``none`` never; ``auto`` in memory while this worker's kept natives stay
+        within ``--cache-memory-gb``."""
         mode = self.cfg.cache
         if (same and self.cfg.encode_format not in LOSSY_FORMATS) or mode == "none":
-            return False
+            return None
+        if self.disk_cache is not None:
+            return self.disk_cache.put(natives)
         size = sum(n.color.numel() + (0 if n.alpha is None else n.alpha.numel()) for n in natives)
         if mode == "auto" and self.cached_bytes + size > self.cache_budget:
             if self.cached_bytes <= self.cache_budget:
@@ -235,12 +241,13 @@ class RoundWorker:
                          "check streams those shards from the input", self.index, self.cache_budget / 1e9,
                          len(self.shards))
             self.cached_bytes += size  # counted, not kept: the next shards are streamed too
-            return False
+            return None
         self.cached_bytes += size
-        return True
+        return natives
 
     def _natives(self, sd: ShardData) -> Iterator[DecodedImage]:
-        """A shard's accepted images at native size, in order: kept ones, or decoded again from the input."""
+        """A shard's accepted images at native size, in order: kept ones (memory or disk), or decoded again from the
+        input."""
         if sd.natives is not None:
             yield from sd.natives
             return

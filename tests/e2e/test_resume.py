@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-# Two rounds always (stop-error 0 is never met before the last round); small work so that many runs fit.
-ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
+# Two rounds always (stop-error 0 is never met before the last round); small work so that many runs fit. The digits
+# are 28 px and the working resolution 24, so that the stop check needs the images at native size: the reference
+# keeps them in memory (--cache auto), and the resumed runs below find them on local disk or decode them again
+# (--cache disk, --cache none), releasing the same bytes.
+ARGS = ["--resolution", "24", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
         "--probe-steps", "20", "--probe-arch", "small-cnn", "--probe-countermeasures", "none", "--max-rounds", "2",
         "--stop-error", "0", "--seed", "3", "--keep-work"]
 
@@ -77,24 +80,26 @@ def test_sigkill_in_train_noise_and_export_then_rerun_is_byte_identical(referenc
     and allows exactly that shard (no marker, so not finished) to be computed a second time."""
     out = str(tmp_path / "release")
     train = reference["train"]
-    proc = _protect(train, out, fault="coordinator:train:1:")
+    disk = ["--cache", "disk"]
+    proc = _protect(train, out, fault="coordinator:train:1:", extra=disk)
     assert proc.returncode == -9, proc.stderr[-2000:]
     _live_lease_refuses_a_second_coordinator(train, out)
-    proc = _protect(train, out, fault="coordinator:noise:1:train-000001")
+    proc = _protect(train, out, fault="coordinator:noise:1:train-000001", extra=disk)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert "taking over a stale lease" in proc.stderr  # the killed coordinator's process is gone
     landed = os.path.exists(os.path.join(out + ".work", "round-0001", "noise", "train-000000.json"))
     _status_and_verify_say_in_progress(out, int(landed))
-    proc = _protect(train, out, fault="coordinator:export::train-000001")
+    proc = _protect(train, out, fault="coordinator:export::train-000001", extra=disk)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not os.path.exists(os.path.join(out, "_SUCCESS.json"))
     # The export was cut after train-000000 was committed: its marker exists, train-000001's does not.
     assert os.path.exists(os.path.join(out, "train-000000_stats.json"))
     assert not os.path.exists(os.path.join(out, "train-000001_stats.json"))
-    proc = _protect(train, out)
+    proc = _protect(train, out, extra=disk)
     assert proc.returncode == reference["code"], proc.stderr[-3000:]
     assert "resuming after round 1" in proc.stderr
-    # Same seed, one worker, CPU: the released shards are the uninterrupted run's, byte for byte.
+    # Same seed, one worker, CPU: the released shards are the uninterrupted run's, byte for byte (its natives were
+    # in memory, these on disk).
     assert _tars(out) == reference["tars"]
     summary = _verify(out)
     assert summary["input"] == 300 and summary["protected"] == 300
@@ -150,7 +155,7 @@ def _status_and_verify_say_in_progress(out: str, done: int) -> None:
 def test_a_worker_that_dies_mid_noise_stage_is_replaced_and_the_run_completes(reference, tmp_path):
     out = str(tmp_path / "release")
     once = str(tmp_path / "worker-died-once")
-    proc = _protect(reference["train"], out, fault="worker:noise:1:train-000001", once=once)
+    proc = _protect(reference["train"], out, fault="worker:noise:1:train-000001", once=once, extra=["--cache", "none"])
     assert os.path.exists(once), "the fault hook never fired"
     assert proc.returncode == reference["code"], proc.stderr[-3000:]
     assert "worker died" in proc.stderr
@@ -330,7 +335,9 @@ def test_sigkill_at_ten_random_moments_then_the_rerun_releases_the_same_bytes(re
     before = _ray_processes()
     rng = random.Random(20261202)
     out = str(tmp_path / "release")
-    cmd = [sys.executable, "-m", "pipeline", "protect", "--input", reference["train"], "--output", out, *ARGS]
+    # --cache none: every stop check decodes the digits again from the input; the release is the same.
+    cmd = [sys.executable, "-m", "pipeline", "protect", "--input", reference["train"], "--output", out, *ARGS,
+           "--cache", "none"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     kills = []
     for _ in range(30):  # until 10 kills have landed
@@ -353,7 +360,7 @@ def test_sigkill_at_ten_random_moments_then_the_rerun_releases_the_same_bytes(re
         shutil.rmtree(out)
         shutil.rmtree(out + ".work")
     assert len(kills) == 10, kills
-    proc = _protect(reference["train"], out)
+    proc = _protect(reference["train"], out, extra=["--cache", "none"])
     assert proc.returncode == reference["code"], (kills, proc.stderr[-3000:])
     assert _tars(out) == reference["tars"], kills
     _verify(out)

@@ -358,7 +358,7 @@ def test_config_hash_ignores_workers_addresses_and_max_rounds():
     for kw in ({"workers": 8}, {"ray_address": "ray://head:10001"}, {"max_rounds": 99}, {"gpus_per_worker": 1},
                {"cpus_per_worker": 2}, {"work_dir": "/elsewhere"}, {"keep_work": True}, {"overwrite": True},
                {"output": "/other-out"}, {"inputs": ["/other/in.tar"]}, {"cache": "none"}, {"cache": "memory"},
-               {"cache_memory_gb": 0.5}):
+               {"cache": "disk"}, {"cache_memory_gb": 0.5}):
         assert config_hash(_cfg(**kw).resolved(), "p") == base, kw
     assert not {"workers", "ray_address", "max_rounds"} & set(HASH_FIELDS)
 
@@ -381,7 +381,7 @@ def test_fields_added_later_change_the_hash_only_when_set_away_from_what_earlier
 
 
 def test_cache_mode_and_budget_are_validated():
-    for kw, match in (({"cache": "disk"}, "--cache must be"), ({"cache_memory_gb": -1}, "--cache-memory-gb")):
+    for kw, match in (({"cache": "tape"}, "--cache must be"), ({"cache_memory_gb": -1}, "--cache-memory-gb")):
         with pytest.raises(ValueError, match=match):
             _cfg(**kw).resolved()
 

@@ -274,9 +274,10 @@ def test_a_lossy_release_is_judged_on_the_decoded_bytes_it_releases(tmp_path):
 
 
 def test_the_stop_check_and_the_release_are_the_same_in_every_cache_mode(tmp_path):
-    """--cache memory keeps the photos at native size, none decodes them from the input again for every stop check,
-    auto keeps them up to its budget (here: the first shard only) and streams the rest; PNG and JPEG releases. The
-    stop check's images and the released bytes are identical in every mode."""
+    """--cache memory keeps the photos at native size, disk writes them raw to local disk and reads them back, none
+    decodes them from the input again for every stop check, auto keeps them up to its budget (here: the first shard
+    only) and streams the rest; PNG and JPEG releases. The stop check's images and the released bytes are identical
+    in every mode."""
     from pipeline.storage.shards import iter_samples
 
     g = torch.Generator().manual_seed(11)
@@ -293,13 +294,14 @@ def test_the_stop_check_and_the_release_are_the_same_in_every_cache_mode(tmp_pat
     noise = torch.empty(2 * len(shapes), 3, 32, 32).uniform_(-8 / 255, 8 / 255, generator=g)
     for fmt in ("png", "jpeg"):
         seen = {}
-        for cache, budget in (("memory", None), ("none", None), ("auto", 1e-4)):
+        for cache, budget in (("memory", None), ("disk", None), ("none", None), ("auto", 1e-4)):
             cfg = ProtectConfig(inputs=[str(tmp_path / "in")], output="/unused", resolution=32, num_classes=10,
                                 batch_size=8, encode_format=fmt, cache=cache, cache_memory_gb=budget).resolved()
             worker = RoundWorker(cfg.to_dict(), 10, 3, threads=1)
             worker.load_shards(shards)
-            kept = [worker.shards[s].natives is not None for s, _ in shards]
-            assert kept == {"memory": [True, True], "none": [False, False], "auto": [True, False]}[cache], cache
+            kept = [type(worker.shards[s].natives).__name__ for s, _ in shards]
+            assert kept == {"memory": ["list", "list"], "disk": ["DiskShard", "DiskShard"],
+                            "none": ["NoneType", "NoneType"], "auto": ["list", "NoneType"]}[cache], cache
             worker.delta.copy_(noise)
             checked = torch.cat([worker.released_working(s) for s, _ in shards])
             out = tmp_path / f"out-{fmt}-{cache}"
@@ -308,6 +310,10 @@ def test_the_stop_check_and_the_release_are_the_same_in_every_cache_mode(tmp_pat
             released = [(x.key, x.members) for s, _ in shards for x in iter_samples(str(out / f"{s}.tar"))]
             seen[cache] = (checked, released, (out / "photos-000001.parquet").read_bytes())
             assert (checked.to(torch.int32) - worker.x.to(torch.int32)).abs().sum() > 0
-        for cache in ("none", "auto"):
+            if cache == "disk":  # the raw pixels in the worker's one unnamed temporary file
+                assert worker.disk_cache.bytes == sum(image.color.numel() for s, _ in shards
+                                                      for image in worker.shards[s].natives)
+                assert os.fstat(worker.disk_cache.file.fileno()).st_nlink == 0  # no name: nothing left by a kill
+        for cache in ("disk", "none", "auto"):
             assert torch.equal(seen[cache][0], seen["memory"][0]), (fmt, cache)
             assert seen[cache][1] == seen["memory"][1] and seen[cache][2] == seen["memory"][2], (fmt, cache)
