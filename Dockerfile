@@ -22,6 +22,7 @@ COPY README.md ./
 COPY ops ops
 COPY surrogates surrogates
 COPY pipeline pipeline
+COPY tools tools
 RUN pip install --no-deps .
 
 # No ENTRYPOINT: KubeRay and the cluster launcher pass their own commands (`ray start ...`, `bash`), which must run as

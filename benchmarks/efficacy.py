@@ -40,10 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import ProtectConfig
 from pipeline.coordinator import protect
-from pipeline.demo import DEMO_SETTINGS
 from pipeline.evaluate import evaluate
 from pipeline.storage import fs
 from pipeline.storage.shards import RawSample, write_tar
+from tools.demo import DEMO_SETTINGS
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 WALLPAPERS = "/usr/share/wallpapers"
@@ -90,7 +90,7 @@ def build(dataset: str, data: str, per_class: int) -> None:
         return
     rng = np.random.default_rng(0)
     if dataset == "mnist":
-        from pipeline.mnist import make_mnist_corpus
+        from tools.mnist import make_mnist_corpus
 
         make_mnist_corpus(data)
         return

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu.sh            # results under $OUT (default /tmp/gpu-bench)
 #
-# Runs `python -m pipeline.bench` (no Ray needed) for each setting below, most important first, and stops starting new
+# Runs `python -m tools.bench` (no Ray needed) for each setting below, most important first, and stops starting new
 # ones when BUDGET_S (default 520) seconds are spent, so that it ends inside a 10-minute device call. Writes gpu.txt
 # (the device), results.jsonl (one bench JSON object per setting, with "name"), summary.txt and bench.log.
 # The device image has no webdataset: carry its wheels in .whl/ (docs/benchmarks.md, "On a GPU").
@@ -27,7 +27,7 @@ run() {  # name, seconds allowed, bench flags...
   [ "$limit" -gt "$left" ] && limit=$left
   t=$SECONDS
   echo "== $name: $*" >> "$OUT/bench.log"
-  timeout "$limit" python3 -m pipeline.bench --check --json "$@" > "$OUT/$name.tmp" 2>> "$OUT/bench.log"
+  timeout "$limit" python3 -m tools.bench --check --json "$@" > "$OUT/$name.tmp" 2>> "$OUT/bench.log"
   rc=$?
   python3 - "$name" "$OUT/$name.tmp" >> "$OUT/results.jsonl" <<'PY'
 import json, sys

@@ -32,10 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.efficacy import wallpaper_photos
 from pipeline.config import ProtectConfig
 from pipeline.coordinator import protect
-from pipeline.demo import DEMO_SETTINGS
 from pipeline.evaluate import evaluate
 from pipeline.storage import fs
 from pipeline.storage.shards import RawSample, write_tar
+from tools.demo import DEMO_SETTINGS
 
 
 def build(data: str, per_class: int, native: int) -> None:

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time the noise step (engine against the paper-style fp32 baseline) and a "
                                      "whole round in-process", formatter_class=_Formatter)
-    from pipeline.bench import add_bench_args
+    from tools.bench import add_bench_args
 
     add_bench_args(p)
 
@@ -289,18 +289,18 @@ def main(argv: list[str] | None = None) -> int:
 
             return evaluate_cli(args)
         if args.command == "demo":
-            from pipeline.demo import run_demo
+            from tools.demo import run_demo
 
             return run_demo(args.output, args.mode, skip_converged=args.skip_converged,
                             cpus_per_worker=args.cpus_per_worker, keep_work=args.keep_work,
                             probe_countermeasures=args.probe_countermeasures)
         if args.command == "report":
-            from pipeline.run_report import write_run_report
+            from tools.run_report import write_run_report
 
             print(write_run_report(args.output, args.inputs, args.out, args.samples))
             return 0
         if args.command == "bench":
-            from pipeline.bench import bench_cli
+            from tools.bench import bench_cli
 
             return bench_cli(args)
         if args.command == "status":
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             return 0 if verdict.ok else EXIT_VERIFY_FAILED
         if args.command == "make-shards":
-            from pipeline.make_shards import make_shards
+            from tools.make_shards import make_shards
 
             written = make_shards(args.src, args.out, args.per_shard, labels=args.labels)
             print(json.dumps(written, indent=2))

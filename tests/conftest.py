@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def mnist_small(tmp_path_factory) -> dict:
     """300 real MNIST training digits in 3 shards and 100 test digits: enough for mechanics, fast to protect."""
-    from pipeline.mnist import make_mnist_corpus
+    from tools.mnist import make_mnist_corpus
 
     out = tmp_path_factory.mktemp("mnist-small")
     corpus = make_mnist_corpus(str(out), per_class_train=30, per_class_test=10, per_shard=100)

@@ -48,7 +48,7 @@ def test_bench_check_fails_loudly_when_the_noise_breaks_its_budget(monkeypatch, 
     import argparse
 
     import ops.engine
-    from pipeline import bench
+    from tools import bench
 
     parser = argparse.ArgumentParser()
     bench.add_bench_args(parser)

@@ -37,7 +37,7 @@ ARGS = ["--resolution", "28", "--pgd-steps", "10", "--step-size", "8/1275", "--t
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
-    from pipeline.mnist import make_mnist_corpus
+    from tools.mnist import make_mnist_corpus
 
     root = tmp_path_factory.mktemp("mnist-1000")
     made = make_mnist_corpus(str(root), per_class_train=100, per_class_test=50, per_shard=250)

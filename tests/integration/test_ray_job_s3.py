@@ -78,7 +78,7 @@ def ray_head(s3_server):
 @pytest.fixture(scope="module")
 def submitted(ray_head, s3_server, tmp_path_factory):
     """The corpus uploaded to a bucket, then one ``ray job submit`` of protect; waits for a terminal status."""
-    from pipeline.mnist import make_mnist_corpus
+    from tools.mnist import make_mnist_corpus
 
     local = tmp_path_factory.mktemp("mnist-1k")
     make_mnist_corpus(str(local), per_class_train=100, per_class_test=20, per_shard=250)

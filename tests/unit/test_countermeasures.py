@@ -45,7 +45,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """One real MNIST digit of each class (uint8 10 x 1 x 28 x 28) and its label, then 30 more digits."""
-    from pipeline.mnist import load_mnist
+    from tools.mnist import load_mnist
 
     x, y = load_mnist()
     first = [int((y == k).nonzero()[0][0]) for k in range(10)]

@@ -14,10 +14,10 @@ import pytest
 from conftest import make_bucket, run_cli, upload_dir
 from PIL import Image
 
-from pipeline import make_shards as make_shards_module
-from pipeline.make_shards import make_shards
 from pipeline.storage import fs
 from pipeline.storage.shards import RawSample, iter_samples, write_tar
+from tools import make_shards as make_shards_module
+from tools.make_shards import make_shards
 
 
 def _img_bytes(value: int, fmt: str = "PNG") -> bytes:
@@ -213,9 +213,9 @@ def test_progress_is_logged_every_few_shards(tmp_path, caplog, monkeypatch):
     src = tmp_path / "src"
     for i in range(5):
         _write(src, f"f{i}.png")
-    with caplog.at_level(logging.INFO, logger="pipeline.make_shards"):
+    with caplog.at_level(logging.INFO, logger="tools.make_shards"):
         make_shards(str(src), str(tmp_path / "out"), per_shard=1, labels="none")
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.make_shards"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "tools.make_shards"]
     assert lines == ["make-shards: 2 shards, 2 samples written", "make-shards: 4 shards, 4 samples written",
                      f"make-shards: 5 samples in 5 shards under {tmp_path / 'out'}"]
 

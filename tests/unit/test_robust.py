@@ -46,7 +46,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """64 real MNIST digits (uint8 64 x 1 x 28 x 28, every class) and their labels."""
-    from pipeline.mnist import load_mnist
+    from tools.mnist import load_mnist
 
     x, y = load_mnist()
     idx = list(range(0, len(y), len(y) // 64))[:64]  # the file is sorted by class

@@ -18,8 +18,8 @@ from conftest import raw_tar
 from PIL import Image
 
 from pipeline.cli import EXIT_BAD_ARGS, main
-from pipeline.run_report import report_dir, write_run_report
 from pipeline.storage import manifest
+from tools.run_report import report_dir, write_run_report
 
 HOSTILE_KEY = "x<script>alert(1)</script>"
 HOSTILE_REASON = 'undecodable image: <img src=x onerror="alert(2)">'

@@ -13,12 +13,12 @@ import pytest
 from conftest import raw_tar
 from PIL import Image
 
-from pipeline import mnist
 from pipeline.config import HASH_FIELDS, ProtectConfig, config_hash, differing_fields
 from pipeline.plan import Plan, PlanError, ShardPlan, build_plan, expand_inputs
 from pipeline.samples import Accepted, Rejected, SampleRules, ordered_map, prepare, prepare_each, released_members
 from pipeline.storage import fs
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, write_tar
+from tools import mnist
 
 # ---------------------------------------------------------------------------------------------------- helpers
 

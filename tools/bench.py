@@ -409,7 +409,7 @@ def bench_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.bench``: the same command without the rest of the CLI (which needs Ray importable)."""
+    """``python -m tools.bench``: the same command without the rest of the CLI (which needs Ray importable)."""
     parser = argparse.ArgumentParser(prog="unlearnable bench", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_bench_args(parser)

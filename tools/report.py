@@ -1,7 +1,7 @@
 """The demo's report: ``report.md`` (figures and tables) and ``report.png`` (images, noise, rounds, victims).
 
 The run's own report (``report.html``, as ``unlearnable report`` writes it for any finished run) is
-``pipeline.run_report``; the demo writes both, and picks its samples the same way.
+``tools.run_report``; the demo writes both, and picks its samples the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.run_report import choose_samples, pick_samples, read_manifest, read_success
+from tools.run_report import choose_samples, pick_samples, read_manifest, read_success
 
 
 def sample_pairs(release: str, inputs: list[str], count: int = 10) -> list[tuple[str, np.ndarray, np.ndarray]]:

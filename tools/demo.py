@@ -16,10 +16,10 @@ import time
 from pipeline.config import DEFAULT_PROBE_COUNTERMEASURES, ProtectConfig, probe_battery
 from pipeline.coordinator import protect
 from pipeline.evaluate import evaluate
-from pipeline.mnist import make_mnist_corpus
-from pipeline.report import sample_pairs, write_report
-from pipeline.run_report import write_run_report
 from pipeline.storage import fs
+from tools.mnist import make_mnist_corpus
+from tools.report import sample_pairs, write_report
+from tools.run_report import write_run_report
 
 log = logging.getLogger(__name__)
 
