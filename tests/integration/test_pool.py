@@ -145,3 +145,36 @@ def test_classwise_updates_are_summed_over_the_pool(local_ray, mnist_small):
     finally:
         for w in actors:
             pool.kill(w)
+
+
+def test_a_pool_of_two_releases_the_same_bytes_with_every_cache_mode(local_ray, mnist_small, tmp_path):
+    """Two workers, working resolution 24 on 28-px digits (so the stop check needs the images at native size): a
+    round's training, noise, stop check and export with the natives kept in memory, in the workers' disk files, or
+    decoded from the input again. The stop check's count and every released byte are the same in the three modes."""
+    seen = {}
+    for cache in ("memory", "disk", "none"):
+        actors, shares, plan = _pool(mnist_small, "samplewise", resolution=24, cache=cache)
+        try:
+            pool.get_all([w.train_stage.remote(0) for w in actors])
+            for w, share in zip(actors, shares):
+                pool.get_all([w.noise_stage.remote(s.id, 0) for s in share])
+            check = [pool.get(w.released_error.remote()) for w in actors]
+            # What the stop check scored: each shard's released images at the working resolution.
+            checked = {s.id: pool.get(w.released_working.remote(s.id)) for w, share in zip(actors, shares)
+                       for s in share}
+            out = tmp_path / cache
+            for w, share in zip(actors, shares):
+                pool.get_all([w.export_shard.remote(s.id, str(out), str(tmp_path / f"{cache}.work"), "0" * 64)
+                              for s in share])
+        finally:
+            for w in actors:
+                pool.kill(w)
+        assert sum(c["total"] for c in check) == plan.total_samples and all(c["total"] for c in check)
+        files = sorted(p.name for p in out.iterdir())
+        assert files == sorted(f"{s.id}{ext}" for s in plan.shards for ext in (".tar", ".parquet", "_stats.json"))
+        seen[cache] = ([c["wrong"] for c in check], {n: (out / n).read_bytes() for n in files if n[-5:] != ".json"},
+                       checked)
+        reference = seen.get("memory", (None, None, checked))[2]
+        assert all(torch.equal(checked[s], reference[s]) for s in reference), cache
+    for cache in ("disk", "none"):
+        assert seen[cache][:2] == seen["memory"][:2], cache
