@@ -74,7 +74,11 @@ def one_round(folder: str, photos: int, cache: str, pgd_steps: int, threads: int
         worker.noise_stage(shard, 0)
     check = worker.released_error()
     round_s = time.perf_counter() - t0
+    input_bytes = sum(os.path.getsize(path) for _, path in shards)
+    cache_bytes = worker.disk_cache.bytes if worker.disk_cache is not None else None
     return {"photos": photos, "cache": cache, "accepted": int(worker.x.shape[0]), "load_s": round(load_s, 1),
+            "input_bytes_per_photo": round(input_bytes / photos),
+            "cache_file_bytes_per_photo": None if cache_bytes is None else round(cache_bytes / photos),
             "round_s": round(round_s, 1), "check_s": round(check["seconds"], 1),
             "image_steps_per_s": round(photos * pgd_steps / round_s, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
@@ -115,6 +119,18 @@ def main() -> int:
         print(f"| {r['photos']:,} | {r['cache']} | {r['peak_rss_mb']:,} MB | {r['peak_rss_mb'] / base:.2f}x | "
               f"{r['round_s']} s | {r['image_steps_per_s']} | "
               + (f"{r['image_steps_per_s'] / m['image_steps_per_s']:.2f}x |" if m else "- |"))
+    # What a round reads in each mode, for a million such photos, from the bytes per photo measured above: memory
+    # reads nothing (the natives stay decoded: their RAM is the cost), disk reads its raw file from local disk, none
+    # reads the input's encoded bytes from wherever the input lives (and decodes them again).
+    per_input = max(r["input_bytes_per_photo"] for r in rows)
+    raw = [r["cache_file_bytes_per_photo"] for r in rows if r["cache_file_bytes_per_photo"]]
+    print(f"\nI/O per round for 1,000,000 such photos (input {per_input:,} B a photo"
+          + (f", decoded {raw[0]:,} B" if raw else "") + "):")
+    print(f"memory: none (the decoded natives held in RAM instead: {raw[0] * 1e6 / 1e9:,.0f} GB over the pool)"
+          if raw else "memory: none")
+    if raw:
+        print(f"disk: {raw[0] * 1e6 / 1e9:,.0f} GB read from the workers' local disks (written once at load)")
+    print(f"none: {per_input * 1e6 / 1e9:,.0f} GB read from the input's storage, decoded again")
     return 0
 
 

@@ -17,12 +17,7 @@ from ops.image import DEFAULT_ENCODE_QUALITY, ENCODE_FORMATS
 from ops.robust import ROBUST_CHOICES
 from pipeline.config import (
     CACHE_CHOICES,
-    DEFAULT_PROBE_ARCH,
-    DEFAULT_PROBE_COUNTERMEASURES,
-    DEFAULT_PROBE_STEPS,
-    DEFAULT_SURROGATE,
     PROBE_MARGIN,
-    SKIP_CONVERGED_DEFAULT,
     ProtectConfig,
 )
 from pipeline.coordinator import EXIT_BAD_ARGS, EXIT_INCOMPLETE, ConfigRefused
@@ -42,7 +37,8 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
                    help="shards: a brace pattern, a .tar, or a folder/prefix (every *.tar under it); repeatable")
     p.add_argument("--output", required=True, help="release folder or URL (s3://bucket/prefix, any fsspec URL)")
     add_generation_args(p)
-    p.add_argument("--max-rounds", type=int, default=30, help="stop after this many rounds even if not converged")
+    p.add_argument("--max-rounds", type=int, default=config_default("max_rounds"),
+                   help="stop after this many rounds even if not converged")
     p.add_argument("--workers", type=int, default=None, help="worker actors (default: one per GPU, else 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with GPUs in the cluster, else 0")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="default: the machine's cores / workers")
@@ -51,9 +47,10 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, default=None,
                    help="labels are integers in [0, K) (class names are then rejected); default: the largest integer "
                         "label seen at plan time + 1, or the number of class names")
-    p.add_argument("--max-pixels", type=int, default=50_000_000, help="reject larger images (decompression bombs)")
+    p.add_argument("--max-pixels", type=int, default=config_default("max_pixels"),
+                   help="reject larger images (decompression bombs)")
     p.add_argument("--image-key", default=None, help="image member extension (default: first of png|jpg|jpeg|webp)")
-    p.add_argument("--label-key", default="cls",
+    p.add_argument("--label-key", default=config_default("label_key"),
                    help="where each sample's class is: a member (cls, txt, any extension) holding an integer or a "
                         "class name, or MEMBER:FIELD for a field of a JSON member (json:label, json:meta.class); "
                         "class names get ids in sorted order")
@@ -65,17 +62,17 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-metadata", action="store_true",
                    help="release each photo's EXIF and XMP (camera, time, GPS position) too; by default only its ICC "
                         "colour profile is kept and the rest is stripped (orientation is always applied)")
-    p.add_argument("--cache", choices=list(CACHE_CHOICES), default="auto",
+    p.add_argument("--cache", choices=list(CACHE_CHOICES), default=config_default("cache"),
                    help="where the stop check finds each photo at native size: memory (kept from the load), disk "
                         "(written raw to the worker's local disk, under TMPDIR, at load and read back), none "
                         "(decoded from the input again every round: bounded memory), auto (memory up to "
                         "--cache-memory-gb per worker, the rest streamed). The release is the same in every mode")
     p.add_argument("--cache-memory-gb", type=float, default=None,
                    help="--cache auto's budget per worker (default: a fifth of the node's memory)")
-    p.add_argument("--labels", choices=["member", "cluster"], default="member",
+    p.add_argument("--labels", choices=["member", "cluster"], default=config_default("labels"),
                    help="member: each sample's label is read (--label-key); cluster: an unlabelled corpus, grouped "
                         "by k-means on its pixels into --num-classes pseudo-classes that the noise is made for")
-    p.add_argument("--encode-format", choices=list(ENCODE_FORMATS), default="png",
+    p.add_argument("--encode-format", choices=list(ENCODE_FORMATS), default=config_default("encode_format"),
                    help="the released images' encoding (member .png, .jpg or .webp). jpeg and webp are lossy: the "
                         "stop check, the probe and the manifest's linf then see the decoded bytes, as a victim does, "
                         "and linf includes the codec's error; JPEG refuses images with alpha")
@@ -88,17 +85,22 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
                    help="with --dry-run: image-steps/s of one GPU, as `unlearnable bench` measured it, for GPU-hours")
 
 
+def config_default(name: str):
+    """A ``ProtectConfig`` field's default: the one set of defaults, which the CLI shows and passes on."""
+    return ProtectConfig.__dataclass_fields__[name].default
+
+
 def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    d = {"mode": "samplewise", "surrogate": DEFAULT_SURROGATE, "resolution": 32, "pgd_steps": None,
-         "train_steps": 10, "batch_size": 512, "step_size": None, "probe_steps": DEFAULT_PROBE_STEPS,
-         **(defaults or {})}
+    d = {name: config_default(name) for name in ("mode", "surrogate", "resolution", "pgd_steps", "train_steps",
+                                                 "batch_size", "step_size", "probe_steps")}
+    d.update(defaults or {})
     p.add_argument("--mode", choices=["samplewise", "classwise"], default=d["mode"])
     p.add_argument("--surrogate", default=d["surrogate"], help="model the noise is optimised against")
     p.add_argument("--resolution", type=int, default=d["resolution"], help="working resolution in pixels")
     p.add_argument("--eps", default="8/255", help="L-inf budget, a fraction or a float")
     p.add_argument("--step-size", default=d["step_size"], help="PGD step (default: eps/10)")
     p.add_argument("--pgd-steps", type=int, default=d["pgd_steps"], help="default: 20 sample-wise, 1 class-wise")
-    p.add_argument("--robust", choices=list(ROBUST_CHOICES), default="off",
+    p.add_argument("--robust", choices=list(ROBUST_CHOICES), default=config_default("robust"),
                    help="on: noise made to survive informed victims (REM-style min-min-max: the surrogate trains and "
                         "the noise is optimised against an adversary of radius min(4/255, eps/2) and random "
                         "transformations like the countermeasure battery's; each PGD step costs about 4 plain ones); "
@@ -108,26 +110,29 @@ def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None
     p.add_argument("--noise-batch-size", type=int, default=None,
                    help="images per PGD batch in the noise stage and the stop check (default: --batch-size; "
                         "larger often pays on a GPU: measure with `unlearnable bench --batch-size`)")
-    p.add_argument("--stop-error", type=float, default=0.01,
+    p.add_argument("--stop-error", type=float, default=config_default("stop_error"),
                    help="stop when the error on released data is at most this")
-    p.add_argument("--probe-arch", default=DEFAULT_PROBE_ARCH, help="the protection probe's model")
+    p.add_argument("--probe-arch", default=config_default("probe_arch"), help="the protection probe's model")
     p.add_argument("--probe-steps", type=int, default=d["probe_steps"], help="the probe's training steps")
+    p.add_argument("--probe-samples", type=int, default=config_default("probe_samples"),
+                   help="the probe trains and scores on at most this many samples of the corpus, chosen by a hash of "
+                        "the key (default: one epoch of the default probe steps)")
     p.add_argument("--probe-threshold", type=float, default=None,
                    help=f"probe accuracy that still counts as protected (default: chance + {PROBE_MARGIN} x "
                         "(clean-trained probe - chance))")
-    p.add_argument("--probe-countermeasures", default=DEFAULT_PROBE_COUNTERMEASURES,
+    p.add_argument("--probe-countermeasures", default=config_default("probe_countermeasures"),
                    help="the probe's countermeasure battery, judged on the final release: comma-separated NAME[:ARG] "
                         "(none, jpeg:Q, grayscale, blur:SIGMA, bdr:BITS, cutout, cutmix, mixup, ueraser, at:EPS) or "
                         "'all'; each is also early-stopped on a clean validation half, and the release is reported "
                         "protected only when every one holds. 'none': the plain probe only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+    p.add_argument("--seed", type=int, default=config_default("seed"))
+    p.add_argument("--precision", choices=list(PRECISIONS), default=config_default("precision"),
                    help="the surrogate's precision in the noise stage, training and the stop check "
                         "(auto: bf16 autocast on a GPU with bf16, else fp32)")
-    p.add_argument("--compile", choices=list(COMPILE_CHOICES), default="auto",
+    p.add_argument("--compile", choices=list(COMPILE_CHOICES), default=config_default("compile"),
                    help="torch.compile the noise stage's surrogate (auto: on a GPU only; reduce-overhead adds CUDA "
                         "graphs; off: eager)")
-    p.add_argument("--skip-converged", action=argparse.BooleanOptionalAction, default=SKIP_CONVERGED_DEFAULT,
+    p.add_argument("--skip-converged", action=argparse.BooleanOptionalAction, default=config_default("skip_converged"),
                    help="sample-wise: skip this round's PGD steps for samples whose surrogate loss on their released "
                         f"image is already below {CONVERGED_LOSS:.4f} (p >= 0.99)")
 
@@ -156,13 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter)
     p.add_argument("--output", default="demo-output")
     p.add_argument("--mode", choices=["samplewise", "classwise"], default="samplewise")
-    p.add_argument("--skip-converged", action=argparse.BooleanOptionalAction, default=SKIP_CONVERGED_DEFAULT,
+    p.add_argument("--skip-converged", action=argparse.BooleanOptionalAction, default=config_default("skip_converged"),
                    help="skip the PGD steps of samples the surrogate already fits (see protect --help)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs (and torch threads) of the demo's worker; unset: the machine's cores")
     p.add_argument("--keep-work", action="store_true",
                    help="keep the work dir (round records, noise state, checkpoints) after the release")
-    p.add_argument("--probe-countermeasures", default=DEFAULT_PROBE_COUNTERMEASURES,
+    p.add_argument("--probe-countermeasures", default=config_default("probe_countermeasures"),
                    help="the probe's battery (see protect --help); the protected victims train under the same ones")
 
     p = sub.add_parser("report", help="report.html and its figures for a finished run, in a folder beside the release",

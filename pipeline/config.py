@@ -17,6 +17,12 @@ DEFAULT_SURROGATE = "small-cnn"
 # its blind spots (on MNIST-5k a small-CNN probe scored 9% where a ResNet-18 victim reached 61.5%).
 DEFAULT_PROBE_ARCH = "resnet-mini"
 DEFAULT_PROBE_STEPS = 200
+# The probe trains and scores on at most this many samples, chosen by a hash of the key (pipeline.probe.probe_sample):
+# 80% of them train, DEFAULT_PROBE_STEPS batches of 128 are 25,600 images, so 32,000 samples are one epoch of the
+# probe's steps. More would not be seen within the steps (the probe trains at least one whole epoch, so its cost
+# grew with the corpus), and a million photos at 32 px (released and clean) would be 6 GB on one worker. 6,400
+# held-out samples score it within about half a point (binomial standard error).
+DEFAULT_PROBE_SAMPLES = 32_000
 # The probe holds when its clean accuracy is at most chance + PROBE_MARGIN * (clean-trained probe - chance),
 # unless --probe-threshold gives an absolute accuracy.
 PROBE_MARGIN = 0.25
@@ -59,10 +65,11 @@ HASH_FIELDS = (
     "encode_format",
     "encode_quality",
     "labels",
+    "probe_samples",
 )
 # Hashed fields added later, with the value that does what runs did before them: hashed only when set otherwise.
 ADDED_FIELDS = {"robust": "off", "keep_metadata": False, "encode_format": "png", "encode_quality": None,
-                "labels": "member"}
+                "labels": "member", "probe_samples": DEFAULT_PROBE_SAMPLES}
 CACHE_CHOICES = ("auto", "memory", "disk", "none")
 # The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
 MIN_RESOLUTION = 8
@@ -89,6 +96,7 @@ class ProtectConfig:
     stop_error: float = 0.01
     probe_arch: str = DEFAULT_PROBE_ARCH
     probe_steps: int = DEFAULT_PROBE_STEPS
+    probe_samples: int = DEFAULT_PROBE_SAMPLES  # the probe's sample of the corpus, by key hash
     probe_threshold: float | None = None  # default: relative to chance and the clean-trained probe
     probe_countermeasures: str = DEFAULT_PROBE_COUNTERMEASURES  # comma-separated NAME[:ARG], or "none"
     max_rounds: int = 30
@@ -173,6 +181,8 @@ class ProtectConfig:
             value = getattr(self, name)
             if value is not None and (value < 0 or (value == 0 and name != "gpus_per_worker")):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.probe_samples < 10:
+            raise ValueError(f"--probe-samples must be at least 10, got {self.probe_samples}")
         if self.probe_threshold is not None and not 0 <= self.probe_threshold <= 1:
             raise ValueError(f"--probe-threshold must be an accuracy in [0, 1], got {self.probe_threshold}")
         self.probe_countermeasures = ",".join(probe_battery(self.probe_countermeasures)) or "none"

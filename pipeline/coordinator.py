@@ -638,10 +638,10 @@ class Run:
         t0 = time.perf_counter()
         cfg = self.cfg
         self.heartbeat.phase("probe")
-        # The probe trains on the whole release: workers hand their share to the one that trains (object refs, not
-        # via the coordinator). The clean-trained reference, needed once per run, trains on a second worker at the
-        # same time when there is one.
-        parts = [w.probe_data.remote() for w in self.workers]
+        # The probe trains on its sample of the release (--probe-samples): workers hand their share of it to the one
+        # that trains (object refs, not via the coordinator). The clean-trained reference, needed once per run,
+        # trains on a second worker at the same time when there is one.
+        parts = self._probe_parts()
         released = self.workers[0].probe_score.remote("released", *parts, order=self.plan_order)
         if clean_ref is None:
             clean = self.workers[1 % len(self.workers)].probe_score.remote("clean", *parts, order=self.plan_order)
@@ -652,6 +652,11 @@ class Run:
                       threshold=cfg.probe_threshold, margin=PROBE_MARGIN)
         log.info("probe: %.1f s", time.perf_counter() - t0)
         return probe
+
+    def _probe_parts(self) -> list:
+        """Every worker's share of the probe's sample: ``--probe-samples`` of the plan's samples, by key hash."""
+        fraction = min(1.0, self.cfg.probe_samples / max(1, self.plan.total_samples))
+        return [w.probe_data.remote(fraction) for w in self.workers]
 
     def probe_battery(self) -> None:
         """The probe's countermeasure battery on the final release: the plain probe early-stopped, and each of
@@ -675,7 +680,7 @@ class Run:
                    "best_epoch": probe["probe_best_epoch"]}] if probe.get("probe_best_epoch") else [])
         names = names[len(plain):]
         self.heartbeat.phase(f"probe battery ({', '.join(names)})")
-        parts = [w.probe_data.remote() for w in self.workers] if names else []
+        parts = self._probe_parts() if names else []
         refs = [self.workers[i % len(self.workers)].probe_score.remote("released", *parts, countermeasure=name,
                                                                        order=self.plan_order)
                 for i, name in enumerate(names)]

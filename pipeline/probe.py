@@ -32,6 +32,17 @@ def holdout_mask(keys: list[str]) -> torch.Tensor:
     )
 
 
+def probe_sample(keys: list[str], fraction: float) -> torch.Tensor:
+    """The probe's sample of the corpus (``--probe-samples``): a bool mask, True for the keys whose hash falls in the
+    first ``fraction`` of the hash range. Bytes 4 to 12 of the key's sha256, independent of the held-out split's
+    (bytes 0 to 4), so the split keeps its share within the sample; the same keys whatever the workers or shards."""
+    if fraction >= 1:
+        return torch.ones(len(keys), dtype=torch.bool)
+    cut = int(fraction * 2**64)
+    return torch.tensor([int.from_bytes(hashlib.sha256(k.encode()).digest()[4:12], "little") < cut for k in keys],
+                        dtype=torch.bool)
+
+
 def early_stopping_split(keys: list[str]) -> torch.Tensor:
     """An adversary's small clean validation set: a bool mask over the scored samples, True for half A (picks the
     epoch), False for half B (scores it). Samples are ordered by sha256 of their key and cut in the middle, so the

@@ -40,7 +40,7 @@ from ops.robust import robust_adversary, robust_spec
 from pipeline import clusters, faults
 from pipeline.config import ProtectConfig
 from pipeline.native_cache import DiskCache, DiskShard
-from pipeline.probe import probe_score
+from pipeline.probe import probe_sample, probe_score
 from pipeline.samples import Rejected, SampleRules, ordered_map, prepare_each, released_members
 from pipeline.storage import manifest
 from pipeline.storage.layout import Layout
@@ -509,18 +509,28 @@ class RoundWorker:
             total += sd.end - sd.start
         return {"wrong": wrong, "total": total, "seconds": time.perf_counter() - t0}
 
-    def probe_data(self) -> dict:
-        """Released and clean working images, labels and keys of every sample held, and which rows are which
-        shard's (for the protection probe)."""
-        released = [self.released_working(s) for s in self.owned]
-        keys = [k for s in self.owned for k in self.shards[s].keys]
-        n = self.n_owned
+    def probe_data(self, fraction: float = 1.0) -> dict:
+        """Released and clean working images, labels and keys of the probe's sample of the samples held (``fraction``
+        of them, by a hash of the key: ``pipeline.probe.probe_sample``), and how many rows are each shard's (for
+        the protection probe). A shard's released images are computed, sampled and dropped one shard at a time."""
+        released, clean, labels, keys, counts = [], [], [], [], []
+        for shard in self.owned:
+            sd = self.shards[shard]
+            chosen = probe_sample(sd.keys, fraction)
+            rows = torch.arange(sd.start, sd.end)[chosen]
+            released.append(self.released_working(shard).cpu()[chosen])
+            clean.append(self.x[rows.to(self.x.device)].cpu())
+            labels.append(self.y[rows.to(self.y.device)].cpu())
+            keys.extend(k for k, c in zip(sd.keys, chosen.tolist()) if c)
+            counts.append((shard, int(chosen.sum())))
+        r = self.cfg.resolution
+        empty = torch.empty(0, self.channels, r, r, dtype=torch.uint8)
         return {
-            "released": torch.cat(released).cpu() if released else self.x[:n].cpu(),
-            "clean": self.x[:n].cpu(),
-            "labels": self.y[:n].cpu(),
+            "released": torch.cat(released) if released else empty,
+            "clean": torch.cat(clean) if clean else empty,
+            "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
             "keys": keys,
-            "shards": [(s, self.shards[s].end - self.shards[s].start) for s in self.owned],
+            "shards": counts,
         }
 
     def probe_score(self, source: str, *parts: dict, countermeasure: str = "none", order: list[str] | None = None

@@ -18,6 +18,8 @@ import webdataset as wds
 from conftest import run_cli
 from PIL import Image
 
+from pipeline.probe import holdout_mask, probe_sample
+
 # The battery here is mixup alone: the default's adversarial-training probe costs minutes on 2 CPU cores (its probe
 # is checked in tests/unit/test_probe.py).
 FAST = ["--resolution", "28", "--pgd-steps", "3", "--step-size", "2/255", "--train-steps", "5",
@@ -45,7 +47,9 @@ def _originals(shard_dir: str) -> dict[str, np.ndarray]:
 def protected_run(mnist_small, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("release") / "release")
     train = os.path.join(mnist_small["root"], "train")
-    proc = run_cli("protect", "--input", train, "--output", out, "--max-rounds", "3", "--stop-error", "1.0", *FAST)
+    # --probe-samples 200 of the 300 digits: the probe trains and scores on a sample chosen by key hash.
+    proc = run_cli("protect", "--input", train, "--output", out, "--max-rounds", "3", "--stop-error", "1.0",
+                   "--probe-samples", "200", *FAST)
     return {"proc": proc, "out": out, "train": train}
 
 
@@ -85,6 +89,11 @@ def test_stop_rule_is_met_on_released_data_and_recorded(protected_run):
     assert success["image_steps"] == 900 * success["rounds"]
     assert 0.0 <= success["surrogate_error"] <= 1.0
     assert {"holds", "probe_accuracy", "probe_clean_accuracy", "chance", "threshold"} <= set(p)
+    # The probe's sample: the keys whose hash falls in the first 200/300 of the range, a fifth of them held out.
+    keys = pq.read_table(os.path.join(protected_run["out"], "manifest.parquet"), columns=["key"])["key"].to_pylist()
+    sample = [k for k, c in zip(keys, probe_sample(keys, 200 / 300).tolist()) if c]
+    held = int(holdout_mask(sample).sum())
+    assert (p["train_samples"], p["test_samples"]) == (len(sample) - held, held) and 150 < len(sample) < 250
 
 
 def test_every_released_image_is_within_eps_and_every_key_appears_once(protected_run, mnist_small):

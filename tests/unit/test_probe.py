@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import ProtectConfig, probe_battery
-from pipeline.probe import judge, judge_battery, probe_score
+from pipeline.probe import holdout_mask, judge, judge_battery, probe_sample, probe_score
 
 
 def _data(n: int = 160, seed: int = 0) -> dict:
@@ -73,3 +73,28 @@ def test_probe_countermeasures_are_validated_canonical_and_hashed():
     assert probe_battery("none") == [] and probe_battery("all")[:2] == ["none", "jpeg:10"]
     with pytest.raises(ValueError, match="unknown countermeasure"):
         ProtectConfig(inputs=["x"], output="o", probe_countermeasures="mixup,shear").resolved()
+
+
+def test_the_probe_sample_is_a_share_of_the_keys_by_hash_whatever_their_order_or_split():
+    keys = [f"photo-{i:06d}" for i in range(20_000)]
+    chosen = probe_sample(keys, 0.25)
+    # About a quarter (binomial: 5,000 +- 61), the same keys in any order or partition (workers, shards).
+    assert abs(int(chosen.sum()) - 5_000) < 300
+    assert torch.equal(torch.cat([probe_sample(keys[:7_000], 0.25), probe_sample(keys[7_000:], 0.25)]), chosen)
+    picked = {k for k, c in zip(keys, chosen.tolist()) if c}
+    assert picked == {k for k, c in zip(keys[::-1], probe_sample(keys[::-1], 0.25).tolist()) if c}
+    # A smaller share is a subset of a larger one, and the held-out fifth keeps its share inside the sample.
+    assert not (probe_sample(keys, 0.1) & ~chosen).any()
+    held = holdout_mask([k for k in keys if k in picked])
+    assert abs(held.float().mean().item() - 0.2) < 0.02
+    assert probe_sample(keys, 1.0).all() and probe_sample(keys, 3.0).all()
+
+
+def test_probe_samples_is_validated_and_hashed_only_when_set_away_from_the_default():
+    from pipeline.config import DEFAULT_PROBE_SAMPLES
+
+    default = ProtectConfig(inputs=["x"], output="o").resolved()
+    assert default.probe_samples == DEFAULT_PROBE_SAMPLES and "probe_samples" not in default.hashed_fields()
+    assert ProtectConfig(inputs=["x"], output="o", probe_samples=500).resolved().hashed_fields()["probe_samples"] == 500
+    with pytest.raises(ValueError, match="--probe-samples"):
+        ProtectConfig(inputs=["x"], output="o", probe_samples=5).resolved()

@@ -507,3 +507,17 @@ def test_a_member_name_that_is_not_utf8_is_rejected_with_a_printable_key(tmp_pat
     assert [type(r).__name__ for r in results] == ["Rejected", "Accepted"]
     assert results[0].key == "bad\\xff" and "not valid UTF-8" in results[0].error
     results[0].key.encode("utf-8")  # the manifest can hold it
+
+
+def test_protect_takes_every_default_from_the_config_dataclass():
+    """One set of defaults: ``protect`` with only its required arguments gives ``ProtectConfig``'s own defaults (eps
+    is written as the fraction 8/255 on the command line)."""
+    from dataclasses import MISSING, fields
+
+    from pipeline.cli import build_parser, config_from_args
+
+    parsed = config_from_args(build_parser().parse_args(["protect", "--input", "in", "--output", "out"]))
+    for f in fields(ProtectConfig):
+        if f.default is not MISSING and f.name != "eps":
+            assert getattr(parsed, f.name) == f.default, f.name
+    assert parsed.resolved().eps == ProtectConfig(inputs=["in"], output="out").resolved().eps

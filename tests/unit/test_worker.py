@@ -317,3 +317,19 @@ def test_the_stop_check_and_the_release_are_the_same_in_every_cache_mode(tmp_pat
         for cache in ("disk", "none", "auto"):
             assert torch.equal(seen[cache][0], seen["memory"][0]), (fmt, cache)
             assert seen[cache][1] == seen["memory"][1] and seen[cache][2] == seen["memory"][2], (fmt, cache)
+
+
+def test_probe_data_is_the_probe_sample_of_each_shard_released_and_clean(mnist_small):
+    from pipeline.probe import probe_sample
+
+    worker, shards = _worker(mnist_small, "samplewise")
+    worker.delta.uniform_(-8 / 255, 8 / 255)
+    whole = worker.probe_data()
+    assert whole["keys"] == [k for s in shards for k in worker.shards[s].keys] and len(whole["keys"]) == 300
+    part = worker.probe_data(0.4)
+    chosen = probe_sample(whole["keys"], 0.4)
+    assert part["keys"] == [k for k, c in zip(whole["keys"], chosen.tolist()) if c] and 80 < len(part["keys"]) < 160
+    for name in ("released", "clean", "labels"):
+        assert torch.equal(part[name], whole[name][chosen]), name
+    assert part["shards"] == [(s, int(probe_sample(worker.shards[s].keys, 0.4).sum())) for s in shards]
+    assert torch.equal(whole["released"], torch.cat([worker.released_working(s) for s in shards]))
