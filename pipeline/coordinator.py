@@ -737,7 +737,7 @@ class Run:
         final = self.history[-1]
         stop_reason = "stop_rule" if final["stop"] else "max_rounds"
         protection = {k: final["probe"][k] for k in ("holds", "probe_accuracy", "probe_clean_accuracy", "chance",
-                                                      "threshold", "arch", "steps")}
+                                                      "threshold", "arch", "steps", "train_samples", "test_samples")}
         protection["probe_holds"] = protection["holds"]  # the plain probe's verdict: the stop rule's
         if self.battery is not None:
             # Protected only when the plain probe and every countermeasure of the battery hold.
