@@ -22,8 +22,9 @@ from pipeline.probe import holdout_mask, probe_sample
 
 # The battery here is mixup alone: the default's adversarial-training probe costs minutes on 2 CPU cores (its probe
 # is checked in tests/unit/test_probe.py).
+# --probe-samples 200 of the 300 digits: the probe trains and scores on a sample chosen by key hash.
 FAST = ["--resolution", "28", "--pgd-steps", "3", "--step-size", "2/255", "--train-steps", "5",
-        "--batch-size", "128", "--probe-countermeasures", "mixup", "--probe-steps", "30"]
+        "--batch-size", "128", "--probe-countermeasures", "mixup", "--probe-steps", "30", "--probe-samples", "200"]
 SUCCESS_KEYS = {"config", "config_hash", "versions", "rounds", "stop_reason", "surrogate_error", "protection",
                 "counts", "timings"}
 
@@ -47,9 +48,7 @@ def _originals(shard_dir: str) -> dict[str, np.ndarray]:
 def protected_run(mnist_small, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("release") / "release")
     train = os.path.join(mnist_small["root"], "train")
-    # --probe-samples 200 of the 300 digits: the probe trains and scores on a sample chosen by key hash.
-    proc = run_cli("protect", "--input", train, "--output", out, "--max-rounds", "3", "--stop-error", "1.0",
-                   "--probe-samples", "200", *FAST)
+    proc = run_cli("protect", "--input", train, "--output", out, "--max-rounds", "3", "--stop-error", "1.0", *FAST)
     return {"proc": proc, "out": out, "train": train}
 
 
