@@ -1,10 +1,11 @@
 """A worker's peak memory and round speed against the corpus size, in each ``--cache`` mode.
 
-    python benchmarks/memory.py --photos 1000,4000,16000 --caches none,memory --out /tmp/memory
+    python benchmarks/memory.py --photos 1000,4000,16000 --caches none,disk,memory --out /tmp/memory
 
 For each corpus size, synthetic 512x384 JPEG photos (smooth random scenes with grain, 500 to a shard, written once
-under ``--out``) are protected for one round by one in-process worker (``pipeline.worker.RoundWorker``, no Ray:
-the load, a train stage, the noise stage over every shard and the stop check) at working resolution 32, in a fresh
+under ``--out``) are protected for one round by the run's own stages on one in-process worker (``coordinator.Run``
+on ``pipeline.executor.local``, no Ray: the load, the train stage, the noise stage over every shard with its commits,
+the stop check; no probe) at working resolution 32, in a fresh
 process per (size, cache mode), so that its peak RSS (``ru_maxrss``) is that run's alone. Prints a markdown table:
 peak RSS, the round's seconds and image-steps per second (noise-stage image-steps over the round's wall time,
 load excluded), and each mode's figures as ratios against the smallest corpus and against ``memory``.
@@ -57,23 +58,28 @@ def make_corpus(folder: str, photos: int) -> list[tuple[str, str]]:
 
 
 def one_round(folder: str, photos: int, cache: str, pgd_steps: int, threads: int) -> dict:
-    """One round in this process; returns its timings and this process's peak RSS."""
+    """One round of the run's own stages (``coordinator.Run`` on the in-process executor, no Ray, no probe) in this
+    process, its work dir in a temp dir; returns its timings and this process's peak RSS."""
+    import tempfile
+
     from pipeline.config import ProtectConfig
-    from pipeline.worker import RoundWorker
+    from pipeline.coordinator import Run, prepare_run
+    from pipeline.executor import local
 
     shards = make_corpus(folder, photos)
-    cfg = ProtectConfig(inputs=[folder], output="/unused", resolution=32, num_classes=10, pgd_steps=pgd_steps,
-                        train_steps=10, batch_size=128, cache=cache).resolved()
-    worker = RoundWorker(cfg.to_dict(), 10, 3, threads=threads)
-    t0 = time.perf_counter()
-    worker.load_shards(shards)
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    worker.train_stage(0)
-    for shard, _ in shards:
-        worker.noise_stage(shard, 0)
-    check = worker.released_error()
-    round_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="unlearnable-memory-") as tmp:
+        cfg = ProtectConfig(inputs=[folder], output=os.path.join(tmp, "out"), resolution=32, num_classes=10,
+                            pgd_steps=pgd_steps, train_steps=10, batch_size=128, cache=cache, cpus_per_worker=threads,
+                            probe_countermeasures="none", keep_work=True)
+        prepared = prepare_run(cfg)
+        run = Run(cfg, prepared.layout, prepared.plan, prepared.chash, executor=local)
+        run.start_workers()
+        worker = run.workers[0].worker
+        load_s = run.timings["load"]
+        t0 = time.perf_counter()
+        record = run._round(0, None, final=False, probe=False)
+        round_s = time.perf_counter() - t0
+        check = {"seconds": record["seconds"]["check"]}
     input_bytes = sum(os.path.getsize(path) for _, path in shards)
     cache_bytes = worker.disk_cache.bytes if worker.disk_cache is not None else None
     return {"photos": photos, "cache": cache, "accepted": int(worker.x.shape[0]), "load_s": round(load_s, 1),
@@ -87,7 +93,7 @@ def one_round(folder: str, photos: int, cache: str, pgd_steps: int, threads: int
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", default="1000,4000,16000")
-    p.add_argument("--caches", default="none,memory")
+    p.add_argument("--caches", default="none,disk,memory")
     p.add_argument("--pgd-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="/tmp/memory")

@@ -7,7 +7,6 @@ no image data: workers load shards, keep the noise state and write the release.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
@@ -15,23 +14,27 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from pipeline import clusters, faults, pool
-from pipeline.config import PROBE_MARGIN, ProtectConfig, config_hash, differing_fields, probe_battery
-from pipeline.inspection import verify, verify_shards
+from pipeline import clusters, faults
+from pipeline.config import ProtectConfig, config_hash, differing_fields
+from pipeline.executor import ray_pool
+from pipeline.inspection import verify
 from pipeline.lease import Lease
 from pipeline.plan import Plan, build_plan, expand_inputs
-from pipeline.probe import judge, judge_battery
 from pipeline.progress import Heartbeat, eta
-from pipeline.schedule import NoiseQueue, assign_shards
-from pipeline.storage import fs, manifest
+from pipeline.schedule import assign_shards
+from pipeline.stages.check import CheckStage
+from pipeline.stages.export import ExportStage, merge_manifests
+from pipeline.stages.noise import NoiseStage
+from pipeline.stages.probe import ProbeStage
+from pipeline.stages.train import TrainStage
+from pipeline.storage import fs
 from pipeline.storage.layout import ROUND_DIR, Layout, check_locations, default_work_dir
-from pipeline.storage.markers import DamagedUnit, commit, drop, is_done, load_checked, read_marker, write_marker
+from pipeline.storage.markers import DamagedUnit, commit, drop, load_checked, read_marker, read_record, write_marker
 from pipeline.storage.shards import shard_id
 
 log = logging.getLogger(__name__)
@@ -59,18 +62,6 @@ class ConfigRefused(ValueError):
 class RunResult:
     exit_code: int
     success: dict | None
-
-
-def _read_json(url: str) -> dict | None:
-    """A JSON record, or None when it is missing or damaged (a torn write or changed bytes: never trusted)."""
-    try:
-        record = json.loads(fs.read_bytes(url))
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError):
-        log.warning("%s is damaged: ignored", url)
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def _versions() -> dict:
@@ -109,10 +100,10 @@ def prepare_run(cfg: ProtectConfig) -> Prepared:
     layout = Layout(output, work)
     if cfg.overwrite:
         log.warning("--overwrite: removing the previous release in %s and the work dir's files in %s", output, work)
-        previous_run = _read_json(layout.run_record) or {}
+        previous_run = read_record(layout.run_record) or {}
         layout.remove_release([shard_id(u) for u in input_shards])
         layout.remove_work(created=bool(previous_run.get("work_dir_created")))
-    record = _read_json(layout.run_record)
+    record = read_record(layout.run_record)
     plan = _load_plan(layout, record)
     if plan is None:
         plan = build_plan(input_shards, cfg.num_classes, cfg.image_key, cfg.label_key,  # listed once, above
@@ -122,7 +113,7 @@ def prepare_run(cfg: ProtectConfig) -> Prepared:
     cfg.label_names = list(plan.label_names) or None  # the workers map class names to ids with it
     digest = plan.digest
     chash = config_hash(cfg, digest)
-    success = _read_json(layout.success)
+    success = read_record(layout.success)
     previous = record or success
     if previous is not None and previous.get("config_hash") != chash:
         recorded = dict(previous.get("hashed_config") or {}, plan=previous.get("plan_digest"))
@@ -170,7 +161,7 @@ def protect(cfg: ProtectConfig) -> RunResult:
             return done
     lease = Lease(layout.lease)
     lease.acquire()
-    started = pool.connect(cfg.ray_address)
+    started = ray_pool.connect(cfg.ray_address)
     run = Run(cfg, layout, plan, chash)
     try:
         # A line at least every 30 s in every phase, even inside one long unit of work (pipeline.progress).
@@ -182,7 +173,7 @@ def protect(cfg: ProtectConfig) -> RunResult:
                     run.probe_battery()
                     run.export()
                     break
-                except pool.WorkerDied as exc:
+                except ray_pool.WorkerDied as exc:
                     if replacement == MAX_WORKER_REPLACEMENTS:
                         raise
                     # The pool's process group dies with any of its workers: restart the whole pool.
@@ -195,7 +186,7 @@ def protect(cfg: ProtectConfig) -> RunResult:
         raise
     finally:
         run.stop_workers()
-        pool.shutdown(started)
+        ray_pool.shutdown(started)
         lease.release()
     return run.finish(t_start)
 
@@ -234,23 +225,10 @@ def _finished_run(cfg: ProtectConfig, prepared: Prepared) -> RunResult | None:
 
 
 def _rewrite_merged(layout: Layout, plan: Plan, success: dict, source_hash: bool) -> None:
-    counts = _merge_manifests(layout, plan, source_hash)
+    counts = merge_manifests(layout, plan, source_hash)
     fs.write_bytes(layout.success, json.dumps({**success, "counts": counts, "shards": len(plan.shards)}, indent=2,
                                               default=str).encode())
     log.warning("manifest.parquet and the counts in _SUCCESS.json rewritten from the shards' manifests")
-
-
-def _merge_manifests(layout: Layout, plan: Plan, source_hash: bool) -> dict:
-    """``manifest.parquet`` from the shards' manifests, streamed a shard at a time; returns the counts the shards'
-    markers hold."""
-    counts = {"input": 0, "protected": 0, "rejected": 0}
-    for shard in plan.shards:
-        stats = read_marker(layout.shard_marker(shard.id))
-        for k in counts:
-            counts[k] += stats[k]
-    with fs.writing(layout.manifest) as out:
-        manifest.merge((fs.read_bytes(layout.shard_manifest(s.id)) for s in plan.shards), out, source_hash)
-    return counts
 
 
 def _noise_units(cfg: ProtectConfig, plan: Plan) -> list[str]:
@@ -262,7 +240,7 @@ def _clean_up(cfg: ProtectConfig, layout: Layout) -> None:
     is finished by the next rerun, which finds the release complete and comes here again."""
     if cfg.keep_work:
         return
-    record = _read_json(layout.run_record) or {}
+    record = read_record(layout.run_record) or {}
     layout.remove_work(created=bool(record.get("work_dir_created")))
 
 
@@ -274,11 +252,14 @@ def _record_error(layout: Layout, exc: BaseException) -> None:
         log.warning("could not record the error in the work dir")
 
 
-class Run:
-    """One coordinator's pass over a run: resume from the markers, rounds, export, the run record."""
+class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
+    """One coordinator's pass over a run: resume from the markers, rounds, export, the run record. Each stage's side
+    of it (its unit of done, its commit, how it spreads over the workers) is in its module, ``pipeline.stages``.
+    ``executor``: what runs the workers (``pipeline.executor``: Ray actors, or one worker in this process)."""
 
-    def __init__(self, cfg: ProtectConfig, layout: Layout, plan: Plan, chash: str) -> None:
+    def __init__(self, cfg: ProtectConfig, layout: Layout, plan: Plan, chash: str, executor=ray_pool) -> None:
         self.cfg, self.layout, self.plan, self.chash = cfg, layout, plan, chash
+        self.pool = executor
         self.plan_order = [s.id for s in plan.shards]  # the probe assembles every worker's data in this order
         self.timings: dict[str, float] = dict.fromkeys(("load", "train", "noise", "check", "probe", "export"), 0.0)
         self.workers: list = []
@@ -292,12 +273,12 @@ class Run:
     def start_workers(self) -> None:
         """Start the pool, share the shards out and load them (every worker streams its own shards in parallel)."""
         cfg, plan = self.cfg, self.plan
-        n, gpus_each, cpus_each = pool.pool_size(cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker)
+        n, gpus_each, cpus_each = self.pool.pool_size(cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker)
         if n > len(plan.shards):
             log.warning("%d workers asked for but the corpus has %d shard(s): starting %d", n, len(plan.shards),
                         len(plan.shards))
             n = len(plan.shards)
-        self.workers = pool.start_workers(cfg.to_dict(), plan.num_classes, plan.channels, n, gpus_each, cpus_each)
+        self.workers = self.pool.start_workers(cfg.to_dict(), plan.num_classes, plan.channels, n, gpus_each, cpus_each)
         shares = assign_shards(plan.shards, n)
         self.owner = {s.id: i for i, share in enumerate(shares) for s in share}
         log.info("loading %d shard(s), %d samples, on %d worker(s)", len(plan.shards), plan.total_samples, n)
@@ -308,9 +289,9 @@ class Run:
                    for i, (w, share) in enumerate(zip(self.workers, shares))}
         results, samples = [], 0
         while streams:
-            ready, _ = pool.wait(list(streams))
+            ready, _ = self.pool.wait(list(streams))
             for stream in ready:
-                r = pool.next_of(stream)
+                r = self.pool.next_of(stream)
                 if r is None:
                     del streams[stream]
                     continue
@@ -337,7 +318,7 @@ class Run:
         for s in plan.shards:
             offsets[s.id] = total
             total += counts[s.id]
-        pool.get_all([w.set_global_rows.remote(offsets, total) for w in self.workers])
+        self.pool.get_all([w.set_global_rows.remote(offsets, total) for w in self.workers])
         if cfg.labels == "cluster":
             self._cluster_labels()
 
@@ -354,23 +335,22 @@ class Run:
             workers = self.workers
 
             def lloyd_sums(centroids):  # the centroids go into the object store once, not once per worker
-                ref = pool.put(centroids)
-                return pool.get_all([w.cluster_sums.remote(ref) for w in workers])
+                ref = self.pool.put(centroids)
+                return self.pool.get_all([w.cluster_sums.remote(ref) for w in workers])
 
             centroids, iterations = clusters.kmeans(
-                lambda m: pool.get_all([w.cluster_candidates.remote(m) for w in workers]), lloyd_sums,
+                lambda m: self.pool.get_all([w.cluster_candidates.remote(m) for w in workers]), lloyd_sums,
                 self.plan.num_classes, self.cfg.seed)
             commit(layout.clusters, clusters.to_bytes(centroids), layout.clusters_marker, self.chash,
                    iterations=iterations)
             how = f"k-means, {iterations} iteration(s), {time.perf_counter() - t0:.1f} s"
-        ref = pool.put(centroids)
-        sizes = [sum(c) for c in zip(*pool.get_all([w.set_centroids.remote(ref) for w in self.workers]))]
+        ref = self.pool.put(centroids)
+        sizes = [sum(c) for c in zip(*self.pool.get_all([w.set_centroids.remote(ref) for w in self.workers]))]
         log.info("--labels cluster: %d groups (%s); sizes %s", len(sizes), how, sizes)
-
 
     def stop_workers(self) -> None:
         for w in self.workers:
-            pool.kill(w)
+            self.pool.kill(w)
         self.workers = []
 
     def _attempt(self, unit: str, r: int | None = None, shard: str | None = None) -> None:
@@ -400,19 +380,8 @@ class Run:
 
     def _send_checkpoint(self, ckpt: bytes) -> None:
         """Every worker loads the surrogate checkpoint (the same weights everywhere)."""
-        ref = pool.put(ckpt)
-        pool.get_all([w.restore.remote(ref) for w in self.workers])
-
-    def _send_noise(self, states: dict[str, bytes]) -> None:
-        """Checked noise state back into the workers: a shard's to its owner, the class noise to all."""
-        refs = []
-        for unit, data in states.items():
-            state = pool.put(data)
-            if unit == "_classes":
-                refs += [w.load_noise_state.remote(None, state) for w in self.workers]
-            else:
-                refs.append(self.workers[self.owner[unit]].load_noise_state.remote(unit, state))
-        pool.get_all(refs)
+        ref = self.pool.put(ckpt)
+        self.pool.get_all([w.restore.remote(ref) for w in self.workers])
 
     def _drop_rounds_from(self, r: int) -> None:
         """Round r and every later round are no longer finished: their records go (their checked units stay)."""
@@ -431,7 +400,7 @@ class Run:
     def rounds(self) -> None:
         cfg, layout = self.cfg, self.layout
         self.history = self._finished_rounds()
-        clean_ref = (_read_json(layout.probe_record) or {}).get("probe_clean_accuracy")
+        clean_ref = (read_record(layout.probe_record) or {}).get("probe_clean_accuracy")
         # Resume from the last finished round whose state checks out; a damaged unit sends the run back a round
         # (its marker dropped, recomputed from the round before), as far back as round 0 from scratch. Nothing
         # reaches the workers before the whole round has checked out.
@@ -469,56 +438,28 @@ class Run:
     def _noise_units(self) -> list[str]:
         return _noise_units(self.cfg, self.plan)
 
-    def _checked_units(self, r: int, units: list[str]) -> dict[str, bytes]:
-        """The state of round r's units that are done and check out; a damaged one's marker is dropped."""
-        states = {}
-        for unit in units:
-            if not is_done(self.layout.noise_marker(r, unit), self.chash):
-                continue
-            try:
-                states[unit] = load_checked(self.layout.noise_state(r, unit), self.layout.noise_marker(r, unit),
-                                            self.chash)
-            except DamagedUnit as exc:
-                self._dropped(exc, r)
-        return states
-
-    def _round(self, r: int, clean_ref: float | None, final: bool) -> dict:
+    def _round(self, r: int, clean_ref: float | None, final: bool, probe: bool = True) -> dict:
+        """Round r's stages and its record (the round marker); ``probe=False`` leaves the probe out (bench)."""
         cfg, layout = self.cfg, self.layout
         record: dict = {"round": r, "mode": cfg.mode, "workers": len(self.workers)}
         seconds: dict[str, float] = {}
-        # Stage 1: training, data-parallel over the pool. Its checkpoint is the unit's output, so a resumed round
-        # never retrains.
+        # The round's stages, each in its module (pipeline.stages): its work, its unit of done, its commit.
         t0 = time.perf_counter()
-        trained = None
-        if is_done(layout.train_marker(r), self.chash):
-            try:
-                trained = load_checked(layout.checkpoint(r), layout.train_marker(r), self.chash)
-            except DamagedUnit as exc:
-                self._dropped(exc, r)
-        if trained is not None:
-            self._send_checkpoint(trained)
-        else:
-            self._attempt("train", r)
-            results = pool.get_all([w.train_stage.remote(r) for w in self.workers])
-            record["train"] = {"loss": sum(x["loss"] for x in results) / len(results),
-                               "seconds": max(x["seconds"] for x in results)}
-            commit(layout.checkpoint(r), pool.get(self.workers[0].checkpoint.remote()), layout.train_marker(r),
-                   self.chash, **record["train"])
+        train = self._train_stage(r)
+        if train is not None:
+            record["train"] = train
         seconds["train"] = time.perf_counter() - t0
         log.info("round %d train: %d steps, loss %s, %.1f s", r, cfg.train_steps,
-                 f"{record['train']['loss']:.4f}" if "train" in record else "(done before)", seconds["train"])
-        # Stage 2: noise, one unit per shard (class-wise: one unit for the class noise).
+                 f"{train['loss']:.4f}" if train else "(done before)", seconds["train"])
         t0 = time.perf_counter()
         record["image_steps"] = self._noise_stage(r)
         seconds["noise"] = time.perf_counter() - t0
-        # Stage 3: the stop check on the data as it will be released, and the probe when the error rule holds.
-        self._attempt("check", r)
         t0 = time.perf_counter()
-        errors = pool.get_all([w.released_error.remote() for w in self.workers])
-        record["error"] = round(sum(e["wrong"] for e in errors) / max(sum(e["total"] for e in errors), 1), 6)
+        record["error"] = self._check_stage(r)
         seconds["check"] = time.perf_counter() - t0
+        # The probe when the error rule holds (and after the last round, whatever the error).
         t0 = time.perf_counter()
-        record["probe"] = self._probe(clean_ref) if record["error"] <= cfg.stop_error or final else None
+        record["probe"] = self._probe(clean_ref) if probe and (record["error"] <= cfg.stop_error or final) else None
         seconds["probe"] = time.perf_counter() - t0
         record["stop"] = bool(record["error"] <= cfg.stop_error and record["probe"] and record["probe"]["holds"])
         record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
@@ -537,200 +478,7 @@ class Run:
             layout.remove_round_state(old)
         return record
 
-    def _noise_stage(self, r: int) -> int:
-        """Round r's noise update of every shard; returns the image-steps it took. Units done before (a resumed
-        stage) are loaded once they check out against their markers; a damaged one is recomputed."""
-        done = self._checked_units(r, self._noise_units())
-        self._send_noise(done)
-        if self.cfg.mode == "classwise":
-            if done:
-                return 0
-            self._attempt("noise", r, "_classes")
-            image_steps = self._run_noise_queue(r, [s.id for s in self.plan.shards], commit=False)
-            # Every worker summed its shards' class updates; the class noise moves by the sum over the pool.
-            parts = pool.get_all([w.class_update_sums.remote() for w in self.workers])
-            sums = pool.put(sum(p[0] for p in parts))
-            counts = pool.put(sum(p[1] for p in parts))
-            pool.get_all([w.apply_class_update.remote(sums, counts) for w in self.workers])
-            self._commit_noise(r, "_classes", 0)
-            return image_steps
-        return self._run_noise_queue(r, [s.id for s in self.plan.shards if s.id not in done], commit=True)
-
-    def _run_noise_queue(self, r: int, shard_ids: list[str], commit: bool) -> int:
-        """Hand the shards to idle workers, own shards first, then other workers' unstarted ones (see schedule.py).
-
-        Sample-wise (``commit``), each shard's noise state is committed as soon as it is done, and a shard computed
-        by a guest worker goes back to its owner. The commit (storage write, read-back, marker) runs on a coordinator
-        thread while the worker already computes its next shard: at 224 px a shard's state is ~150 kB an image, and
-        writing it must not idle the GPU."""
-        cfg = self.cfg
-        url = {s.id: s.url for s in self.plan.shards}
-        queue = NoiseQueue({i: [s for s in shard_ids if self.owner[s] == i] for i in range(len(self.workers))})
-        idle = list(range(len(self.workers)))
-        running: dict = {}
-        to_owners = []
-        commits: list[Future] = []
-        image_steps = samples = done = 0
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=max(2, len(self.workers)), thread_name_prefix="commit") as writers:
-            while len(queue) or running:
-                for i in list(idle):
-                    job = queue.next_for(i)
-                    if job is None:
-                        continue
-                    idle.remove(i)
-                    shard, owner = job
-                    if commit:
-                        self._attempt("noise", r, shard)
-                    if owner == i:
-                        ref = self.workers[i].noise_stage.remote(shard, r)
-                    else:
-                        state = self._guest_state(r, shard, owner) if cfg.mode == "samplewise" else None
-                        ref = self.workers[i].noise_stage_guest.remote(shard, r, url[shard], state)
-                    running[ref] = (i, shard, owner)
-                ready, _ = pool.wait(list(running))
-                for ref in ready:
-                    i, shard, owner = running.pop(ref)
-                    result = pool.get(ref)
-                    if commit:
-                        # Asked for before the worker's next shard (an actor runs its calls in order), written while
-                        # that shard computes; a guest's result goes to the owner as the same object, not via here.
-                        state_ref = self.workers[i].noise_state.remote(shard)
-                        commits.append(writers.submit(self._commit_state, r, shard, state_ref))
-                        if owner != i:
-                            to_owners.append(self.workers[owner].load_noise_state.remote(shard, state_ref))
-                    idle.append(i)
-                    image_steps += result["image_steps"]
-                    samples += result["samples"]
-                    done += 1
-                    elapsed = time.perf_counter() - t0
-                    log.info("round %d noise: %d/%d shards done (%s on worker %d%s), %.0f images/s%s", r, done,
-                             len(shard_ids), shard, i, f", owner {owner}" if owner != i else "",
-                             samples / max(elapsed, 1e-9), eta(done, len(shard_ids), elapsed))
-            for f in commits:
-                f.result()  # a failed write fails the stage, as it did inline
-        pool.get_all(to_owners)
-        return image_steps
-
-    def _guest_state(self, r: int, shard: str, owner: int):
-        """The noise a guest starts a shard's round r from: round r-1's committed state, checked against its marker;
-        when it does not check out, the owner's copy in memory (it waits for the owner's current shard)."""
-        if r == 0:
-            return None
-        try:
-            return pool.put(load_checked(self.layout.noise_state(r - 1, shard), self.layout.noise_marker(r - 1, shard),
-                                         self.chash))
-        except DamagedUnit as exc:
-            log.warning("%s; the guest takes the owner's copy", exc)
-            return self.workers[owner].noise_state.remote(shard)
-
-    def _commit_noise(self, r: int, unit: str, worker: int) -> bytes:
-        """Noise state first, verified; its marker last. Returns the state."""
-        shard = None if unit == "_classes" else unit
-        return self._commit_state(r, unit, self.workers[worker].noise_state.remote(shard))
-
-    def _commit_state(self, r: int, unit: str, state_ref) -> bytes:
-        state = pool.get(state_ref)
-        commit(self.layout.noise_state(r, unit), state, self.layout.noise_marker(r, unit), self.chash)
-        return state
-
-    def _probe(self, clean_ref: float | None) -> dict:
-        t0 = time.perf_counter()
-        cfg = self.cfg
-        self.heartbeat.phase("probe")
-        # The probe trains on its sample of the release (--probe-samples): workers hand their share of it to the one
-        # that trains (object refs, not via the coordinator). The clean-trained reference, needed once per run,
-        # trains on a second worker at the same time when there is one.
-        parts = self._probe_parts()
-        released = self.workers[0].probe_score.remote("released", *parts, order=self.plan_order)
-        if clean_ref is None:
-            clean = self.workers[1 % len(self.workers)].probe_score.remote("clean", *parts, order=self.plan_order)
-            clean_ref = round(pool.get(clean)["accuracy"], 4)  # as the round records keep it: resumed == not
-            fs.write_bytes(self.layout.probe_record, json.dumps(
-                {"config_hash": self.chash, "probe_clean_accuracy": clean_ref}).encode())
-        probe = judge(pool.get(released), clean_ref, arch=cfg.probe_arch, steps=cfg.probe_steps,
-                      threshold=cfg.probe_threshold, margin=PROBE_MARGIN)
-        log.info("probe: %.1f s", time.perf_counter() - t0)
-        return probe
-
-    def _probe_parts(self) -> list:
-        """Every worker's share of the probe's sample: ``--probe-samples`` of the plan's samples, by key hash."""
-        fraction = min(1.0, self.cfg.probe_samples / max(1, self.plan.total_samples))
-        return [w.probe_data.remote(fraction) for w in self.workers]
-
-    def probe_battery(self) -> None:
-        """The probe's countermeasure battery on the final release: the plain probe early-stopped, and each of
-        --probe-countermeasures (final and early-stopped), spread over the workers. Judged once, after the rounds
-        (the stop rule uses the plain probe, which costs one training); its record in the work dir is reused by a
-        resumed run."""
-        names = probe_battery(self.cfg.probe_countermeasures)
-        if not names:
-            return
-        names = ["none"] + [n for n in names if n != "none"]
-        final = self.history[-1]
-        record = _read_json(self.layout.battery_record)
-        if record and record.get("config_hash") == self.chash and record.get("round") == final["round"]:
-            self.battery = record["battery"]
-            return
-        t0 = time.perf_counter()
-        probe = final["probe"]
-        # The plain probe early-stopped is the final round's probe itself (same training, scored every epoch).
-        plain = ([{"countermeasure": "none", "accuracy": probe["probe_accuracy"], "seconds": 0.0,
-                   "early_stopped_accuracy": probe["probe_early_stopped_accuracy"],
-                   "best_epoch": probe["probe_best_epoch"]}] if probe.get("probe_best_epoch") else [])
-        names = names[len(plain):]
-        self.heartbeat.phase(f"probe battery ({', '.join(names)})")
-        parts = self._probe_parts() if names else []
-        refs = [self.workers[i % len(self.workers)].probe_score.remote("released", *parts, countermeasure=name,
-                                                                       order=self.plan_order)
-                for i, name in enumerate(names)]
-        self.battery = judge_battery(probe, plain + pool.get_all(refs))
-        seconds = time.perf_counter() - t0
-        self.timings["probe"] += seconds
-        fs.write_bytes(self.layout.battery_record, json.dumps(
-            {"config_hash": self.chash, "round": final["round"], "battery": self.battery}).encode())
-        for name, c in self.battery["countermeasures"].items():
-            log.info("probe battery: %s: %.1f%% final, %.1f%% early-stopped (epoch %d) on clean held-out (threshold "
-                     "%.1f%%): %s", name, 100 * c["accuracy"], 100 * c["early_stopped_accuracy"], c["best_epoch"],
-                     100 * final["probe"]["threshold"], "holds" if c["holds"] else "does NOT hold")
-        log.info("probe battery: %.1f s", seconds)
-
     # ---- export -----------------------------------------------------------------------------------------------
-    def export(self) -> None:
-        """Every worker writes the release of the shards it owns, one at a time, the workers in parallel; the merged
-        manifest last. (One export in flight per worker: an attempt is logged when its work starts, not queued.)"""
-        t0 = time.perf_counter()
-        layout = self.layout
-        todo = {i: collections.deque() for i in range(len(self.workers))}
-        # Shards released by an earlier coordinator are checked against their markers first: one changed or lost
-        # since then is released again (the state to do so is here).
-        earlier = [s.id for s in self.plan.shards if is_done(layout.shard_marker(s.id), self.chash)]
-        damaged = verify_shards(layout.output, earlier, self.chash, self.cfg.to_dict())
-        if damaged:
-            log.warning("released shard(s) changed since they were written, released again: %s", ", ".join(damaged))
-            drop(*[layout.shard_marker(s) for s in damaged])
-        for shard in self.plan.shards:
-            if not is_done(layout.shard_marker(shard.id), self.chash):
-                todo[self.owner[shard.id]].append(shard.id)
-        total, done = sum(len(q) for q in todo.values()), 0
-        running: dict = {}
-        while any(todo.values()) or running:
-            busy = {w for w, _ in running.values()}
-            for i, queue in todo.items():
-                if queue and i not in busy:
-                    shard = queue.popleft()
-                    self._attempt("export", None, shard)
-                    ref = self.workers[i].export_shard.remote(shard, layout.output, layout.work, self.chash)
-                    running[ref] = (i, shard)
-            ready, _ = pool.wait(list(running))
-            for ref in ready:
-                _, shard = running.pop(ref)
-                stats = pool.get(ref)
-                done += 1
-                log.info("export: %d/%d shards written (%s: %d protected, %d rejected)%s", done, total, shard,
-                         stats["protected"], stats["rejected"], eta(done, total, time.perf_counter() - t0))
-        self.counts = _merge_manifests(layout, self.plan, self.cfg.manifest_source_hash)
-        self.timings["export"] += time.perf_counter() - t0
 
     def finish(self, t_start: float) -> RunResult:
         cfg, layout = self.cfg, self.layout

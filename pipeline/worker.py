@@ -1,54 +1,44 @@
-"""A worker: holds a surrogate, its optimiser and its share of the corpus, and runs the stages of a round on them.
+"""A worker: holds a surrogate, its optimiser and its share of the corpus, and runs the stages of a round on them
+(their work is in ``pipeline.stages``, one module per stage).
 
-This is plain Python: ``pipeline.pool`` wraps it as a Ray actor, and bench or GPU checks can call it in-process.
-Images are decoded once, at load, to uint8 tensors at the working resolution (plus the native pixels, which the
-released-data stop check and the export need); the noise state stays on the worker's device across rounds.
+This is plain Python: ``pipeline.executor.ray_pool`` wraps it as a Ray actor; ``pipeline.executor.local`` holds one
+in this process. Images are decoded once, at load, to uint8 tensors at the working resolution (plus the native
+pixels where the stop check needs them: ``--cache``); the noise state stays on the worker's device across rounds.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
 import time
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ops import metrics
-from ops.engine import CONVERGED_LOSS, NoiseEngine, compile_args, to_device
+from ops.engine import NoiseEngine, compile_args, to_device
 from ops.image import (
-    ENCODE_FORMATS,
     LOSSY_FORMATS,
     DecodedImage,
-    decoded_release,
-    encode_image,
-    encoded_roundtrip,
-    match_channels,
-    release_native,
-    release_native_batch,
-    resize_uint8,
     to_working,
 )
-from ops.noise import apply_classwise_update, decode_noise, encode_noise, release_uint8
 from ops.robust import robust_adversary, robust_spec
-from pipeline import clusters, faults
+from pipeline import clusters
 from pipeline.config import ProtectConfig
 from pipeline.native_cache import DiskCache, DiskShard
-from pipeline.probe import probe_sample, probe_score
-from pipeline.samples import Rejected, SampleRules, ordered_map, prepare_each, released_members
-from pipeline.storage import manifest
-from pipeline.storage.layout import Layout
-from pipeline.storage.markers import commit_files
-from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, read_ahead, write_tar
+from pipeline.samples import Rejected, SampleRules, prepare_each
+from pipeline.stages.check import CheckWork
+from pipeline.stages.export import ExportWork
+from pipeline.stages.noise import NoiseWork
+from pipeline.stages.probe import ProbeWork
+from pipeline.stages.train import TrainWork
+from pipeline.storage.shards import ShardReadError, iter_samples, read_ahead
 from surrogates import build
 from surrogates.distributed import pool_batch_norm
-from surrogates.training import load_checkpoint, make_optimizer, predict, save_checkpoint, train_step
+from surrogates.training import make_optimizer
 
 log = logging.getLogger(__name__)
 # --cache auto without --cache-memory-gb: a worker keeps native images up to this share of its node's memory.
@@ -72,7 +62,11 @@ class ShardData:
     timings: dict = field(default_factory=dict)
 
 
-class RoundWorker:
+class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
+    """A worker's data (its shards' working images, labels and noise on its device; the natives as ``--cache``
+    says), its surrogate, and its place in the pool. The stages' work on them is in ``pipeline.stages``, one module
+    per stage; Ray calls them as this actor's methods."""
+
     def __init__(self, cfg: dict, num_classes: int, channels: int, index: int = 0, threads: int | None = None):
         self.cfg = ProtectConfig(**cfg)
         self.index = index
@@ -296,344 +290,20 @@ class RoundWorker:
                 dist.broadcast(t, src=0)
         return backend
 
-    def _all_reduce_grads(self, grads: list[torch.Tensor]) -> None:
-        """Sum each gradient over the pool: every worker's loss is its rows' share of the global batch's mean."""
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    def _sync_buffers(self) -> None:
-        """Rank 0's buffers to every worker. Batch norm's running statistics are already the pool's (computed from the
-        all-reduced batch statistics); this makes them bit-identical and carries any other buffer."""
-        with torch.no_grad():
-            for b in self.model.buffers():
-                dist.broadcast(b, src=0)
-
     def _noise_rows(self, sl: slice) -> torch.Tensor:
         if self.cfg.mode == "samplewise":
             return self.delta[sl]
         return self.class_delta[self.y[sl]]
 
     # ---- stage 1: surrogate training ------------------------------------------------------------------------
-    def train_stage(self, round_: int | None = None) -> dict:
-        """``train_steps`` SGD steps on random batches of clip(x + delta) drawn from the whole corpus.
-
-        A pool takes one worker's steps: every worker draws the same global batch (same seed, same permutation of the
-        corpus' rows) and computes the rows of it that it owns; batch norm normalises by the global batch's
-        statistics (``surrogates.distributed``); each worker's loss is its rows' share of the global mean, and the
-        gradients are summed over the pool (all-reduce) before the step. One worker and a pool differ only by the
-        order of floating-point sums.
-        """
-        faults.at_unit("worker", "train", round_)
-        t0 = time.perf_counter()
-        if round_ is not None:  # the batches of a round depend on (seed, round) only: a resumed round redraws them
-            self.generator.manual_seed(self.cfg.seed + 7919 * (round_ + 1))
-            self.attack_generator.manual_seed(self.cfg.seed + 1000 * self.rank + 7919 * (round_ + 1))
-        rows = self.global_rows
-        if rows is None:
-            if self.world > 1:
-                raise RuntimeError("a pool worker trains only after set_global_rows")
-            rows = torch.arange(self.n_owned)
-        total = rows.numel()
-        batch = min(total, self.cfg.batch_size)
-        hook = self._all_reduce_grads if self.world > 1 else None
-        loss_sum = 0.0
-        steps = self.cfg.train_steps if total else 0
-        for _ in range(steps):
-            local = rows[torch.randperm(total, generator=self.generator)[:batch]]
-            idx = local[local >= 0].to(self.device)
-            xb = (self.x[idx].to(torch.float32) / 255.0 + self._noise_rows(idx)).clamp_(0.0, 1.0)
-            # In the engine's precision and memory format (bf16 autocast, channels_last on a GPU; fp32 on a CPU).
-            loss_sum += train_step(self.model, self.optimizer, self.engine.format(xb), self.y[idx],
-                                   all_reduce=hook, autocast=self.engine.autocast, adversary=self.adversary,
-                                   global_batch=batch if self.world > 1 else None)
-        loss = loss_sum / max(steps, 1)
-        if self.world > 1:
-            self._sync_buffers()
-            total_loss = torch.tensor([loss], dtype=torch.float64, device=self.device)
-            dist.all_reduce(total_loss)  # each worker's share of the mean: the sum is the pool's mean loss
-            loss = float(total_loss)
-        return {"loss": loss, "seconds": time.perf_counter() - t0}
 
     # ---- stage 2: noise update --------------------------------------------------------------------------------
-    def noise_stage(self, shard: str, round_: int | None = None) -> dict:
-        """Update the noise of one shard's samples (sample-wise), or add its class updates to the sums (class-wise).
-
-        Sample-wise with ``skip_converged``, samples whose surrogate loss on their released image is already below
-        ``ops.engine.CONVERGED_LOSS`` keep their noise this round; ``image_steps`` counts the steps actually done.
-        ``round_`` only names the unit for logs and fault hooks."""
-        faults.at_unit("worker", "noise", round_, shard)
-        t0 = time.perf_counter()
-        sd = self.shards[shard]
-        cfg = self.cfg
-        self.model.eval()
-        # The robust update's draws depend on (seed, round, shard) only: a resumed stage or a guest worker computes
-        # the same noise. (Plain noise draws nothing.)
-        self.engine.reseed(zlib.crc32(f"{cfg.seed}:{round_}:{shard}".encode()))
-        sl = slice(sd.start, sd.end)
-        n = sd.end - sd.start
-        if cfg.mode == "samplewise":
-            delta, done = self.engine.update_samplewise(
-                self.x[sl], self.y[sl], self.delta[sl], batch_size=cfg.noise_batch_size,
-                skip_below=CONVERGED_LOSS if cfg.skip_converged else None)
-            # The state a rerun resumes from is the quantised one: keep exactly that, so resumed == uninterrupted.
-            self.delta[sl] = decode_noise(encode_noise(delta, cfg.eps), cfg.eps)
-            updated, image_steps = done.updated, done.image_steps
-        else:
-            for start in range(sd.start, sd.end, cfg.noise_batch_size):
-                b = slice(start, min(start + cfg.noise_batch_size, sd.end))
-                sums, counts = self.engine.classwise_sums(self.x[b].to(torch.float32) / 255.0, self.y[b],
-                                                          self.class_delta, pad_to=cfg.noise_batch_size)
-                self._class_sums += sums
-                self._class_counts += counts
-            updated, image_steps = n, n * cfg.pgd_steps
-        return {"shard": shard, "samples": n, "updated": updated, "image_steps": image_steps,
-                "seconds": time.perf_counter() - t0}
-
-    def noise_stage_guest(self, shard: str, round_: int, url: str, state: bytes | None) -> dict:
-        """The noise stage of a shard another worker owns (this one was idle): load it once and keep it as a guest
-        (not trained on, checked or exported here), take its noise from ``state`` (round_ - 1's, checked by the
-        coordinator; None in round 0), update it."""
-        if shard not in self.shards:
-            _, x, y = self._decode(shard, url, iter_samples(url), self.x.shape[0])
-            self._append_rows([(x, y)])
-        if self.cfg.mode == "samplewise":
-            sd = self.shards[shard]
-            if state is not None:
-                self.load_noise_state(shard, state)
-            else:
-                self.delta[sd.start : sd.end] = 0.0
-        return {**self.noise_stage(shard, round_), "guest": True}
-
-    def class_update_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This worker's class-wise sums of the stage (to be added across workers), then reset."""
-        # A copy: on a CPU worker .cpu() returns the same tensor, which the reset below would zero before it is sent.
-        sums, counts = self._class_sums.to("cpu", copy=True), self._class_counts.to("cpu", copy=True)
-        self._class_sums.zero_()
-        self._class_counts.zero_()
-        return sums, counts
-
-    def apply_class_update(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        delta = apply_classwise_update(self.class_delta, sums.to(self.device), counts.to(self.device), self.cfg.eps)
-        self.class_delta = decode_noise(encode_noise(delta, self.cfg.eps), self.cfg.eps)
 
     # ---- noise state and checkpoints (the work dir) ------------------------------------------------------------
-    def noise_state(self, shard: str | None) -> bytes:
-        """int8 noise state in units of eps/127: one shard's rows, or the class noise (``shard=None``)."""
-        if shard is None:
-            q = encode_noise(self.class_delta, self.cfg.eps).cpu()
-            keys = None
-        else:
-            sd = self.shards[shard]
-            q = encode_noise(self.delta[sd.start : sd.end], self.cfg.eps).cpu()
-            keys = sd.keys
-        buf = io.BytesIO()
-        torch.save({"q": q, "keys": keys}, buf)
-        return buf.getvalue()
-
-    def load_noise_state(self, shard: str | None, data: bytes) -> None:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        delta = decode_noise(state["q"], self.cfg.eps).to(self.device)
-        if shard is None:
-            self.class_delta = delta
-            return
-        sd = self.shards[shard]
-        if state["keys"] != sd.keys:
-            raise ValueError(f"noise state of shard {shard} does not match its samples (input changed?)")
-        self.delta[sd.start : sd.end] = delta
-
-    def checkpoint(self) -> bytes:
-        return save_checkpoint(self.model, self.optimizer, self.generator)
-
-    def restore(self, data: bytes) -> None:
-        load_checkpoint(data, self.model, self.optimizer, self.generator)
 
     # ---- stage 3: the stop check on released data ------------------------------------------------------------
-    def released_working(self, shard: str) -> torch.Tensor:
-        """What a victim sees of this shard: released uint8 at native size, resized to the working resolution.
-
-        Computed on the worker's device, the images of one native size together (``release_native_batch``): on a
-        GPU no per-sample host work even when natives differ from the working size. Same pixels as the export's
-        per-image ``release_native`` on the same device (tested)."""
-        sd = self.shards[shard]
-        sl = slice(sd.start, sd.end)
-        noise = self._noise_rows(sl)
-        if self.cfg.encode_format in LOSSY_FORMATS:
-            return self._released_lossy(sd, noise)
-        if sd.native_is_working:
-            return release_uint8(self.x[sl], noise)
-        r = self.cfg.resolution
-        out = torch.empty_like(self.x[sl])
-        # A GPU takes a batch's worth at once; a CPU is fastest a few images at a time (a 128-image chunk of 256-px
-        # photos ran at half the per-image speed here: the float intermediates overflow the caches).
-        chunk = self.cfg.noise_batch_size if self.device.type == "cuda" else 4
-        for part in _size_groups(self._natives(sd), chunk):
-            colors = to_device(torch.stack([nat.color for _, nat in part]), self.device)
-            idx = torch.tensor([i for i, _ in part], device=self.device)
-            released = release_native_batch(colors, noise[idx])
-            out[idx] = resize_uint8(match_channels(released, self.channels), (r, r))
-        return out
-
-    def _released_lossy(self, sd: ShardData, noise: torch.Tensor) -> torch.Tensor:
-        """``released_working`` of a JPEG or WebP release: each released image encoded as the export encodes it and
-        decoded again, on the host, image by image (``encoded_roundtrip``: the same pixels as the release's bytes)."""
-        r, cfg = self.cfg.resolution, self.cfg
-        noise = noise.cpu()
-
-        def one(job: tuple[int, DecodedImage]) -> torch.Tensor:
-            i, nat = job
-            released = encoded_roundtrip(release_native(nat.color, noise[i]), nat.alpha, cfg.encode_format,
-                                         cfg.encode_quality)
-            return to_working(released, r, self.channels)
-
-        rows = list(ordered_map(one, enumerate(self._natives(sd)), self.threads))
-        out = torch.stack(rows) if rows else torch.empty(0, self.channels, r, r, dtype=torch.uint8)
-        return to_device(out, self.device)
-
-    def released_error(self) -> dict:
-        """The surrogate's errors on the released data of every shard this worker holds (summed by the caller)."""
-        t0 = time.perf_counter()
-        wrong = total = 0
-        for shard in self.owned:
-            sd = self.shards[shard]
-            if sd.end == sd.start:
-                continue
-            # In the engine's precision and memory format, as the train stage; uint8 levels to floats a batch at a time.
-            pred = predict(self.model, self.released_working(shard), self.cfg.noise_batch_size,
-                           autocast=self.engine.autocast,
-                           prepare=lambda batch: self.engine.format(batch.to(torch.float32) / 255.0))
-            wrong += int((pred != self.y[sd.start : sd.end]).sum())
-            total += sd.end - sd.start
-        return {"wrong": wrong, "total": total, "seconds": time.perf_counter() - t0}
-
-    def probe_data(self, fraction: float = 1.0) -> dict:
-        """Released and clean working images, labels and keys of the probe's sample of the samples held (``fraction``
-        of them, by a hash of the key: ``pipeline.probe.probe_sample``), and how many rows are each shard's (for
-        the protection probe). A shard's released images are computed, sampled and dropped one shard at a time."""
-        released, clean, labels, keys, counts = [], [], [], [], []
-        for shard in self.owned:
-            sd = self.shards[shard]
-            chosen = probe_sample(sd.keys, fraction)
-            rows = torch.arange(sd.start, sd.end)[chosen]
-            released.append(self.released_working(shard).cpu()[chosen])
-            clean.append(self.x[rows.to(self.x.device)].cpu())
-            labels.append(self.y[rows.to(self.y.device)].cpu())
-            keys.extend(k for k, c in zip(sd.keys, chosen.tolist()) if c)
-            counts.append((shard, int(chosen.sum())))
-        r = self.cfg.resolution
-        empty = torch.empty(0, self.channels, r, r, dtype=torch.uint8)
-        return {
-            "released": torch.cat(released) if released else empty,
-            "clean": torch.cat(clean) if clean else empty,
-            "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
-            "keys": keys,
-            "shards": counts,
-        }
-
-    def probe_score(self, source: str, *parts: dict, countermeasure: str = "none", order: list[str] | None = None
-                    ) -> dict:
-        """Train the protection probe on ``source`` ("released" or "clean") images of the whole corpus: ``parts``
-        are every worker's ``probe_data`` (this one's included), their shards put in ``order`` (the plan's: a pool
-        probes the same rows in the same order as one worker; default: as the parts come); ``countermeasure`` as an
-        informed adversary trains (``pipeline.probe.probe_score``)."""
-        pieces = {}
-        for part in parts:
-            start = 0
-            for shard, count in part["shards"]:
-                pieces[shard] = (part, start, start + count)
-                start += count
-        ordered = [pieces[s] for s in (order or pieces)]
-        data = {k: torch.cat([p[k][a:b] for p, a, b in ordered]) for k in ("released", "clean", "labels")}
-        data["keys"] = [k for p, a, b in ordered for k in p["keys"][a:b]]
-        cfg = self.cfg
-        return probe_score(data, source, arch=cfg.probe_arch, steps=cfg.probe_steps, num_classes=self.num_classes,
-                           seed=cfg.seed, countermeasure=countermeasure)
 
     # ---- export -----------------------------------------------------------------------------------------------
-    def export_shard(self, shard: str, output: str, work: str, config_hash: str) -> dict:
-        """Write ``<shard>.tar`` and ``<shard>.parquet``, verify them, then the ``<shard>_stats.json`` marker."""
-        faults.at_unit("worker", "export", None, shard)
-        t0 = time.perf_counter()
-        layout = Layout(output, work)
-        sd = self.shards[shard]
-        noise = self._noise_rows(slice(sd.start, sd.end)).cpu()
-        labels = self.y[sd.start : sd.end].tolist()  # the labels trained on (with --labels cluster, the clusters)
-        index = 0
-        read_error = None
-        # The export decodes the photos' metadata too: the ICC profile always goes with the pixels; EXIF and XMP
-        # (GPS position, camera, time) only with --keep-metadata.
-        rules = replace(self.rules, metadata=True)
-        keep = self.cfg.keep_metadata
-        fmt = self.cfg.encode_format
-        ext = ENCODE_FORMATS[fmt]
-
-        def released() -> Iterator[tuple]:
-            """In shard order: a finished manifest row (rejections), or a released image still to encode."""
-            nonlocal index, read_error
-            for item, result in prepare_each(iter_samples(sd.url), rules, self.threads):
-                if isinstance(result, ShardReadError):
-                    read_error = result.message
-                    continue
-                if isinstance(result, Rejected):
-                    yield manifest.row(result.key, shard, "rejected", error=result.error, label=result.label,
-                                       source_sha256=result.source_sha256), None
-                    continue
-                if index >= len(sd.keys) or sd.keys[index] != result.key:
-                    raise RuntimeError(f"shard {shard} changed since it was loaded (sample {result.key})")
-                image = release_native(result.image.color, noise[index])
-                row = {"label": labels[index], "width": result.image.width, "height": result.image.height,
-                       "source_sha256": result.source_sha256, "output_member": f"{result.key}.{ext}"}
-                index += 1
-                yield row, (item, result, image)
-
-        def encode(job: tuple) -> tuple[dict, RawSample | None]:
-            row, accepted = job
-            if accepted is None:
-                return row, None
-            item, result, image = accepted
-            decoded = result.image
-            # zlib (or the JPEG / WebP encoder): the slow part of the export, on the threads
-            data = encode_image(image, decoded.alpha, fmt=fmt, quality=self.cfg.encode_quality, icc=decoded.icc,
-                                exif=decoded.exif if keep else None, xmp=decoded.xmp if keep else None)
-            # The image quality of what a victim decodes: for a lossy release, the codec's error is in it.
-            released = image if fmt == "png" else decoded_release(data, image.shape[0])
-            original = decoded.color
-            row.update(linf=metrics.linf(released, original), l2=metrics.l2(released, original),
-                       psnr=metrics.psnr(released, original))
-            sample = RawSample(result.key, released_members(item, data, result.image_member, ext))
-            return manifest.row(result.key, shard, "protected", output_sha256=_sha256(data), **row), sample
-
-        rows: list[dict] = []
-        out_samples: list[RawSample] = []
-        for row, sample in ordered_map(encode, released(), self.threads):
-            rows.append(row)
-            if sample is not None:
-                out_samples.append(sample)
-        if index != len(sd.keys):
-            raise RuntimeError(f"shard {shard} changed since it was loaded: {index} of {len(sd.keys)} samples found")
-        tar_bytes = write_tar(out_samples)
-        manifest_bytes = manifest.to_parquet(rows, source_hash=self.cfg.manifest_source_hash)
-        protected = sum(1 for r in rows if r["status"] == "protected")
-        linf_max = max((r["linf"] for r in rows if r["status"] == "protected"), default=0)
-        stats = {
-            "shard": shard,
-            "input": len(rows),
-            "protected": protected,
-            "rejected": len(rows) - protected,
-            "linf_max": linf_max,
-            # The unreadable rest of a shard has no keys to give rows to; the marker records the shard's fault.
-            "read_error": read_error,
-            "tar_bytes": len(tar_bytes),
-            "manifest_bytes": len(manifest_bytes),
-        }
-        files = {"tar": (layout.shard_tar(shard), tar_bytes),
-                 "manifest": (layout.shard_manifest(shard), manifest_bytes)}
-        stats.update(commit_files(files, layout.shard_marker(shard), config_hash,
-                                  seconds=round(time.perf_counter() - t0, 3), **stats))
-        return stats
 
 
 def cache_budget(gigabytes: float | None) -> int:
@@ -644,26 +314,3 @@ def cache_budget(gigabytes: float | None) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * CACHE_SHARE_OF_MEMORY)
 
 
-def _size_groups(natives: Iterator[DecodedImage], chunk: int, pending_limit: int = 64
-                 ) -> Iterator[list[tuple[int, DecodedImage]]]:
-    """(row, image) pairs of one native size, at most ``chunk`` together, as ``natives`` stream by; at most
-    ``pending_limit`` images wait for company (each row's pixels do not depend on its group: tested)."""
-    pending: dict[tuple, list[tuple[int, DecodedImage]]] = {}
-    waiting = 0
-    for i, nat in enumerate(natives):
-        group = pending.setdefault(tuple(nat.color.shape), [])
-        group.append((i, nat))
-        waiting += 1
-        if len(group) == chunk:
-            yield pending.pop(tuple(nat.color.shape))
-            waiting -= chunk
-        elif waiting >= pending_limit:
-            yield from pending.values()
-            pending, waiting = {}, 0
-    yield from pending.values()
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()

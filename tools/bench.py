@@ -7,9 +7,10 @@ Three measurements in one run, on the same device:
    their ratio, and the surrogate's loss after each (the engine must not buy speed with weaker noise);
 2. **roofline** (GPU only): FLOPs per image-step counted with ``torch.utils.flop_counter`` and the fraction of a bf16
    matmul's rate, measured in the same run, that the engine reaches (MFU);
-3. **round**: a whole round of the workers' round code, in-process (no Ray), on synthetic shards written to a temp
-   dir: decode, train stage, noise stage, stop check on released data, noise-state and checkpoint writes; its
-   image-steps per second as a fraction of the step rate shows what the pipeline costs on top of the step.
+3. **round**: a whole round of the run's own stages (``coordinator.Run`` on the in-process executor: no Ray), on
+   synthetic shards written to a temp dir: decode, train stage, noise stage, stop check on released data, each with
+   its commits to the work dir; its image-steps per second as a fraction of the step rate shows what the pipeline
+   costs on top of the step.
 
 Synthetic images are fine here: the bench is about bytes and speed, not learning. No figure is asserted anywhere.
 """
@@ -26,7 +27,6 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -233,24 +233,33 @@ def _synthetic_shards(root: str, shards: int, per_shard: int, size: int, channel
 
 
 def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
-    """Two rounds of the workers' round code in-process; the second (warm: compiled, caches filled) is reported."""
+    """Two rounds of the run's own stages (``coordinator.Run`` on the in-process executor, ``pipeline.executor.local``:
+    no Ray) over synthetic shards in a temp dir; the second round (warm: compiled, caches filled) is reported. Each
+    stage's time includes its commits (the checkpoint; every shard's noise state, written on a thread while the next
+    shard computes, and waited for at the end of the stage). The probe is not run: it is not per-round work."""
     from pipeline.config import ProtectConfig
-    from pipeline.storage import fs
-    from pipeline.worker import RoundWorker
+    from pipeline.coordinator import Run, prepare_run
+    from pipeline.executor import local
 
     per_shard = args.round_samples or 2 * args.batch_size
     with tempfile.TemporaryDirectory(prefix="unlearnable-bench-") as tmp:
+        data = os.path.join(tmp, "in")
+        os.makedirs(data)
         t0 = time.perf_counter()
-        shards = _synthetic_shards(tmp, args.round_shards, per_shard, args.native_size or args.resolution,
-                                   args.channels, args.num_classes, args.seed)
+        _synthetic_shards(data, args.round_shards, per_shard, args.native_size or args.resolution, args.channels,
+                          args.num_classes, args.seed)
         generate_s = time.perf_counter() - t0
-        cfg = ProtectConfig(inputs=[tmp], output=os.path.join(tmp, "out"), surrogate=args.surrogate,
+        cfg = ProtectConfig(inputs=[data], output=os.path.join(tmp, "out"), surrogate=args.surrogate,
                             resolution=args.resolution, pgd_steps=args.steps, train_steps=args.train_steps,
                             batch_size=args.train_batch_size or args.batch_size, noise_batch_size=args.batch_size,
-                            num_classes=args.num_classes, precision=args.precision,
-                            seed=args.seed).resolved()
-        worker = RoundWorker(cfg.to_dict(), args.num_classes, args.channels)
-        device = worker.device
+                            num_classes=args.num_classes, precision=args.precision, seed=args.seed, max_rounds=2,
+                            probe_countermeasures="none", keep_work=True)
+        prepared = prepare_run(cfg)
+        run = Run(cfg, prepared.layout, prepared.plan, prepared.chash, executor=local)
+        run.start_workers()  # as a pool worker loads its share: the next shard read while one decodes
+        worker = run.workers[0].worker
+        _sync(worker.device)
+        decode_s = run.timings["load"]
         if args.channels_last is not None or args.compile is not None or args.compile_mode is not None:
             # The round runs the engine the step was timed with, so that the fraction compares like with like.
             if args.channels_last is False:
@@ -258,35 +267,11 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
             worker.engine = NoiseEngine(worker.model, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.pgd_steps,
                                         precision=cfg.precision, channels_last=args.channels_last,
                                         compile=args.compile, compile_mode=args.compile_mode)
-        t0 = time.perf_counter()
-        worker.load_shards(shards)  # as a pool worker loads its share: the next shard read while one decodes
-        _sync(device)
-        decode_s = time.perf_counter() - t0
-        state_dir = os.path.join(tmp, "work")
-        os.makedirs(state_dir)
-        stages: dict = {}
         for r in range(2):
-            stages = {}
-            with _timed(stages, "train", device):
-                worker.train_stage()
-            with ThreadPoolExecutor(max_workers=1) as writer:
-                # As the coordinator commits: a shard's noise state is taken from the worker when the shard is done
-                # and written (and read back) on a thread while the next shard computes; "writes" is what is left to
-                # wait for after the noise stage, plus the checkpoint.
-                pending = []
-                with _timed(stages, "noise", device):
-                    image_steps = 0
-                    for shard, _ in shards:
-                        image_steps += worker.noise_stage(shard, r)["image_steps"]
-                        pending.append(writer.submit(fs.write_verified, os.path.join(state_dir, f"r{r}-{shard}.pt"),
-                                                     worker.noise_state(shard)))
-                with _timed(stages, "check", device):
-                    worker.released_error()
-                with _timed(stages, "writes", device):
-                    for f in pending:
-                        f.result()
-                    fs.write_verified(os.path.join(state_dir, f"r{r}-checkpoint.pt"), worker.checkpoint())
-        checks = _check_release(worker, shards[0][0]) if args.check else None
+            record = run._round(r, None, final=False, probe=False)
+        stages = {k: record["seconds"][k] for k in ("train", "noise", "check")}
+        image_steps = record["image_steps"]
+        checks = _check_release(worker, prepared.plan.shards[0].id) if args.check else None
         round_s = sum(stages.values())
         rate = image_steps / round_s
         return {
@@ -380,7 +365,7 @@ def format_table(res: dict) -> str:
         lines += ["", (f"whole round in-process ({rd['samples']} samples of {rd['native_size']} px in {rd['shards']} "
                        f"generated shards, train batch {rd['train_batch_size']}, {rd['image_steps']:,} image-steps; "
                        f"decode once {rd['decode_s']:.2f} s):")]
-        lines.append("  " + "  ".join(f"{k} {rd[k + '_s']:.2f} s" for k in ("train", "noise", "check", "writes"))
+        lines.append("  " + "  ".join(f"{k} {rd[k + '_s']:.2f} s" for k in ("train", "noise", "check"))
                      + f"  = round {rd['round_s']:.2f} s")
         frac = rd["fraction_of_step_rate"]
         lines.append(f"  round {rd['round_img_steps_per_s']:,.1f} img-steps/s = "

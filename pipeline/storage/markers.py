@@ -38,6 +38,19 @@ def read_marker(url: str) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
+def read_record(url: str) -> dict | None:
+    """A JSON record of the work dir or the release (the run record, a probe record), or None when it is missing
+    or damaged (a torn write or changed bytes: never trusted, and said in the log)."""
+    try:
+        record = json.loads(fs.read_bytes(url))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        log.warning("%s is damaged: ignored", url)
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def is_done(url: str, config_hash: str) -> bool:
     marker = read_marker(url)
     return marker is not None and marker.get("config_hash") == config_hash

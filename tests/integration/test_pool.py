@@ -15,8 +15,8 @@ import pytest
 import ray
 import torch
 
-from pipeline import pool
 from pipeline.config import ProtectConfig
+from pipeline.executor import ray_pool as pool
 from pipeline.plan import build_plan
 from pipeline.schedule import assign_shards
 from pipeline.worker import RoundWorker

@@ -19,8 +19,8 @@ import pytest
 import ray
 import yaml
 
-from pipeline import pool
 from pipeline.cli import build_parser, config_from_args
+from pipeline.executor import ray_pool as pool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(REPO, "deploy")
