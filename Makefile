@@ -1,5 +1,5 @@
-# The set-up commands: `make demo`, `make test` and `make lint` (ruff check). Each creates .venv with the pinned
-# dependencies when missing.
+# The set-up commands: `make demo`, `make test` and `make lint` (ruff check and ruff format --check). Each
+# creates .venv with the pinned dependencies when missing.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -68,8 +68,10 @@ def _png(a: np.ndarray) -> bytes:
 
 def _write(out: str, name: str, images: np.ndarray, labels: np.ndarray, per_shard: int = 1000) -> None:
     for s, start in enumerate(range(0, len(images), per_shard)):
-        samples = [RawSample(f"{name}-{i:06d}", {"png": _png(images[i]), "cls": str(int(labels[i])).encode()})
-                   for i in range(start, min(start + per_shard, len(images)))]
+        samples = [
+            RawSample(f"{name}-{i:06d}", {"png": _png(images[i]), "cls": str(int(labels[i])).encode()})
+            for i in range(start, min(start + per_shard, len(images)))
+        ]
         fs.write_verified(fs.join(out, name, f"{name}-{s:06d}.tar"), write_tar(samples))
 
 
@@ -144,8 +146,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=("mnist", "fashion", "photos"), default="mnist")
     p.add_argument("--robust", default="off,on", help="comma-separated protect --robust settings")
-    p.add_argument("--mode", choices=("samplewise", "classwise"), default="samplewise",
-                   help="protect --mode (at the demo's settings for that mode)")
+    p.add_argument(
+        "--mode",
+        choices=("samplewise", "classwise"),
+        default="samplewise",
+        help="protect --mode (at the demo's settings for that mode)",
+    )
     p.add_argument("--archs", default="small-cnn,resnet-mini")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", default="0,1,2")
@@ -153,12 +159,18 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=400, help="train images per class (fashion, photos)")
     p.add_argument("--max-rounds", type=int, default=None, help="protect --max-rounds (default: the demo's)")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="protect --cpus-per-worker (and threads)")
-    p.add_argument("--labels", default="member",
-                   help="comma-separated protect --labels settings (cluster: the labels are not read; k-means "
-                        "pseudo-labels into 10 groups; the victims still train with the true labels, which the release "
-                        "passes through)")
-    p.add_argument("--encode", default="png",
-                   help="comma-separated release encodings: png, jpeg:Q, webp:Q (protect --encode-format/-quality)")
+    p.add_argument(
+        "--labels",
+        default="member",
+        help="comma-separated protect --labels settings (cluster: the labels are not read; k-means "
+        "pseudo-labels into 10 groups; the victims still train with the true labels, which the release "
+        "passes through)",
+    )
+    p.add_argument(
+        "--encode",
+        default="png",
+        help="comma-separated release encodings: png, jpeg:Q, webp:Q (protect --encode-format/-quality)",
+    )
     p.add_argument("--out", default="/tmp/efficacy")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -182,39 +194,70 @@ def main() -> int:
     for robust in args.robust.split(","):
         for encode, labels in ((e, lab) for e in args.encode.split(",") for lab in args.labels.split(",")):
             fmt, _, quality = encode.partition(":")
-            name = (("class-wise, " if args.mode == "classwise" else "") + f"robust {robust}"
-                    + ("" if fmt == "png" else f", {fmt} {quality}")
-                    + ("" if labels == "member" else f", labels {labels}"))
-            release = os.path.join(out, ("release-classwise-" if args.mode == "classwise" else "release-")
-                                   + f"robust-{robust}" + ("" if fmt == "png" else f"-{fmt}{quality}")
-                                   + ("" if labels == "member" else f"-{labels}"))
+            name = (
+                ("class-wise, " if args.mode == "classwise" else "")
+                + f"robust {robust}"
+                + ("" if fmt == "png" else f", {fmt} {quality}")
+                + ("" if labels == "member" else f", labels {labels}")
+            )
+            release = os.path.join(
+                out,
+                ("release-classwise-" if args.mode == "classwise" else "release-")
+                + f"robust-{robust}"
+                + ("" if fmt == "png" else f"-{fmt}{quality}")
+                + ("" if labels == "member" else f"-{labels}"),
+            )
             releases[name] = release
             t0 = time.perf_counter()
             if fs.exists(os.path.join(release, "_SUCCESS.json")):  # a finished release: reused (delete it to redo)
                 success, exit_code = json.loads(fs.read_bytes(os.path.join(release, "_SUCCESS.json"))), None
             else:
-                cfg = ProtectConfig(inputs=train, output=release, probe_countermeasures="none", robust=robust,
-                                    cpus_per_worker=args.cpus_per_worker, encode_format=fmt, labels=labels,
-                                    num_classes=10 if labels == "cluster" else None,
-                                    encode_quality=int(quality) if quality else None, **base)
+                cfg = ProtectConfig(
+                    inputs=train,
+                    output=release,
+                    probe_countermeasures="none",
+                    robust=robust,
+                    cpus_per_worker=args.cpus_per_worker,
+                    encode_format=fmt,
+                    labels=labels,
+                    num_classes=10 if labels == "cluster" else None,
+                    encode_quality=int(quality) if quality else None,
+                    **base,
+                )
                 run = protect(cfg)
                 success, exit_code = run.success, run.exit_code
             results["releases"][name] = {
-                "seconds": round(time.perf_counter() - t0, 1), "timings": success.get("timings"),
-                "rounds": success["rounds"], "stop_reason": success["stop_reason"],
-                "image_steps": success.get("image_steps"), "probe_accuracy": success["protection"]["probe_accuracy"],
-                "exit_code": exit_code, "tar_bytes": sum(fs.size(u) for u in fs.find(release, ".tar")),
-                "input_tar_bytes": sum(fs.size(u) for u in fs.find(train[0], ".tar"))}
+                "seconds": round(time.perf_counter() - t0, 1),
+                "timings": success.get("timings"),
+                "rounds": success["rounds"],
+                "stop_reason": success["stop_reason"],
+                "image_steps": success.get("image_steps"),
+                "probe_accuracy": success["protection"]["probe_accuracy"],
+                "exit_code": exit_code,
+                "tar_bytes": sum(fs.size(u) for u in fs.find(release, ".tar")),
+                "input_tar_bytes": sum(fs.size(u) for u in fs.find(train[0], ".tar")),
+            }
             print(json.dumps({name: results["releases"][name]}), flush=True)
     for arch in archs:
         sources = [("clean", train, ["none"])] + [(name, [release], battery) for name, release in releases.items()]
         for name, source, cms in sources:
             t0 = time.perf_counter()
-            v = evaluate(source, test, arch=arch, epochs=args.epochs, resolution=resolution, pad=pad, seeds=seeds,
-                         countermeasures=cms)
+            v = evaluate(
+                source,
+                test,
+                arch=arch,
+                epochs=args.epochs,
+                resolution=resolution,
+                pad=pad,
+                seeds=seeds,
+                countermeasures=cms,
+            )
             results["victims"][f"{arch} / {name}"] = v
-            print(f"{arch} / {name}: worst {100 * v['worst_case']['accuracy']:.1f}% "
-                  f"({v['worst_case']['countermeasure']}), {time.perf_counter() - t0:.0f} s", flush=True)
+            print(
+                f"{arch} / {name}: worst {100 * v['worst_case']['accuracy']:.1f}% "
+                f"({v['worst_case']['countermeasure']}), {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
             with open(os.path.join(out, "efficacy.json"), "w") as f:
                 json.dump(results, f, indent=1)
     print(table(results))
@@ -233,11 +276,15 @@ def table(results: dict) -> str:
         cells = []
         for n in names:
             c = v["countermeasures"].get(n)
-            cells.append("" if c is None else
-                         f"{100 * c['mean_final_accuracy']:.1f} / {100 * c['mean_early_stopped_accuracy']:.1f}")
+            cells.append(
+                ""
+                if c is None
+                else f"{100 * c['mean_final_accuracy']:.1f} / {100 * c['mean_early_stopped_accuracy']:.1f}"
+            )
         worst = v["worst_case"]
-        rows.append(f"| {key} | " + " | ".join(cells) + f" | **{100 * worst['accuracy']:.1f}** "
-                    f"({worst['countermeasure']}) |")
+        rows.append(
+            f"| {key} | " + " | ".join(cells) + f" | **{100 * worst['accuracy']:.1f}** ({worst['countermeasure']}) |"
+        )
     return "\n".join(rows)
 
 

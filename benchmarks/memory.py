@@ -43,8 +43,7 @@ def make_corpus(folder: str, photos: int) -> list[tuple[str, str]]:
             continue
         samples = []
         for i in range(start, min(start + PER_SHARD, photos)):
-            scene = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((512, 384),
-                                                                                                Image.BICUBIC)
+            scene = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((512, 384), Image.BICUBIC)
             grain = rng.normal(0, 6, (384, 512, 3))
             pixels = np.clip(np.asarray(scene, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
             buf = io.BytesIO()
@@ -68,9 +67,19 @@ def one_round(folder: str, photos: int, cache: str, pgd_steps: int, threads: int
 
     shards = make_corpus(folder, photos)
     with tempfile.TemporaryDirectory(prefix="unlearnable-memory-") as tmp:
-        cfg = ProtectConfig(inputs=[folder], output=os.path.join(tmp, "out"), resolution=32, num_classes=10,
-                            pgd_steps=pgd_steps, train_steps=10, batch_size=128, cache=cache, cpus_per_worker=threads,
-                            probe_countermeasures="none", keep_work=True)
+        cfg = ProtectConfig(
+            inputs=[folder],
+            output=os.path.join(tmp, "out"),
+            resolution=32,
+            num_classes=10,
+            pgd_steps=pgd_steps,
+            train_steps=10,
+            batch_size=128,
+            cache=cache,
+            cpus_per_worker=threads,
+            probe_countermeasures="none",
+            keep_work=True,
+        )
         prepared = prepare_run(cfg)
         run = Run(cfg, prepared.layout, prepared.plan, prepared.chash, executor=local)
         run.start_workers()
@@ -82,12 +91,18 @@ def one_round(folder: str, photos: int, cache: str, pgd_steps: int, threads: int
         check = {"seconds": record["seconds"]["check"]}
     input_bytes = sum(os.path.getsize(path) for _, path in shards)
     cache_bytes = worker.disk_cache.bytes if worker.disk_cache is not None else None
-    return {"photos": photos, "cache": cache, "accepted": int(worker.x.shape[0]), "load_s": round(load_s, 1),
-            "input_bytes_per_photo": round(input_bytes / photos),
-            "cache_file_bytes_per_photo": None if cache_bytes is None else round(cache_bytes / photos),
-            "round_s": round(round_s, 1), "check_s": round(check["seconds"], 1),
-            "image_steps_per_s": round(photos * pgd_steps / round_s, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "photos": photos,
+        "cache": cache,
+        "accepted": int(worker.x.shape[0]),
+        "load_s": round(load_s, 1),
+        "input_bytes_per_photo": round(input_bytes / photos),
+        "cache_file_bytes_per_photo": None if cache_bytes is None else round(cache_bytes / photos),
+        "round_s": round(round_s, 1),
+        "check_s": round(check["seconds"], 1),
+        "image_steps_per_s": round(photos * pgd_steps / round_s, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def main() -> int:
@@ -101,16 +116,34 @@ def main() -> int:
     args = p.parse_args()
     if args.one:
         photos = int(args.one[0])
-        print(json.dumps(one_round(os.path.join(args.out, f"photos-{photos}"), photos, args.one[1], args.pgd_steps,
-                                   args.threads)))
+        print(
+            json.dumps(
+                one_round(os.path.join(args.out, f"photos-{photos}"), photos, args.one[1], args.pgd_steps, args.threads)
+            )
+        )
         return 0
     rows = []
     for photos in (int(n) for n in args.photos.split(",")):
         make_corpus(os.path.join(args.out, f"photos-{photos}"), photos)
         for cache in args.caches.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--one", str(photos), cache, "--out", args.out,
-                                   "--pgd-steps", str(args.pgd_steps), "--threads", str(args.threads)],
-                                  capture_output=True, text=True, check=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    str(photos),
+                    cache,
+                    "--out",
+                    args.out,
+                    "--pgd-steps",
+                    str(args.pgd_steps),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.out, "memory.json"), "w") as f:
@@ -122,18 +155,26 @@ def main() -> int:
     for r in rows:
         base = first[r["cache"]]["peak_rss_mb"]
         m = memory.get(r["photos"])
-        print(f"| {r['photos']:,} | {r['cache']} | {r['peak_rss_mb']:,} MB | {r['peak_rss_mb'] / base:.2f}x | "
-              f"{r['round_s']} s | {r['image_steps_per_s']} | "
-              + (f"{r['image_steps_per_s'] / m['image_steps_per_s']:.2f}x |" if m else "- |"))
+        print(
+            f"| {r['photos']:,} | {r['cache']} | {r['peak_rss_mb']:,} MB | {r['peak_rss_mb'] / base:.2f}x | "
+            f"{r['round_s']} s | {r['image_steps_per_s']} | "
+            + (f"{r['image_steps_per_s'] / m['image_steps_per_s']:.2f}x |" if m else "- |")
+        )
     # What a round reads in each mode, for a million such photos, from the bytes per photo measured above: memory
     # reads nothing (the natives stay decoded: their RAM is the cost), disk reads its raw file from local disk, none
     # reads the input's encoded bytes from wherever the input lives (and decodes them again).
     per_input = max(r["input_bytes_per_photo"] for r in rows)
     raw = [r["cache_file_bytes_per_photo"] for r in rows if r["cache_file_bytes_per_photo"]]
-    print(f"\nI/O per round for 1,000,000 such photos (input {per_input:,} B a photo"
-          + (f", decoded {raw[0]:,} B" if raw else "") + "):")
-    print(f"memory: none (the decoded natives held in RAM instead: {raw[0] * 1e6 / 1e9:,.0f} GB over the pool)"
-          if raw else "memory: none")
+    print(
+        f"\nI/O per round for 1,000,000 such photos (input {per_input:,} B a photo"
+        + (f", decoded {raw[0]:,} B" if raw else "")
+        + "):"
+    )
+    print(
+        f"memory: none (the decoded natives held in RAM instead: {raw[0] * 1e6 / 1e9:,.0f} GB over the pool)"
+        if raw
+        else "memory: none"
+    )
     if raw:
         print(f"disk: {raw[0] * 1e6 / 1e9:,.0f} GB read from the workers' local disks (written once at load)")
     print(f"none: {per_input * 1e6 / 1e9:,.0f} GB read from the input's storage, decoded again")

@@ -58,7 +58,9 @@ def build(data: str, per_class: int, native: int) -> None:
         order = rng.permutation(len(samples))
         samples = [samples[i] for i in order]
         for n, start in enumerate(range(0, len(samples), 250)):
-            fs.write_verified(os.path.join(data, split, f"{split}-{n:06d}.tar"), write_tar(samples[start : start + 250]))
+            fs.write_verified(
+                os.path.join(data, split, f"{split}-{n:06d}.tar"), write_tar(samples[start : start + 250])
+            )
 
 
 def main() -> int:
@@ -71,7 +73,9 @@ def main() -> int:
     p.add_argument("--max-rounds", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="protect --batch-size (default: the demo's)")
     p.add_argument("--train-steps", type=int, default=None, help="protect --train-steps (default: the demo's)")
-    p.add_argument("--probe-arch", default="small-cnn", help="protect --probe-arch (resnet-mini costs much more at 128 px)")
+    p.add_argument(
+        "--probe-arch", default="small-cnn", help="protect --probe-arch (resnet-mini costs much more at 128 px)"
+    )
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--arch", default="small-cnn", help="the victims' architecture")
     p.add_argument("--epochs", type=int, default=8)
@@ -89,8 +93,12 @@ def main() -> int:
     sources = {"clean": train}
     for res in (int(r) for r in args.resolutions.split(",")):
         release = os.path.join(args.out, f"release-{args.mode}-{res}")
-        settings = {**DEMO_SETTINGS[args.mode], "resolution": res, "probe_arch": args.probe_arch,
-                    "probe_steps": args.probe_steps}
+        settings = {
+            **DEMO_SETTINGS[args.mode],
+            "resolution": res,
+            "probe_arch": args.probe_arch,
+            "probe_steps": args.probe_steps,
+        }
         for name in ("max_rounds", "batch_size", "train_steps"):
             if getattr(args, name):
                 settings[name] = getattr(args, name)
@@ -98,24 +106,39 @@ def main() -> int:
         if fs.exists(os.path.join(release, "_SUCCESS.json")):  # a finished release: reused (delete it to redo)
             success = json.loads(fs.read_bytes(os.path.join(release, "_SUCCESS.json")))
         else:
-            cfg = ProtectConfig(inputs=train, output=release, probe_countermeasures="none", mode=args.mode,
-                                cpus_per_worker=args.cpus_per_worker, **settings)
+            cfg = ProtectConfig(
+                inputs=train,
+                output=release,
+                probe_countermeasures="none",
+                mode=args.mode,
+                cpus_per_worker=args.cpus_per_worker,
+                **settings,
+            )
             success = protect(cfg).success
-        results["releases"][res] = {"seconds": round(time.perf_counter() - t0, 1), "rounds": success["rounds"],
-                                    "stop_reason": success["stop_reason"], "timings": success.get("timings"),
-                                    "probe_accuracy": success["protection"]["probe_accuracy"]}
+        results["releases"][res] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "rounds": success["rounds"],
+            "stop_reason": success["stop_reason"],
+            "timings": success.get("timings"),
+            "probe_accuracy": success["protection"]["probe_accuracy"],
+        }
         print(json.dumps({res: results["releases"][res]}), flush=True)
         sources[f"noise at {res} px"] = [release]
     for name, source in sources.items():
         for vr in victim_res:
             v = evaluate(source, test, arch=args.arch, epochs=args.epochs, resolution=vr, pad=vr // 8, seeds=seeds)
             results["victims"][f"{name} / victim at {vr} px"] = v
-            print(f"{name} / victim at {vr} px: {100 * v['mean_accuracy']:.1f}% "
-                  f"(early-stopped {100 * v['worst_case']['accuracy']:.1f}% worst)", flush=True)
+            print(
+                f"{name} / victim at {vr} px: {100 * v['mean_accuracy']:.1f}% "
+                f"(early-stopped {100 * v['worst_case']['accuracy']:.1f}% worst)",
+                flush=True,
+            )
             with open(os.path.join(args.out, "resolution.json"), "w") as f:
                 json.dump(results, f, indent=1)
-    rows = ["| training data | " + " | ".join(f"victim at {vr} px" for vr in victim_res) + " |",
-            "|---" * (len(victim_res) + 1) + "|"]
+    rows = [
+        "| training data | " + " | ".join(f"victim at {vr} px" for vr in victim_res) + " |",
+        "|---" * (len(victim_res) + 1) + "|",
+    ]
     for name in sources:
         cells = []
         for vr in victim_res:

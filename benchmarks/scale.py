@@ -55,27 +55,55 @@ def build(out: str, shards: int, per_shard: int) -> None:
     t0 = time.perf_counter()
     for s in range(shards):
         sid = f"s{s:06d}"
-        samples = [RawSample(f"{sid}-{i:04d}", {"png": images[(s * per_shard + i) % len(images)],
-                                                 "cls": str(i % 10).encode()}) for i in range(per_shard)]
+        samples = [
+            RawSample(f"{sid}-{i:04d}", {"png": images[(s * per_shard + i) % len(images)], "cls": str(i % 10).encode()})
+            for i in range(per_shard)
+        ]
         data = write_tar(samples)
         with open(os.path.join(inputs, f"{sid}.tar"), "wb") as f:
             f.write(data)
-        rows = [manifest.row(x.key, sid, "protected", label=i % 10, width=8, height=8,
-                             output_sha256=_sha(x.members["png"]), output_member=f"{x.key}.png", linf=0, l2=0.0,
-                             psnr=99.0) for i, x in enumerate(samples)]
+        rows = [
+            manifest.row(
+                x.key,
+                sid,
+                "protected",
+                label=i % 10,
+                width=8,
+                height=8,
+                output_sha256=_sha(x.members["png"]),
+                output_member=f"{x.key}.png",
+                linf=0,
+                l2=0.0,
+                psnr=99.0,
+            )
+            for i, x in enumerate(samples)
+        ]
         man = manifest.to_parquet(rows)
-        stats = {"shard": sid, "input": per_shard, "protected": per_shard, "rejected": 0, "linf_max": 0,
-                 "read_error": None, "tar_bytes": len(data), "manifest_bytes": len(man)}
-        commit_files({"tar": (layout.shard_tar(sid), data), "manifest": (layout.shard_manifest(sid), man)},
-                     layout.shard_marker(sid), CHASH, **stats)
+        stats = {
+            "shard": sid,
+            "input": per_shard,
+            "protected": per_shard,
+            "rejected": 0,
+            "linf_max": 0,
+            "read_error": None,
+            "tar_bytes": len(data),
+            "manifest_bytes": len(man),
+        }
+        commit_files(
+            {"tar": (layout.shard_tar(sid), data), "manifest": (layout.shard_manifest(sid), man)},
+            layout.shard_marker(sid),
+            CHASH,
+            **stats,
+        )
         plan_shards.append(ShardPlan(sid, os.path.join(inputs, f"{sid}.tar"), per_shard))
         if (s + 1) % 1000 == 0:
             print(f"built {s + 1}/{shards} shards, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     plan = Plan(tuple(plan_shards), 10, 1)
     fs.write_bytes(layout.plan, plan.to_parquet())
     config = {"eps": 8 / 255, "max_rounds": 1, "encode_format": "png"}
-    fs.write_bytes(layout.run_record, json.dumps({"config": config, "config_hash": CHASH,
-                                                  "plan_digest": plan.digest}).encode())
+    fs.write_bytes(
+        layout.run_record, json.dumps({"config": config, "config_hash": CHASH, "plan_digest": plan.digest}).encode()
+    )
     write_marker(layout.round_marker(0), CHASH, round=0, error=0.0, stop=True, seconds={"noise": 1.0})
     with open(os.path.join(out, "built.json"), "w") as f:
         json.dump({"shards": shards, "per_shard": per_shard, "config": config}, f)
@@ -109,14 +137,22 @@ def step(out: str, name: str) -> dict:
     elif name == "merge":
         plan = Plan.from_parquet(fs.read_bytes(layout.plan))
         result = {"counts": _merge_manifests(layout, plan, False)}
-        success = {"config": built["config"], "config_hash": CHASH, "counts": result["counts"],
-                   "shards": built["shards"]}
+        success = {
+            "config": built["config"],
+            "config_hash": CHASH,
+            "counts": result["counts"],
+            "shards": built["shards"],
+        }
         fs.write_bytes(layout.success, json.dumps(success).encode())
     elif name == "verify":
         verdict = inspection.verify(layout.output)
         result = {"ok": verdict.ok, "problems": verdict.problems[:3], "rows": verdict.summary.get("input")}
-    return {"step": name, "seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), **result}
+    return {
+        "step": name,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        **result,
+    }
 
 
 def main() -> int:
@@ -134,8 +170,9 @@ def main() -> int:
     print(f"corpus and release built in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     for name in STEPS:
-        proc = subprocess.run([sys.executable, __file__, "--step", name, "--out", args.out], capture_output=True,
-                              text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--step", name, "--out", args.out], capture_output=True, text=True, check=True
+        )
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     print(f"| step ({args.shards:,} shards, {args.shards * args.per_shard:,} samples) | seconds | peak RSS |")

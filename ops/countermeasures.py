@@ -47,10 +47,14 @@ SPECS: dict[str, _Spec] = {
     "blur": _Spec("preprocess", "1.0", "blur:SIGMA: Gaussian blur, SIGMA in pixels (default 1.0)"),
     "bdr": _Spec("preprocess", "2", "bdr:BITS: bit-depth reduction to 2^BITS levels per channel (1-8, default 2)"),
     "cutout": _Spec("train", "0.5", "cutout:SIZE: zero a random square of SIZE x the side per image (default 0.5)"),
-    "cutmix": _Spec("train", "1.0", "cutmix:ALPHA: paste a box from another image, labels by area "
-                                    "(lam ~ Beta(ALPHA, ALPHA), default 1.0)"),
-    "mixup": _Spec("train", "1.0", "mixup:ALPHA: blend image pairs and their labels "
-                                   "(lam ~ Beta(ALPHA, ALPHA), default 1.0)"),
+    "cutmix": _Spec(
+        "train",
+        "1.0",
+        "cutmix:ALPHA: paste a box from another image, labels by area (lam ~ Beta(ALPHA, ALPHA), default 1.0)",
+    ),
+    "mixup": _Spec(
+        "train", "1.0", "mixup:ALPHA: blend image pairs and their labels (lam ~ Beta(ALPHA, ALPHA), default 1.0)"
+    ),
     "ueraser": _Spec("train", None, "ueraser: heavy random augmentation per image (UEraser-Lite style)"),
     "at": _Spec("train", "4/255", f"at:EPS: L-inf PGD adversarial training ({AT_STEPS} steps of EPS/4, default 4/255)"),
 }
@@ -79,8 +83,9 @@ def _number(name: str, arg: str, low: float, high: float, integer: bool = False)
         value = math.nan
     if not (low <= value <= high) or (integer and value != int(value)):
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"countermeasure {name}: ARG must be {kind} in [{low:g}, {high:g}], got {arg!r} "
-                         f"({SPECS[name].usage})")
+        raise ValueError(
+            f"countermeasure {name}: ARG must be {kind} in [{low:g}, {high:g}], got {arg!r} ({SPECS[name].usage})"
+        )
     return value
 
 
@@ -170,8 +175,9 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k = (k / k.sum()).to(x.dtype)
     c = x.shape[1]
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
-                    groups=c)
+    return F.conv2d(
+        F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c
+    )
 
 
 def bit_depth_reduction(x_uint8: torch.Tensor, bits: int) -> torch.Tensor:
@@ -218,8 +224,9 @@ def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return y if y.is_floating_point() else F.one_hot(y, num_classes).to(torch.float32)
 
 
-def _boxes(n: int, h: int, w: int, bh: torch.Tensor, bw: torch.Tensor, generator: torch.Generator,
-           device: torch.device) -> torch.Tensor:
+def _boxes(
+    n: int, h: int, w: int, bh: torch.Tensor, bw: torch.Tensor, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """N x 1 x H x W bool masks of boxes of size (bh, bw) around uniformly random centres, clipped to the image
     (DeVries & Taylor's cutout and Yun et al.'s cutmix both let a box hang over the edge)."""
     cy = torch.randint(0, h, (n,), generator=generator).to(device)
@@ -238,8 +245,9 @@ def cutout(x: torch.Tensor, generator: torch.Generator, size: float = 0.5) -> to
     return x.masked_fill(_boxes(n, h, w, side, side, generator, x.device), 0.0)
 
 
-def mixup(x: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
-          alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    x: torch.Tensor, targets: torch.Tensor, generator: torch.Generator, alpha: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Zhang et al.'s mixup: lam ~ Beta(alpha, alpha) per batch, every image blended with a random partner and the
     label probabilities by the same weights (each row still sums to 1). ``targets`` are probabilities N x K."""
     lam = _beta(alpha, generator)
@@ -247,8 +255,9 @@ def mixup(x: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
     return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
 
 
-def cutmix(x: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
-           alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def cutmix(
+    x: torch.Tensor, targets: torch.Tensor, generator: torch.Generator, alpha: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Yun et al.'s CutMix: lam ~ Beta(alpha, alpha) per batch; a box of area (1 - lam) from a random partner is
     pasted into each image, and the labels are mixed by the area actually pasted (after clipping at the edges)."""
     n, _, h, w = x.shape
@@ -324,20 +333,36 @@ def ueraser(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torc
     return torch.where(box, fill, x)
 
 
-def pgd_maximize(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, *, eps: float, steps: int = AT_STEPS,
-                 step_size: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def pgd_maximize(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    eps: float,
+    steps: int = AT_STEPS,
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Madry et al.'s L-inf PGD attack for adversarial training: a uniform random start in the eps-ball (when a
     generator is given), then ``steps`` signed-gradient ascent steps of ``step_size`` (default eps/4) on the
     cross-entropy (hard or soft targets), each projected onto the eps-ball and [0, 1]. Returns the adversarial
     images x + delta, detached, with |delta| <= eps. The model's mode is the caller's; its parameters get no
     gradient."""
-    return (x + pgd_perturbation(model, x, targets, eps=eps, steps=steps, step_size=step_size,
-                                 generator=generator)).detach()
+    return (
+        x + pgd_perturbation(model, x, targets, eps=eps, steps=steps, step_size=step_size, generator=generator)
+    ).detach()
 
 
-def pgd_perturbation(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, targets: torch.Tensor, *,
-                     eps: float, steps: int = AT_STEPS, step_size: float | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def pgd_perturbation(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    eps: float,
+    steps: int = AT_STEPS,
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The perturbation ``pgd_maximize`` adds, detached: |delta| <= eps and x + delta in [0, 1]. ``model`` is any
     callable from images to logits (the noise engine passes its autocast, compiled forward); the robust noise's
     inner maximisation is this attack."""

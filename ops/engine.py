@@ -144,9 +144,15 @@ class NoiseEngine:
         return self._compiled
 
     def describe(self) -> dict:
-        return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
-                "compile": self._compiled, "compile_mode": self.compile_mode, "fallback": self.fallback_reason,
-                "robust": None if self.robust is None else self.robust.describe()}
+        return {
+            "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "compile": self._compiled,
+            "compile_mode": self.compile_mode,
+            "fallback": self.fallback_reason,
+            "robust": None if self.robust is None else self.robust.describe(),
+        }
 
     def reseed(self, seed: int) -> None:
         """Restart the robust update's generator. A caller that wants a unit of work (a shard in a round) to get the
@@ -219,9 +225,18 @@ class NoiseEngine:
             p.requires_grad_(False)
         try:
             if self.robust is not None:
-                delta = robust_minimize(lambda image: self._logits(self.format(image)).float(), x, y, delta,
-                                        eps=self.eps, step_size=self.step_size, steps=self.steps, spec=self.robust,
-                                        generator=self.generator, weight=weight)
+                delta = robust_minimize(
+                    lambda image: self._logits(self.format(image)).float(),
+                    x,
+                    y,
+                    delta,
+                    eps=self.eps,
+                    step_size=self.step_size,
+                    steps=self.steps,
+                    spec=self.robust,
+                    generator=self.generator,
+                    weight=weight,
+                )
             else:
                 for _ in range(self.steps):
                     # As in ops.noise.pgd_minimize: the gradient at the clipped image itself, not through the clip

@@ -65,7 +65,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, metadata: bo
             width, height = img.size
             # Check the header's size before decoding a single pixel: a decompression bomb never gets allocated.
             if width * height > max_pixels:
-                raise ImageRejected(f"image is {width}x{height} = {width * height} pixels, over --max-pixels {max_pixels}")
+                raise ImageRejected(
+                    f"image is {width}x{height} = {width * height} pixels, over --max-pixels {max_pixels}"
+                )
             img = ImageOps.exif_transpose(img)
             img.load()
     except ImageRejected:
@@ -204,16 +206,29 @@ DEFAULT_ENCODE_QUALITY = 90
 MAX_SIDE = {"jpeg": 65_535, "webp": 16_383}
 
 
-def encode_png(color: torch.Tensor, alpha: torch.Tensor | None = None, *, icc: bytes | None = None,
-               exif: bytes | None = None, xmp: bytes | None = None) -> bytes:
+def encode_png(
+    color: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    *,
+    icc: bytes | None = None,
+    exif: bytes | None = None,
+    xmp: bytes | None = None,
+) -> bytes:
     """Encode uint8 channels (and an untouched alpha) as PNG, with the given ICC profile, EXIF and XMP chunks and
     nothing else; deterministic bytes for the same pixels and metadata."""
     return encode_image(color, alpha, icc=icc, exif=exif, xmp=xmp)
 
 
-def encode_image(color: torch.Tensor, alpha: torch.Tensor | None = None, *, fmt: str = "png",
-                 quality: int | None = None, icc: bytes | None = None, exif: bytes | None = None,
-                 xmp: bytes | None = None) -> bytes:
+def encode_image(
+    color: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    *,
+    fmt: str = "png",
+    quality: int | None = None,
+    icc: bytes | None = None,
+    exif: bytes | None = None,
+    xmp: bytes | None = None,
+) -> bytes:
     """Encode uint8 channels (and an untouched alpha) as ``fmt`` (``ENCODE_FORMATS``), with the given ICC profile,
     EXIF and XMP and nothing else; deterministic bytes for the same pixels, metadata and settings.
 
@@ -268,8 +283,7 @@ def decoded_release(data: bytes, channels: int) -> torch.Tensor:
     return match_channels(decode_image(data).color, channels)
 
 
-def encoded_roundtrip(color: torch.Tensor, alpha: torch.Tensor | None, fmt: str, quality: int | None
-                      ) -> torch.Tensor:
+def encoded_roundtrip(color: torch.Tensor, alpha: torch.Tensor | None, fmt: str, quality: int | None) -> torch.Tensor:
     """``color`` as a victim gets it from a ``fmt`` release: encoded, then decoded (the same channels)."""
     if fmt == "png":
         return color

@@ -94,7 +94,9 @@ def classwise_update_sums(
     return sums, counts
 
 
-def apply_classwise_update(class_delta: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, eps: float) -> torch.Tensor:
+def apply_classwise_update(
+    class_delta: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, eps: float
+) -> torch.Tensor:
     """Move each class's noise by the mean of its samples' updates and project onto the eps-ball."""
     shape = (-1,) + (1,) * (class_delta.dim() - 1)
     mean = sums / counts.clamp(min=1).view(shape)

@@ -72,8 +72,9 @@ class RobustSpec:
     def __post_init__(self) -> None:
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
         if unknown or not self.transforms:
-            raise ValueError(f"robust transforms must be a non-empty subset of {', '.join(TRANSFORMS)}, "
-                             f"got {list(self.transforms)}")
+            raise ValueError(
+                f"robust transforms must be a non-empty subset of {', '.join(TRANSFORMS)}, got {list(self.transforms)}"
+            )
         if self.rho < 0 or self.inner_steps < 0:
             raise ValueError(f"robust rho and inner_steps must be >= 0, got {self.rho}, {self.inner_steps}")
 
@@ -121,9 +122,9 @@ def shift_flip(x: torch.Tensor, generator: torch.Generator, pad: int, flip: bool
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad))
         offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
-        rows = (offsets[0].view(n, 1, 1, 1) + torch.arange(h, device=x.device).view(1, 1, h, 1))
+        rows = offsets[0].view(n, 1, 1, 1) + torch.arange(h, device=x.device).view(1, 1, h, 1)
         x = padded.gather(2, rows.expand(n, c, h, w + 2 * pad))
-        cols = (offsets[1].view(n, 1, 1, 1) + torch.arange(w, device=x.device).view(1, 1, 1, w))
+        cols = offsets[1].view(n, 1, 1, 1) + torch.arange(w, device=x.device).view(1, 1, 1, w)
         x = x.gather(3, cols.expand(n, c, h, w))
     if flip:
         mask = (torch.rand(n, generator=generator) < 0.5).to(x.device).view(n, 1, 1, 1)
@@ -229,9 +230,14 @@ def jpeg_approx(x: torch.Tensor, quality: int) -> torch.Tensor:
         out = _quantize_blocks(_pad_to(v, 8), luma, dct)[..., :h, :w]
     else:
         r, g, b = v[:, 0:1], v[:, 1:2], v[:, 2:3]
-        ycc = torch.cat([0.299 * r + 0.587 * g + 0.114 * b,
-                         -0.168736 * r - 0.331264 * g + 0.5 * b + 128.0,
-                         0.5 * r - 0.418688 * g - 0.081312 * b + 128.0], dim=1)
+        ycc = torch.cat(
+            [
+                0.299 * r + 0.587 * g + 0.114 * b,
+                -0.168736 * r - 0.331264 * g + 0.5 * b + 128.0,
+                0.5 * r - 0.418688 * g - 0.081312 * b + 128.0,
+            ],
+            dim=1,
+        )
         ycc = _pad_to(ycc, 16)  # a 4:2:0 MCU is 16 x 16 luminance pixels
         y = _quantize_blocks(ycc[:, :1], luma, dct)
         cbcr = _quantize_blocks(F.avg_pool2d(ycc[:, 1:], 2), chroma, dct)
@@ -282,20 +288,38 @@ def eot_transform(x: torch.Tensor, spec: RobustSpec, generator: torch.Generator)
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def inner_maximize(forward: Forward, images: torch.Tensor, y: torch.Tensor, *, spec: RobustSpec,
-                   generator: torch.Generator) -> torch.Tensor:
+def inner_maximize(
+    forward: Forward, images: torch.Tensor, y: torch.Tensor, *, spec: RobustSpec, generator: torch.Generator
+) -> torch.Tensor:
     """The adversary's delta_a at ``images`` (already noisy, in [0, 1]): PGD ascent on the cross-entropy from a
     uniform random start, ``spec.inner_steps`` signed steps of ``spec.inner_step_size``, projected onto
     |delta_a| <= rho and images + delta_a in [0, 1]. Detached; the model's parameters get no gradient."""
     if spec.rho == 0 or spec.inner_steps == 0:
         return torch.zeros_like(images)
-    return pgd_perturbation(forward, images.detach(), y, eps=spec.rho, steps=spec.inner_steps,
-                            step_size=spec.inner_step_size, generator=generator)
+    return pgd_perturbation(
+        forward,
+        images.detach(),
+        y,
+        eps=spec.rho,
+        steps=spec.inner_steps,
+        step_size=spec.inner_step_size,
+        generator=generator,
+    )
 
 
-def robust_minimize(forward: Forward, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, *, eps: float,
-                    step_size: float, steps: int, spec: RobustSpec, generator: torch.Generator,
-                    weight: torch.Tensor | None = None) -> torch.Tensor:
+def robust_minimize(
+    forward: Forward,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    spec: RobustSpec,
+    generator: torch.Generator,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``steps`` robust noise steps on one batch; returns the new delta, detached, |delta| <= eps, x + delta in
     [0, 1].
 

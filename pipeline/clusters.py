@@ -78,8 +78,9 @@ def sums(feats: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, to
 def seed_centroids(candidates: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """k-means++ on the candidate features (rows in seeding order), with the run's seed."""
     if candidates.shape[0] < k:
-        raise ValueError(f"--labels cluster: {candidates.shape[0]} samples cannot form {k} clusters "
-                         "(lower --num-classes)")
+        raise ValueError(
+            f"--labels cluster: {candidates.shape[0]} samples cannot form {k} clusters (lower --num-classes)"
+        )
     g = torch.Generator().manual_seed(seed)
     cand = candidates.to(torch.float64)
     chosen = [int(torch.randint(cand.shape[0], (1,), generator=g))]
@@ -101,9 +102,12 @@ def lloyd_update(centroids: torch.Tensor, total: torch.Tensor, counts: torch.Ten
     return moved, float((moved - centroids.to(torch.float64)).norm(dim=1).max())
 
 
-def kmeans(offer: Callable[[int], list[list[tuple[str, torch.Tensor]]]],
-           step: Callable[[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]], k: int, seed: int
-           ) -> tuple[torch.Tensor, int]:
+def kmeans(
+    offer: Callable[[int], list[list[tuple[str, torch.Tensor]]]],
+    step: Callable[[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]],
+    k: int,
+    seed: int,
+) -> tuple[torch.Tensor, int]:
     """k-means over a pool: ``offer(m)`` returns every worker's ``m`` seeding candidates (``cluster_candidates``),
     ``step(centroids)`` every worker's Lloyd sums (``cluster_sums``). Returns the centroids and the iterations."""
     m = max(CANDIDATES_PER_CLUSTER * k, MIN_CANDIDATES)

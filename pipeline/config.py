@@ -68,8 +68,14 @@ HASH_FIELDS = (
     "probe_samples",
 )
 # Hashed fields added later, with the value that does what runs did before them: hashed only when set otherwise.
-ADDED_FIELDS = {"robust": "off", "keep_metadata": False, "encode_format": "png", "encode_quality": None,
-                "labels": "member", "probe_samples": DEFAULT_PROBE_SAMPLES}
+ADDED_FIELDS = {
+    "robust": "off",
+    "keep_metadata": False,
+    "encode_format": "png",
+    "encode_quality": None,
+    "labels": "member",
+    "probe_samples": DEFAULT_PROBE_SAMPLES,
+}
 CACHE_CHOICES = ("auto", "memory", "disk", "none")
 # The smallest working resolution: the CNN surrogates' pooling fails below 4 px, and below 8 px no image is left.
 MIN_RESOLUTION = 8
@@ -169,8 +175,15 @@ class ProtectConfig:
             self.pgd_steps = 20 if self.mode == "samplewise" else 1
         if self.noise_batch_size is None:
             self.noise_batch_size = self.batch_size
-        for name in ("resolution", "pgd_steps", "train_steps", "batch_size", "noise_batch_size", "max_rounds",
-                     "probe_steps"):
+        for name in (
+            "resolution",
+            "pgd_steps",
+            "train_steps",
+            "batch_size",
+            "noise_batch_size",
+            "max_rounds",
+            "probe_steps",
+        ):
             if getattr(self, name) < (0 if name == "train_steps" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.resolution < MIN_RESOLUTION:
@@ -194,8 +207,10 @@ class ProtectConfig:
             raise ValueError("at least one --input is required")
         from pipeline.storage.fs import check_no_credentials
 
-        for flag, url in [("--input", u) for u in self.inputs] + [("--output", self.output),
-                                                                  ("--work-dir", self.work_dir or "")]:
+        for flag, url in [("--input", u) for u in self.inputs] + [
+            ("--output", self.output),
+            ("--work-dir", self.work_dir or ""),
+        ]:
             check_no_credentials(url, flag)
         from surrogates import available
 
@@ -207,8 +222,11 @@ class ProtectConfig:
     def hashed_fields(self) -> dict:
         """The fields of the run's identity. A field added after runs existed enters it only when it changes what
         those runs did (``ADDED_FIELDS``), so that a run started by an earlier version resumes under this one."""
-        return {name: getattr(self, name) for name in HASH_FIELDS
-                if not (name in ADDED_FIELDS and getattr(self, name) == ADDED_FIELDS[name])}
+        return {
+            name: getattr(self, name)
+            for name in HASH_FIELDS
+            if not (name in ADDED_FIELDS and getattr(self, name) == ADDED_FIELDS[name])
+        }
 
     def to_dict(self) -> dict:
         return asdict(self)

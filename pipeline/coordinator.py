@@ -47,9 +47,11 @@ MAX_WORKER_REPLACEMENTS = 3
 
 
 # Why a --labels cluster release is never reported protected (_SUCCESS.json's protection.why).
-UNCERTIFIED_CLUSTERS = ("with --labels cluster the probe learns the clusters, not the classes a victim trains on, so "
-                        "it cannot tell whether the release protects (on MNIST-5k it read 12.6% while small-cnn "
-                        "victims trained with the true labels reached 94%)")
+UNCERTIFIED_CLUSTERS = (
+    "with --labels cluster the probe learns the clusters, not the classes a victim trains on, so "
+    "it cannot tell whether the release protects (on MNIST-5k it read 12.6% while small-cnn "
+    "victims trained with the true labels reached 94%)"
+)
 # Config fields that say where the originals and the noise state live: kept out of the public _SUCCESS.json.
 PRIVATE_CONFIG = ("inputs", "work_dir", "ray_address")
 
@@ -67,8 +69,12 @@ class RunResult:
 def _versions() -> dict:
     import ray
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "unlearnable": _own_version()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "unlearnable": _own_version(),
+    }
 
 
 def _own_version() -> str:
@@ -106,8 +112,13 @@ def prepare_run(cfg: ProtectConfig) -> Prepared:
     record = read_record(layout.run_record)
     plan = _load_plan(layout, record)
     if plan is None:
-        plan = build_plan(input_shards, cfg.num_classes, cfg.image_key, cfg.label_key,  # listed once, above
-                          cfg.labels)
+        plan = build_plan(
+            input_shards,
+            cfg.num_classes,
+            cfg.image_key,
+            cfg.label_key,  # listed once, above
+            cfg.labels,
+        )
     if cfg.num_classes is None:
         cfg.num_classes = plan.num_classes
     cfg.label_names = list(plan.label_names) or None  # the workers map class names to ids with it
@@ -128,9 +139,15 @@ def prepare_run(cfg: ProtectConfig) -> Prepared:
         created = (record or {}).get("work_dir_created", not fs.exists(work))
         plan_bytes = plan.to_parquet()
         fs.write_bytes(layout.plan, plan_bytes)
-        run = {"config": cfg.to_dict(), "hashed_config": cfg.hashed_fields(), "config_hash": chash,
-               "plan_digest": digest, "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
-               "work_dir_created": created, "created": time.time()}
+        run = {
+            "config": cfg.to_dict(),
+            "hashed_config": cfg.hashed_fields(),
+            "config_hash": chash,
+            "plan_digest": digest,
+            "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
+            "work_dir_created": created,
+            "created": time.time(),
+        }
         fs.write_bytes(layout.run_record, json.dumps(run, indent=2, default=str).encode())
     return Prepared(layout, plan, chash, success if complete else None)
 
@@ -177,8 +194,7 @@ def protect(cfg: ProtectConfig) -> RunResult:
                     if replacement == MAX_WORKER_REPLACEMENTS:
                         raise
                     # The pool's process group dies with any of its workers: restart the whole pool.
-                    log.warning("worker died (%s); restarting the pool and resuming from the last committed unit",
-                                exc)
+                    log.warning("worker died (%s); restarting the pool and resuming from the last committed unit", exc)
                     run.stop_workers()
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -201,8 +217,12 @@ def _finished_run(cfg: ProtectConfig, prepared: Prepared) -> RunResult | None:
         log.info("release in %s is already complete and verifies", layout.output)
         _clean_up(cfg, layout)
         return RunResult(EXIT_OK if done["protection"]["holds"] else EXIT_UNPROTECTED, done)
-    log.warning("the finished release in %s does not verify (%d problem(s); first: %s)", layout.output,
-                len(verdict.problems), verdict.problems[0])
+    log.warning(
+        "the finished release in %s does not verify (%d problem(s); first: %s)",
+        layout.output,
+        len(verdict.problems),
+        verdict.problems[0],
+    )
     if not verdict.bad_shards:
         # Only the merged manifest or the run record's counts are wrong: both are rebuilt from the shards.
         _rewrite_merged(layout, prepared.plan, done, cfg.manifest_source_hash)
@@ -216,9 +236,11 @@ def _finished_run(cfg: ProtectConfig, prepared: Prepared) -> RunResult | None:
         raise ConfigRefused(
             f"the release in {layout.output} is damaged (shards {bad}) and the noise state that could rewrite them is "
             f"gone ({exc.url.rsplit('/', 1)[-1]}: only --keep-work keeps it); restore those shards' files from a "
-            "copy of the release, or rerun with --overwrite to protect the corpus again") from None
-    log.warning("rewriting %d damaged shard(s) from the kept state: %s", len(verdict.bad_shards),
-                ", ".join(verdict.bad_shards))
+            "copy of the release, or rerun with --overwrite to protect the corpus again"
+        ) from None
+    log.warning(
+        "rewriting %d damaged shard(s) from the kept state: %s", len(verdict.bad_shards), ", ".join(verdict.bad_shards)
+    )
     fs.remove(layout.success)  # first: the release is not complete until the shards are rewritten
     drop(*[layout.shard_marker(s) for s in verdict.bad_shards])
     return None
@@ -226,8 +248,10 @@ def _finished_run(cfg: ProtectConfig, prepared: Prepared) -> RunResult | None:
 
 def _rewrite_merged(layout: Layout, plan: Plan, success: dict, source_hash: bool) -> None:
     counts = merge_manifests(layout, plan, source_hash)
-    fs.write_bytes(layout.success, json.dumps({**success, "counts": counts, "shards": len(plan.shards)}, indent=2,
-                                              default=str).encode())
+    fs.write_bytes(
+        layout.success,
+        json.dumps({**success, "counts": counts, "shards": len(plan.shards)}, indent=2, default=str).encode(),
+    )
     log.warning("manifest.parquet and the counts in _SUCCESS.json rewritten from the shards' manifests")
 
 
@@ -246,8 +270,9 @@ def _clean_up(cfg: ProtectConfig, layout: Layout) -> None:
 
 def _record_error(layout: Layout, exc: BaseException) -> None:
     try:
-        fs.write_bytes(layout.last_error, json.dumps({"error": f"{type(exc).__name__}: {exc}", "time": time.time()})
-                       .encode())
+        fs.write_bytes(
+            layout.last_error, json.dumps({"error": f"{type(exc).__name__}: {exc}", "time": time.time()}).encode()
+        )
     except OSError:
         log.warning("could not record the error in the work dir")
 
@@ -275,8 +300,12 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
         cfg, plan = self.cfg, self.plan
         n, gpus_each, cpus_each = self.pool.pool_size(cfg.workers, cfg.gpus_per_worker, cfg.cpus_per_worker)
         if n > len(plan.shards):
-            log.warning("%d workers asked for but the corpus has %d shard(s): starting %d", n, len(plan.shards),
-                        len(plan.shards))
+            log.warning(
+                "%d workers asked for but the corpus has %d shard(s): starting %d",
+                n,
+                len(plan.shards),
+                len(plan.shards),
+            )
             n = len(plan.shards)
         self.workers = self.pool.start_workers(cfg.to_dict(), plan.num_classes, plan.channels, n, gpus_each, cpus_each)
         shares = assign_shards(plan.shards, n)
@@ -285,8 +314,10 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
         self.heartbeat.phase("load")
         t0 = time.perf_counter()
         # Each worker streams its shards' results as it loads them: a progress line per shard, with the pace.
-        streams = {w.load_shards_streamed.remote([(s.id, s.url) for s in share]): i
-                   for i, (w, share) in enumerate(zip(self.workers, shares))}
+        streams = {
+            w.load_shards_streamed.remote([(s.id, s.url) for s in share]): i
+            for i, (w, share) in enumerate(zip(self.workers, shares))
+        }
         results, samples = [], 0
         while streams:
             ready, _ = self.pool.wait(list(streams))
@@ -298,17 +329,30 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
                 results.append(r)
                 samples += r["accepted"] + r["rejected"]
                 elapsed = time.perf_counter() - t0
-                log.info("load: %d/%d shards loaded (%s on worker %d), %.0f images/s%s", len(results),
-                         len(plan.shards), r["shard"], streams[stream], samples / max(elapsed, 1e-9),
-                         eta(samples, plan.total_samples, elapsed))
+                log.info(
+                    "load: %d/%d shards loaded (%s on worker %d), %.0f images/s%s",
+                    len(results),
+                    len(plan.shards),
+                    r["shard"],
+                    streams[stream],
+                    samples / max(elapsed, 1e-9),
+                    eta(samples, plan.total_samples, elapsed),
+                )
         seconds = time.perf_counter() - t0
         self.timings["load"] += seconds
         for r in results:
             if r["read_error"]:
                 log.warning("shard %s: %s", r["shard"], r["read_error"])
         accepted = sum(r["accepted"] for r in results)
-        log.info("loaded %d shard(s) on %d worker(s): %d samples accepted, %d rejected, %.1f s (%.0f images/s)",
-                 len(results), n, accepted, sum(r["rejected"] for r in results), seconds, accepted / max(seconds, 1e-9))
+        log.info(
+            "loaded %d shard(s) on %d worker(s): %d samples accepted, %d rejected, %.1f s (%.0f images/s)",
+            len(results),
+            n,
+            accepted,
+            sum(r["rejected"] for r in results),
+            seconds,
+            accepted / max(seconds, 1e-9),
+        )
         if accepted == 0:
             raise ConfigRefused("no sample of the corpus can be protected (every sample was rejected)")
         # Every worker learns where its rows sit in the whole corpus (the plan's order): the pool then draws one
@@ -339,10 +383,14 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
                 return self.pool.get_all([w.cluster_sums.remote(ref) for w in workers])
 
             centroids, iterations = clusters.kmeans(
-                lambda m: self.pool.get_all([w.cluster_candidates.remote(m) for w in workers]), lloyd_sums,
-                self.plan.num_classes, self.cfg.seed)
-            commit(layout.clusters, clusters.to_bytes(centroids), layout.clusters_marker, self.chash,
-                   iterations=iterations)
+                lambda m: self.pool.get_all([w.cluster_candidates.remote(m) for w in workers]),
+                lloyd_sums,
+                self.plan.num_classes,
+                self.cfg.seed,
+            )
+            commit(
+                layout.clusters, clusters.to_bytes(centroids), layout.clusters_marker, self.chash, iterations=iterations
+            )
             how = f"k-means, {iterations} iteration(s), {time.perf_counter() - t0:.1f} s"
         ref = self.pool.put(centroids)
         sizes = [sum(c) for c in zip(*self.pool.get_all([w.set_centroids.remote(ref) for w in self.workers]))]
@@ -358,8 +406,10 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
         self.heartbeat.phase(" ".join(p for p in (f"round {r}" if r is not None else "", unit, shard or "") if p))
         faults.at_unit("coordinator", unit, r, shard)
         name = f"{unit}-r{r if r is not None else ''}-{shard or ''}-{time.time_ns()}.json"
-        fs.write_bytes(fs.join(self.layout.attempts, name),
-                       json.dumps({"unit": unit, "round": r, "shard": shard, "pid": os.getpid()}).encode())
+        fs.write_bytes(
+            fs.join(self.layout.attempts, name),
+            json.dumps({"unit": unit, "round": r, "shard": shard, "pid": os.getpid()}).encode(),
+        )
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     def _finished_rounds(self) -> list[dict]:
@@ -420,8 +470,15 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
         last = len(self.history) - 1
         if self.history and self.history[-1]["stop"]:
             return
-        bar = tqdm(range(last + 1, cfg.max_rounds), desc="rounds", unit="round", file=sys.stderr,
-                   initial=last + 1, total=cfg.max_rounds, disable=not sys.stderr.isatty())
+        bar = tqdm(
+            range(last + 1, cfg.max_rounds),
+            desc="rounds",
+            unit="round",
+            file=sys.stderr,
+            initial=last + 1,
+            total=cfg.max_rounds,
+            disable=not sys.stderr.isatty(),
+        )
         for r in bar:
             record = self._round(r, clean_ref, final=r == cfg.max_rounds - 1)
             if record.get("probe"):
@@ -449,8 +506,13 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
         if train is not None:
             record["train"] = train
         seconds["train"] = time.perf_counter() - t0
-        log.info("round %d train: %d steps, loss %s, %.1f s", r, cfg.train_steps,
-                 f"{train['loss']:.4f}" if train else "(done before)", seconds["train"])
+        log.info(
+            "round %d train: %d steps, loss %s, %.1f s",
+            r,
+            cfg.train_steps,
+            f"{train['loss']:.4f}" if train else "(done before)",
+            seconds["train"],
+        )
         t0 = time.perf_counter()
         record["image_steps"] = self._noise_stage(r)
         seconds["noise"] = time.perf_counter() - t0
@@ -468,10 +530,18 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
         probe_txt = ""
         if record["probe"]:
             p = record["probe"]
-            probe_txt = (f"; probe {p['arch']} {100 * p['probe_accuracy']:.1f}% on clean held-out "
-                         f"(threshold {100 * p['threshold']:.1f}%, {'holds' if p['holds'] else 'does NOT hold'})")
-        log.info("round %d: surrogate error on released data %.4f (stop at %.4f)%s; stages %s", r, record["error"],
-                 cfg.stop_error, probe_txt, ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+            probe_txt = (
+                f"; probe {p['arch']} {100 * p['probe_accuracy']:.1f}% on clean held-out "
+                f"(threshold {100 * p['threshold']:.1f}%, {'holds' if p['holds'] else 'does NOT hold'})"
+            )
+        log.info(
+            "round %d: surrogate error on released data %.4f (stop at %.4f)%s; stages %s",
+            r,
+            record["error"],
+            cfg.stop_error,
+            probe_txt,
+            ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()),
+        )
         write_marker(layout.round_marker(r), self.chash, **record)
         old = r - KEEP_ROUNDS
         if old >= 0:  # keep the last two rounds' noise state and checkpoints; the round records stay
@@ -484,21 +554,41 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
         cfg, layout = self.cfg, self.layout
         final = self.history[-1]
         stop_reason = "stop_rule" if final["stop"] else "max_rounds"
-        protection = {k: final["probe"][k] for k in ("holds", "probe_accuracy", "probe_clean_accuracy", "chance",
-                                                      "threshold", "arch", "steps", "train_samples", "test_samples")}
+        protection = {
+            k: final["probe"][k]
+            for k in (
+                "holds",
+                "probe_accuracy",
+                "probe_clean_accuracy",
+                "chance",
+                "threshold",
+                "arch",
+                "steps",
+                "train_samples",
+                "test_samples",
+            )
+        }
         protection["probe_holds"] = protection["holds"]  # the plain probe's verdict: the stop rule's
         if self.battery is not None:
             # Protected only when the plain probe and every countermeasure of the battery hold.
-            protection.update(holds=protection["holds"] and self.battery["holds"],
-                              countermeasures=self.battery["countermeasures"], worst_case=self.battery["worst_case"])
+            protection.update(
+                holds=protection["holds"] and self.battery["holds"],
+                countermeasures=self.battery["countermeasures"],
+                worst_case=self.battery["worst_case"],
+            )
         if cfg.labels == "cluster":
             # The probe learns the clusters, not the classes a victim trains on: its verdict cannot certify the
             # release (measured on MNIST-5k: the probe read 12.6%, victims trained with the true labels 94%).
             protection.update(holds=False, certified=False, why=UNCERTIFIED_CLUSTERS)
         if stop_reason == "max_rounds":
-            log.warning("!!! reached --max-rounds %d without meeting the stop rule (error %.4f, probe %.1f%% against "
-                        "threshold %.1f%%): released anyway", cfg.max_rounds, final["error"],
-                        100 * protection["probe_accuracy"], 100 * protection["threshold"])
+            log.warning(
+                "!!! reached --max-rounds %d without meeting the stop rule (error %.4f, probe %.1f%% against "
+                "threshold %.1f%%): released anyway",
+                cfg.max_rounds,
+                final["error"],
+                100 * protection["probe_accuracy"],
+                100 * protection["threshold"],
+            )
         self.timings["total"] = time.perf_counter() - t_start
         success = {
             # Public: where the originals and the noise live stays in the work dir's run.json.
@@ -513,9 +603,15 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
             "protection": protection,
             "counts": self.counts,
             "shards": len(self.plan.shards),
-            "history": [{"round": h["round"], "error": h["error"], "image_steps": h.get("image_steps", 0),
-                         "probe_accuracy": h["probe"]["probe_accuracy"] if h.get("probe") else None}
-                        for h in self.history],
+            "history": [
+                {
+                    "round": h["round"],
+                    "error": h["error"],
+                    "image_steps": h.get("image_steps", 0),
+                    "probe_accuracy": h["probe"]["probe_accuracy"] if h.get("probe") else None,
+                }
+                for h in self.history
+            ],
             "timings": {k: round(v, 2) for k, v in self.timings.items()},
             # PGD image-steps actually taken (rounds done before a resume included): the work the release cost.
             "image_steps": sum(h.get("image_steps", 0) for h in self.history),
@@ -524,17 +620,30 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
         fs.write_bytes(layout.success, json.dumps(success, indent=2, default=str).encode())
         _clean_up(cfg, layout)
         if protection["holds"]:
-            log.info("release complete: %d protected, %d rejected; probe %.1f%% <= threshold %.1f%% (chance %.1f%%)",
-                     self.counts["protected"], self.counts["rejected"], 100 * protection["probe_accuracy"],
-                     100 * protection["threshold"], 100 * protection["chance"])
+            log.info(
+                "release complete: %d protected, %d rejected; probe %.1f%% <= threshold %.1f%% (chance %.1f%%)",
+                self.counts["protected"],
+                self.counts["rejected"],
+                100 * protection["probe_accuracy"],
+                100 * protection["threshold"],
+                100 * protection["chance"],
+            )
             return RunResult(EXIT_OK, success)
         if protection.get("certified") is False:
-            log.error("!!! PROTECTION NOT CERTIFIED: %s. The release is written; measure it with `unlearnable "
-                      "evaluate` on labelled data before publishing.", protection["why"])
+            log.error(
+                "!!! PROTECTION NOT CERTIFIED: %s. The release is written; measure it with `unlearnable "
+                "evaluate` on labelled data before publishing.",
+                protection["why"],
+            )
             return RunResult(EXIT_UNPROTECTED, success)
         worst = protection.get("worst_case") or {"countermeasure": "none", "accuracy": protection["probe_accuracy"]}
-        log.error("!!! PROTECTION DOES NOT HOLD: a fresh %s trained on the release reaches %.1f%% on clean held-out "
-                  "images (under %s; threshold %.1f%%, chance %.1f%%). The release is written but is NOT protected.",
-                  protection["arch"], 100 * max(worst["accuracy"], protection["probe_accuracy"]),
-                  worst["countermeasure"], 100 * protection["threshold"], 100 * protection["chance"])
+        log.error(
+            "!!! PROTECTION DOES NOT HOLD: a fresh %s trained on the release reaches %.1f%% on clean held-out "
+            "images (under %s; threshold %.1f%%, chance %.1f%%). The release is written but is NOT protected.",
+            protection["arch"],
+            100 * max(worst["accuracy"], protection["probe_accuracy"]),
+            worst["countermeasure"],
+            100 * protection["threshold"],
+            100 * protection["chance"],
+        )
         return RunResult(EXIT_UNPROTECTED, success)

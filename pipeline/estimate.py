@@ -31,9 +31,13 @@ def estimate(cfg: ProtectConfig, rate: float | None = None, workers: int | None 
             "samples": samples,
             "classes": cfg.num_classes or plan.num_classes,
             # Integer labels, or class names with the ids the plan gave them (the first ones; the plan holds all).
-            "labels": ({"kind": "clusters (k-means after the load)"} if cfg.labels == "cluster" else
-                       {"kind": "class names", "first_ids": {n: i for i, n in enumerate(plan.label_names[:10])}}
-                       if plan.label_names else {"kind": "integers"}),
+            "labels": (
+                {"kind": "clusters (k-means after the load)"}
+                if cfg.labels == "cluster"
+                else {"kind": "class names", "first_ids": {n: i for i, n in enumerate(plan.label_names[:10])}}
+                if plan.label_names
+                else {"kind": "integers"}
+            ),
             "channels": plan.channels,
             "largest_shard": max((s.samples for s in plan.shards), default=0),
             "shard_ids": [s.id for s in plan.shards[:5]] + (["..."] if len(plan.shards) > 5 else []),
@@ -63,6 +67,7 @@ def estimate(cfg: ProtectConfig, rate: float | None = None, workers: int | None 
         if workers:
             out["estimate"]["wall_hours_typical_with_workers"] = round(hours * TYPICAL_ROUNDS / workers, 3)
     else:
-        out["estimate"] = {"note": "pass --rate (engine_img_steps_per_s from `unlearnable bench --json` on your GPU) "
-                                   "for GPU-hours"}
+        out["estimate"] = {
+            "note": "pass --rate (engine_img_steps_per_s from `unlearnable bench --json` on your GPU) for GPU-hours"
+        }
     return out

@@ -25,8 +25,9 @@ from surrogates.training import accuracy, fit_epochs
 log = logging.getLogger(__name__)
 
 
-def load_samples(inputs: list[str], resolution: int,
-                 channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_samples(
+    inputs: list[str], resolution: int, channels: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Every decodable, labelled sample of the shards as uint8 N x C x R x R, labels and keys (others are skipped)."""
     rules = SampleRules(num_classes=None, max_pixels=50_000_000)  # type: ignore[arg-type]
     images, labels, keys = [], [], []
@@ -53,10 +54,24 @@ def load_images(inputs: list[str], resolution: int, channels: int | None = None)
     return x, y
 
 
-def train_countered_victim(x: torch.Tensor, y: torch.Tensor, cm: Countermeasure, *, arch: str, epochs: int,
-                           num_classes: int, x_val: torch.Tensor, y_val: torch.Tensor, x_hold: torch.Tensor,
-                           y_hold: torch.Tensor, batch_size: int = 128, lr: float = 0.05, pad: int = 4,
-                           flip: bool = False, seed: int = 0) -> tuple[torch.nn.Module, list[float], list[float]]:
+def train_countered_victim(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cm: Countermeasure,
+    *,
+    arch: str,
+    epochs: int,
+    num_classes: int,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    x_hold: torch.Tensor,
+    y_hold: torch.Tensor,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    pad: int = 4,
+    flip: bool = False,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, list[float], list[float]]:
     """A victim trained on ``x`` (already preprocessed) with ``cm``'s training-time change, if any; scored after every
     epoch on the validation half and the held-out half. Returns the model and both per-epoch curves. With ``none``
     it trains the same weights as ``surrogates.training.fit`` over the same steps (tested)."""
@@ -68,17 +83,47 @@ def train_countered_victim(x: torch.Tensor, y: torch.Tensor, cm: Countermeasure,
     def score(epoch: int, m: torch.nn.Module) -> None:
         val_curve.append(accuracy(m, x_val, y_val))
         hold_curve.append(accuracy(m, x_hold, y_hold))
-        log.debug("%s %s seed %d epoch %d: validation %.4f, held out %.4f", arch, cm.text, seed, epoch,
-                  val_curve[-1], hold_curve[-1])
+        log.debug(
+            "%s %s seed %d epoch %d: validation %.4f, held out %.4f",
+            arch,
+            cm.text,
+            seed,
+            epoch,
+            val_curve[-1],
+            hold_curve[-1],
+        )
 
-    fit_epochs(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, pad=pad, flip=flip, seed=seed,
-               augment=batch_augment(cm, num_classes), adversary=adversary(cm), on_epoch=score)
+    fit_epochs(
+        model,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        pad=pad,
+        flip=flip,
+        seed=seed,
+        augment=batch_augment(cm, num_classes),
+        adversary=adversary(cm),
+        on_epoch=score,
+    )
     return model, val_curve, hold_curve
 
 
-def evaluate(train: list[str], test: list[str], *, arch: str = "resnet18", epochs: int = 10, resolution: int = 32,
-             batch_size: int = 128, lr: float = 0.05, pad: int = 4, flip: bool = False,
-             seeds: list[int] | None = None, countermeasures: list[str] | None = None) -> dict:
+def evaluate(
+    train: list[str],
+    test: list[str],
+    *,
+    arch: str = "resnet18",
+    epochs: int = 10,
+    resolution: int = 32,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    pad: int = 4,
+    flip: bool = False,
+    seeds: list[int] | None = None,
+    countermeasures: list[str] | None = None,
+) -> dict:
     """Victims (one per seed and countermeasure) trained on ``train``, scored on the clean ``test`` shards.
 
     ``countermeasures`` are ``NAME[:ARG]`` texts (``ops.countermeasures``; default: ``none`` only). A preprocessing
@@ -108,17 +153,37 @@ def evaluate(train: list[str], test: list[str], *, arch: str = "resnet18", epoch
         finals, stopped, best_epochs, val_curves, hold_curves = [], [], [], [], []
         for seed in seeds:
             model, val_curve, hold_curve = train_countered_victim(
-                xs_train, y_train, cm, arch=arch, epochs=epochs, num_classes=num_classes, x_val=xs_test[half_a],
-                y_val=y_test[half_a], x_hold=xs_test[~half_a], y_hold=y_test[~half_a], batch_size=batch_size,
-                lr=lr, pad=pad, flip=flip, seed=seed)
+                xs_train,
+                y_train,
+                cm,
+                arch=arch,
+                epochs=epochs,
+                num_classes=num_classes,
+                x_val=xs_test[half_a],
+                y_val=y_test[half_a],
+                x_hold=xs_test[~half_a],
+                y_hold=y_test[~half_a],
+                batch_size=batch_size,
+                lr=lr,
+                pad=pad,
+                flip=flip,
+                seed=seed,
+            )
             best = max(range(len(val_curve)), key=lambda i: (val_curve[i], -i))  # the first best epoch
             finals.append(accuracy(model, xs_test, y_test))
             stopped.append(hold_curve[best])
             best_epochs.append(best + 1)
             val_curves.append(val_curve)
             hold_curves.append(hold_curve)
-            log.info("victim %s, %s, seed %d: final %.2f%%, early-stopped %.2f%% (epoch %d) on clean test images",
-                     arch, cm.text, seed, 100 * finals[-1], 100 * stopped[-1], best + 1)
+            log.info(
+                "victim %s, %s, seed %d: final %.2f%%, early-stopped %.2f%% (epoch %d) on clean test images",
+                arch,
+                cm.text,
+                seed,
+                100 * finals[-1],
+                100 * stopped[-1],
+                best + 1,
+            )
         mean_final, mean_stopped = statistics.fmean(finals), statistics.fmean(stopped)
         results[cm.text] = {
             "kind": cm.kind,
@@ -145,7 +210,8 @@ def evaluate(train: list[str], test: list[str], *, arch: str = "resnet18", epoch
         "worst_case": {
             "countermeasure": worst_name,
             "accuracy": worst["worst"],
-            "measure": "final" if worst["mean_final_accuracy"] >= worst["mean_early_stopped_accuracy"]
+            "measure": "final"
+            if worst["mean_final_accuracy"] >= worst["mean_early_stopped_accuracy"]
             else "early_stopped",
         },
         "train_samples": int(x_train.shape[0]),
@@ -169,39 +235,63 @@ def add_evaluate_args(p) -> None:
     p.add_argument("--flip", action="store_true", help="random horizontal flips (leave off for digits)")
     p.add_argument("--seed", type=int, action="append", default=None, help="victim seed; repeat for several")
     usage = "; ".join(spec.usage for spec in SPECS.values())
-    p.add_argument("--countermeasure", action="append", default=None, metavar="NAME[:ARG]",
-                   help=f"train one victim per seed under this countermeasure; repeatable. {usage}. jpeg, grayscale, "
-                        "blur and bdr transform the victim's training and test images; the others change its "
-                        "training loop. Without this and --countermeasures: none only")
-    p.add_argument("--countermeasures", default=None, metavar="all|LIST",
-                   help="a comma-separated list of countermeasures (added to --countermeasure), or all: "
-                        + ", ".join(ALL))
+    p.add_argument(
+        "--countermeasure",
+        action="append",
+        default=None,
+        metavar="NAME[:ARG]",
+        help=f"train one victim per seed under this countermeasure; repeatable. {usage}. jpeg, grayscale, "
+        "blur and bdr transform the victim's training and test images; the others change its "
+        "training loop. Without this and --countermeasures: none only",
+    )
+    p.add_argument(
+        "--countermeasures",
+        default=None,
+        metavar="all|LIST",
+        help="a comma-separated list of countermeasures (added to --countermeasure), or all: " + ", ".join(ALL),
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (every countermeasure, every seed)")
 
 
 def _table(result: dict) -> str:
     seeds = len(result["seeds"])
-    lines = [f"{'victim':<14}{'countermeasure':<18}{'final':>9}{'early-stopped':>15}{'epoch':>7}{'worst':>9}"
-             + ("   final per seed" if seeds > 1 else "")]
+    lines = [
+        f"{'victim':<14}{'countermeasure':<18}{'final':>9}{'early-stopped':>15}{'epoch':>7}{'worst':>9}"
+        + ("   final per seed" if seeds > 1 else "")
+    ]
     for name, r in result["countermeasures"].items():
         epochs = "/".join(str(e) for e in r["best_epoch"])
-        line = (f"{result['arch']:<14}{name:<18}{100 * r['mean_final_accuracy']:>8.2f}%"
-                f"{100 * r['mean_early_stopped_accuracy']:>14.2f}%{epochs:>7}{100 * r['worst']:>8.2f}%")
+        line = (
+            f"{result['arch']:<14}{name:<18}{100 * r['mean_final_accuracy']:>8.2f}%"
+            f"{100 * r['mean_early_stopped_accuracy']:>14.2f}%{epochs:>7}{100 * r['worst']:>8.2f}%"
+        )
         if seeds > 1:
             line += "   " + ", ".join(f"{100 * a:.2f}%" for a in r["final_accuracy"])
         lines.append(line)
     w = result["worst_case"]
-    lines.append(f"worst case: {100 * w['accuracy']:.2f}% ({w['countermeasure']}, {w['measure'].replace('_', '-')}); "
-                 f"{result['train_samples']} train, {result['test_samples']} test (early stopping: "
-                 f"{result['validation_samples']} validation, {result['holdout_samples']} held out), "
-                 f"{result['seconds']} s")
+    lines.append(
+        f"worst case: {100 * w['accuracy']:.2f}% ({w['countermeasure']}, {w['measure'].replace('_', '-')}); "
+        f"{result['train_samples']} train, {result['test_samples']} test (early stopping: "
+        f"{result['validation_samples']} validation, {result['holdout_samples']} held out), "
+        f"{result['seconds']} s"
+    )
     return "\n".join(lines)
 
 
 def evaluate_cli(args) -> int:
     battery = (args.countermeasure or []) + ([args.countermeasures] if args.countermeasures else [])
-    result = evaluate(args.train, args.test, arch=args.arch, epochs=args.epochs, resolution=args.resolution,
-                      batch_size=args.batch_size, lr=args.lr, pad=args.pad, flip=args.flip, seeds=args.seed,
-                      countermeasures=battery or None)
+    result = evaluate(
+        args.train,
+        args.test,
+        arch=args.arch,
+        epochs=args.epochs,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        pad=args.pad,
+        flip=args.flip,
+        seeds=args.seed,
+        countermeasures=battery or None,
+    )
     print(json.dumps(result) if args.json else _table(result))
     return 0

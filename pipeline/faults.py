@@ -20,8 +20,9 @@ def _matches(where: str, unit: str, round_: int | None, shard: str | None) -> bo
         return False
     parts = (spec.split(":") + ["", "", "", ""])[:4]
     w, u, r, s = parts
-    return (w == where and u == unit and (r == "" or round_ is None or int(r) == round_)
-            and (s == "" or s == (shard or "")))
+    return (
+        w == where and u == unit and (r == "" or round_ is None or int(r) == round_) and (s == "" or s == (shard or ""))
+    )
 
 
 def at_unit(where: str, unit: str, round_: int | None = None, shard: str | None = None) -> None:

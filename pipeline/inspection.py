@@ -41,9 +41,14 @@ def status(output: str, work_dir: str | None = None) -> dict:
     chash = (run or success)["config_hash"]
     out: dict = {"output": output, "work_dir": layout.work, "config_hash": chash, "complete": success is not None}
     if success is not None:
-        out.update(state="complete", rounds=success["rounds"], stop_reason=success["stop_reason"],
-                   surrogate_error=success["surrogate_error"], protection=success["protection"],
-                   counts=success["counts"])
+        out.update(
+            state="complete",
+            rounds=success["rounds"],
+            stop_reason=success["stop_reason"],
+            surrogate_error=success["surrogate_error"],
+            protection=success["protection"],
+            counts=success["counts"],
+        )
         return out
     plan = Plan.from_parquet(fs.read_bytes(layout.plan)) if fs.exists(layout.plan) else None
     shards = [s.id for s in plan.shards] if plan else []
@@ -99,9 +104,11 @@ def _pace(rounds: list[dict], samples: int, max_rounds: int) -> dict:
         return {}
     per_round = sum(seconds) / len(seconds)
     noise = (rounds[-1].get("seconds") or {}).get("noise")
-    return {"seconds_per_round": round(per_round, 1),
-            "noise_images_per_second": round(samples / noise, 1) if noise else None,
-            "eta_seconds_at_most": round(per_round * max(0, max_rounds - len(rounds)))}
+    return {
+        "seconds_per_round": round(per_round, 1),
+        "noise_images_per_second": round(samples / noise, 1) if noise else None,
+        "eta_seconds_at_most": round(per_round * max(0, max_rounds - len(rounds))),
+    }
 
 
 def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
@@ -119,8 +126,9 @@ def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
     try:
         merged = pq.ParquetFile(io.BytesIO(fs.read_bytes(layout.manifest)))
         # The shards the merged manifest names, only when the caller did not say which the release holds.
-        merged_shards = (set(pc.unique(merged.read(columns=["shard"]).column("shard")).to_pylist())
-                         if shard_ids is None else set())
+        merged_shards = (
+            set(pc.unique(merged.read(columns=["shard"]).column("shard")).to_pylist()) if shard_ids is None else set()
+        )
     except FileNotFoundError:
         merged, merged_shards = None, set()
         problems.append("manifest.parquet missing")
@@ -129,8 +137,9 @@ def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
         problems.append(f"manifest.parquet unreadable ({type(exc).__name__})")
     if shard_ids is None:
         shard_ids = sorted({n[: -len("_stats.json")] for n in names if n.endswith("_stats.json")} | merged_shards)
-    allowed = {"manifest.parquet", "_SUCCESS.json"} | {f"{s}{x}" for s in shard_ids for x in (".tar", ".parquet",
-                                                                                               "_stats.json")}
+    allowed = {"manifest.parquet", "_SUCCESS.json"} | {
+        f"{s}{x}" for s in shard_ids for x in (".tar", ".parquet", "_stats.json")
+    }
     problems += [f"unexpected object in the release: {n}" for n in names if n not in allowed]
     totals = {"input": 0, "protected": 0, "rejected": 0}
     # The merged manifest is compared with each shard's rows as the shards are checked, a batch of its rows at a
@@ -164,8 +173,11 @@ def verify_shards(output: str, shard_ids: list[str], chash: str, config: dict) -
     """The shards among ``shard_ids`` whose release files do not match their markers and manifests."""
     layout = Layout(fs.strip_url(output), "")
     bound, ext = release_rule(config)
-    return [s for s in shard_ids
-            if _verify_shard(layout, s, chash, bound, ext, {"input": 0, "protected": 0, "rejected": 0})[0]]
+    return [
+        s
+        for s in shard_ids
+        if _verify_shard(layout, s, chash, bound, ext, {"input": 0, "protected": 0, "rejected": 0})[0]
+    ]
 
 
 class _MergedCheck:
@@ -192,8 +204,10 @@ class _MergedCheck:
                 return
             if got != want:
                 fields = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-                self.problem = (f"manifest.parquet row {self.index} (key {want.get('key')!r}, shard "
-                                f"{want.get('shard')}) differs from its shard's manifest in: {', '.join(fields)}")
+                self.problem = (
+                    f"manifest.parquet row {self.index} (key {want.get('key')!r}, shard "
+                    f"{want.get('shard')}) differs from its shard's manifest in: {', '.join(fields)}"
+                )
             self.index += 1
 
     def finish(self) -> list[str]:
@@ -204,8 +218,9 @@ class _MergedCheck:
         return [self.problem] if self.problem else []
 
 
-def _verify_shard(layout: Layout, shard: str, chash: str, bound: int | None, ext: str,
-                  totals: dict) -> tuple[list[str], list[dict]]:
+def _verify_shard(
+    layout: Layout, shard: str, chash: str, bound: int | None, ext: str, totals: dict
+) -> tuple[list[str], list[dict]]:
     """One shard's problems, and its manifest's rows once its manifest matches its marker (else none)."""
     problems = []
     marker = read_marker(layout.shard_marker(shard)) or {}
@@ -242,8 +257,10 @@ def _verify_shard(layout: Layout, shard: str, chash: str, bound: int | None, ext
     except tarfile.TarError as exc:
         return problems + [f"{shard}.tar unreadable: {exc}"], rows
     if set(images) != set(protected):
-        problems.append(f"{shard}: tar keys and protected manifest rows differ "
-                        f"({len(set(images) - set(protected))} extra, {len(set(protected) - set(images))} missing)")
+        problems.append(
+            f"{shard}: tar keys and protected manifest rows differ "
+            f"({len(set(images) - set(protected))} extra, {len(set(protected) - set(images))} missing)"
+        )
     for key, data in images.items():
         row = protected.get(key)
         if row is None:

@@ -57,8 +57,7 @@ class LabelSource:
             return cls(member)
         path = tuple(field.split("."))
         if not field or any(not part for part in path):
-            raise ValueError(f"--label-key {spec!r}: name the JSON field after the colon (json:label, "
-                             "json:meta.class)")
+            raise ValueError(f"--label-key {spec!r}: name the JSON field after the colon (json:label, json:meta.class)")
         return cls(member, path)
 
     def __str__(self) -> str:
@@ -105,8 +104,13 @@ def _json_label(raw: bytes, source: LabelSource) -> str:
         return str(value)
     if isinstance(value, str):
         return value
-    kind = {dict: "a JSON object", list: "a JSON list", float: f"the fraction {value!r}", bool: json.dumps(value),
-            type(None): "null"}.get(type(value), type(value).__name__)
+    kind = {
+        dict: "a JSON object",
+        list: "a JSON list",
+        float: f"the fraction {value!r}",
+        bool: json.dumps(value),
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
     raise ValueError(f"label {source.where} is {kind}, not an integer or a class name")
 
 
@@ -122,26 +126,32 @@ def check_name(text: str, source: LabelSource) -> str:
     if not text:
         raise ValueError(f"label {source.where} is empty")
     if len(text) > MAX_NAME_CHARS:
-        raise ValueError(f"label {source.where} is {len(text)} characters long, more than a class name "
-                         f"({MAX_NAME_CHARS}): {text[:40]!r}")
+        raise ValueError(
+            f"label {source.where} is {len(text)} characters long, more than a class name "
+            f"({MAX_NAME_CHARS}): {text[:40]!r}"
+        )
     if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text):
-        raise ValueError(f"label {source.where} holds a line break or control character (a caption, not a class "
-                         f"name): {text[:40]!r}")
+        raise ValueError(
+            f"label {source.where} holds a line break or control character (a caption, not a class name): {text[:40]!r}"
+        )
     if text != text.strip():
         raise ValueError(f"label {source.where} has spaces around it: {text[:40]!r}")
     return text
 
 
-def label_id(members: dict[str, bytes], source: LabelSource, num_classes: int | None,
-             ids: dict[str, int] | None) -> int:
+def label_id(
+    members: dict[str, bytes], source: LabelSource, num_classes: int | None, ids: dict[str, int] | None
+) -> int:
     """The sample's class id: the integer itself, or (``ids`` given: the plan's vocabulary) the position of its
     name. ValueError (the manifest's error) says what is wrong."""
     text = read_label(members, source)
     if ids is not None:
         check_name(text, source)
         if text not in ids:
-            raise ValueError(f"label {source.where} {text[:40]!r} is not in the plan's class vocabulary "
-                             "(the shard changed after the plan was made)")
+            raise ValueError(
+                f"label {source.where} {text[:40]!r} is not in the plan's class vocabulary "
+                "(the shard changed after the plan was made)"
+            )
         return ids[text]
     if not is_integer_label(text):
         raise ValueError(f"label {source.where} is not an integer (plain ASCII digits): {text[:40]!r}")
@@ -151,8 +161,9 @@ def label_id(members: dict[str, bytes], source: LabelSource, num_classes: int | 
     return label
 
 
-def parse_label(members: dict[str, bytes], label_key: str, num_classes: int | None,
-                ids: dict[str, int] | None = None) -> int:
+def parse_label(
+    members: dict[str, bytes], label_key: str, num_classes: int | None, ids: dict[str, int] | None = None
+) -> int:
     """``label_id`` with ``--label-key`` as text."""
     return label_id(members, LabelSource.parse(label_key), num_classes, ids)
 
@@ -208,52 +219,80 @@ class LabelCensus:
                 example = names[0] if names else max(self.labels)
                 raise LabelsRefused(
                     f"--num-classes takes integer labels, and no label under --label-key {self.source} is an integer "
-                    f"below {MAX_LABEL} (e.g. {example[:40]!r}); drop --num-classes: class names set the classes")
+                    f"below {MAX_LABEL} (e.g. {example[:40]!r}); drop --num-classes: class names set the classes"
+                )
             if max(integers) >= num_classes:
                 raise LabelsRefused(
                     f"--num-classes {num_classes} is too small: the largest label under --label-key {self.source} is "
                     f"{max(integers)}; pass --num-classes {max(integers) + 1} or more, or leave it out (default: "
-                    "the largest label + 1)")
+                    "the largest label + 1)"
+                )
             if names:
-                log.warning("plan: %d samples have class names (e.g. %r) under --label-key %s; with --num-classes "
-                            "labels are integers, so they are rejected", sum(self.labels[t] for t in names),
-                            names[0][:40], self.source)
+                log.warning(
+                    "plan: %d samples have class names (e.g. %r) under --label-key %s; with --num-classes "
+                    "labels are integers, so they are rejected",
+                    sum(self.labels[t] for t in names),
+                    names[0][:40],
+                    self.source,
+                )
             return num_classes, ()
         if not names:
             if not integers:
-                raise LabelsRefused(f"every label under --label-key {self.source} is out of range [0, {MAX_LABEL}): "
-                                "number the classes from 0")
+                raise LabelsRefused(
+                    f"every label under --label-key {self.source} is out of range [0, {MAX_LABEL}): "
+                    "number the classes from 0"
+                )
             return max(integers) + 1, ()
         vocabulary = tuple(sorted(self.labels))
         if len(vocabulary) > MAX_LABEL:
-            raise LabelsRefused(f"the labels under --label-key {self.source} name {len(vocabulary)} classes, more than "
-                            f"{MAX_LABEL}: pass --label-key with the member or JSON field that holds the class")
+            raise LabelsRefused(
+                f"the labels under --label-key {self.source} name {len(vocabulary)} classes, more than "
+                f"{MAX_LABEL}: pass --label-key with the member or JSON field that holds the class"
+            )
         if len(names) < len(vocabulary):
-            log.warning("plan: labels under --label-key %s mix integers and class names (e.g. %r): every label, "
-                        "digits included, is read as a class name", self.source, names[0][:40])
+            log.warning(
+                "plan: labels under --label-key %s mix integers and class names (e.g. %r): every label, "
+                "digits included, is read as a class name",
+                self.source,
+                names[0][:40],
+            )
         labelled = sum(self.labels.values())
         if labelled >= 20 and len(vocabulary) > labelled // 2:
-            log.warning("plan: %d samples have %d distinct labels under --label-key %s (e.g. %r): captions or ids "
-                        "rather than classes?", labelled, len(vocabulary), self.source, vocabulary[0][:40])
+            log.warning(
+                "plan: %d samples have %d distinct labels under --label-key %s (e.g. %r): captions or ids "
+                "rather than classes?",
+                labelled,
+                len(vocabulary),
+                self.source,
+                vocabulary[0][:40],
+            )
         return len(vocabulary), vocabulary
 
     def _no_label_message(self) -> str:
         if not self.samples:
-            return ("no sample of the corpus can be protected: the shards are empty, or no sample has a readable "
-                    "image member (png|jpg|jpeg|webp, or --image-key), safe names and no second image")
+            return (
+                "no sample of the corpus can be protected: the shards are empty, or no sample has a readable "
+                "image member (png|jpg|jpeg|webp, or --image-key), safe names and no second image"
+            )
         members = ", ".join(sorted(self.members_seen)) or "none"
         hints = []
         for ext, fields in sorted(self.json_fields.items()):
             listed = ", ".join(sorted(fields)[:8]) + (", ..." if len(fields) > 8 else "")
             hints.append(f"--label-key {ext}:FIELD (fields seen: {listed})")
-        text_members = sorted(m for m in self.members_seen if m not in self.json_fields and not _looks_like_image(m)
-                              and m != self.source.member)
+        text_members = sorted(
+            m
+            for m in self.members_seen
+            if m not in self.json_fields and not _looks_like_image(m) and m != self.source.member
+        )
         hints += [f"--label-key {m}" for m in text_members]
-        advice = ("pass " + " or ".join(hints) if hints else "add a label member to each sample") + \
-            " (a member or JSON field holding each sample's class: an integer or a class name)"
+        advice = (
+            "pass " + " or ".join(hints) if hints else "add a label member to each sample"
+        ) + " (a member or JSON field holding each sample's class: an integer or a class name)"
         problem = f" ({self.first_problem})" if self.first_problem else ""
-        return (f"no sample has a usable label under --label-key {self.source}{problem}; "
-                f"samples have members {members}: {advice}")
+        return (
+            f"no sample has a usable label under --label-key {self.source}{problem}; "
+            f"samples have members {members}: {advice}"
+        )
 
 
 def _looks_like_image(ext: str) -> bool:

@@ -44,7 +44,9 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        return json.dumps({"owner": self.owner, "host": self.host, "pid": os.getpid(), "heartbeat": time.time()}).encode()
+        return json.dumps(
+            {"owner": self.owner, "host": self.host, "pid": os.getpid(), "heartbeat": time.time()}
+        ).encode()
 
     def acquire(self) -> None:
         try:
@@ -55,10 +57,16 @@ class Lease:
             age = time.time() - float(held.get("heartbeat", 0))
             dead = held.get("host") == self.host and not _alive(int(held.get("pid", -1)))
             if age < LEASE_TTL and not dead:
-                raise LeaseHeld(f"another coordinator (pid {held.get('pid')} on {held.get('host')}) is running this "
-                                f"job (heartbeat {age:.0f}s ago); wait for it to finish, or stop it and rerun")
-            log.warning("taking over a stale lease from pid %s on %s (heartbeat %.0fs ago)", held.get("pid"),
-                        held.get("host"), age)
+                raise LeaseHeld(
+                    f"another coordinator (pid {held.get('pid')} on {held.get('host')}) is running this "
+                    f"job (heartbeat {age:.0f}s ago); wait for it to finish, or stop it and rerun"
+                )
+            log.warning(
+                "taking over a stale lease from pid %s on %s (heartbeat %.0fs ago)",
+                held.get("pid"),
+                held.get("host"),
+                age,
+            )
         fs.write_bytes(self.url, self._record())
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()

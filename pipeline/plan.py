@@ -111,8 +111,10 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     for url in urls:
         sid = shard_id(url)
         if sid in RESERVED_SHARD_IDS or sid.startswith("."):
-            raise PlanError(f"the input shard {url} has the id {sid!r}, which the release reserves for its own files "
-                            f"({', '.join(RESERVED_SHARD_IDS)}, names starting with '.'); rename the shard")
+            raise PlanError(
+                f"the input shard {url} has the id {sid!r}, which the release reserves for its own files "
+                f"({', '.join(RESERVED_SHARD_IDS)}, names starting with '.'); rename the shard"
+            )
         if sid in seen:
             raise PlanError(f"two inputs have the shard id {sid!r}: {seen[sid]} and {url}")
         seen[sid] = url
@@ -127,8 +129,9 @@ def _image_channels(data: bytes) -> int | None:
         return None  # undecodable: the worker rejects it with its reason
 
 
-def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None, label_key: str,
-               labels: str = "member") -> Plan:
+def build_plan(
+    inputs: list[str], num_classes: int | None, image_key: str | None, label_key: str, labels: str = "member"
+) -> Plan:
     """Count every shard's samples and read every label: PlanError (one line that says what to pass) when the
     corpus cannot be protected as asked. ``labels="cluster"``: no label is read; ``num_classes`` groups are formed
     later (``pipeline.clusters``)."""
@@ -174,8 +177,14 @@ def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None
         if now - last_log >= PROGRESS_EVERY_S or i in (0, len(urls) - 1):  # a line while a large corpus is read
             last_log = now
             read = sum(s.samples for s in shards)
-            log.info("plan: %d/%d shards read, %d samples (%.0f samples/s)%s", i + 1, len(urls), read,
-                     read / max(now - t0, 1e-9), eta(i + 1, len(urls), now - t0))
+            log.info(
+                "plan: %d/%d shards read, %d samples (%.0f samples/s)%s",
+                i + 1,
+                len(urls),
+                read,
+                read / max(now - t0, 1e-9),
+                eta(i + 1, len(urls), now - t0),
+            )
     try:
         num_classes, label_names = (num_classes, ()) if cluster else census.classes(num_classes)
     except LabelsRefused as exc:
@@ -184,8 +193,14 @@ def build_plan(inputs: list[str], num_classes: int | None, image_key: str | None
         what = f"one class name ({label_names[0][:40]!r})" if label_names else f"one class ({num_classes})"
         raise PlanError(f"need at least 2 classes, but the labels under --label-key {label_key} give {what}")
     kind = "clusters to form" if cluster else "class names" if label_names else "integer labels"
-    log.info("plan: %d shards, %d samples, %d classes (%s), %d channel(s)", len(shards),
-             sum(s.samples for s in shards), num_classes, kind, channels)
+    log.info(
+        "plan: %d shards, %d samples, %d classes (%s), %d channel(s)",
+        len(shards),
+        sum(s.samples for s in shards),
+        num_classes,
+        kind,
+        channels,
+    )
     return Plan(tuple(shards), num_classes, channels, label_names)
 
 

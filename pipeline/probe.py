@@ -39,8 +39,9 @@ def probe_sample(keys: list[str], fraction: float) -> torch.Tensor:
     if fraction >= 1:
         return torch.ones(len(keys), dtype=torch.bool)
     cut = int(fraction * 2**64)
-    return torch.tensor([int.from_bytes(hashlib.sha256(k.encode()).digest()[4:12], "little") < cut for k in keys],
-                        dtype=torch.bool)
+    return torch.tensor(
+        [int.from_bytes(hashlib.sha256(k.encode()).digest()[4:12], "little") < cut for k in keys], dtype=torch.bool
+    )
 
 
 def early_stopping_split(keys: list[str]) -> torch.Tensor:
@@ -53,8 +54,17 @@ def early_stopping_split(keys: list[str]) -> torch.Tensor:
     return mask
 
 
-def probe_score(data: dict, source: str, *, arch: str, steps: int, num_classes: int, seed: int,
-                countermeasure: str = "none", batch_size: int = 128) -> dict:
+def probe_score(
+    data: dict,
+    source: str,
+    *,
+    arch: str,
+    steps: int,
+    num_classes: int,
+    seed: int,
+    countermeasure: str = "none",
+    batch_size: int = 128,
+) -> dict:
     """Train the probe on the ``source`` images ("released" or "clean") of the training split and score it on the
     clean originals of the held-out split. ``data`` holds ``released``, ``clean`` (uint8 N x C x R x R), ``labels``
     and ``keys``. The two sources are independent trainings: a pool runs them on two workers at once.
@@ -83,9 +93,18 @@ def probe_score(data: dict, source: str, *, arch: str, steps: int, num_classes: 
 
     torch.manual_seed(seed)
     model = build(arch, num_classes, x_train.shape[1])
-    fit_epochs(model, x_train, train_y, epochs=epochs, batch_size=batch_size, lr=0.05, seed=seed,
-               augment=batch_augment(cm, num_classes), adversary=adversary(cm),
-               on_epoch=score if half_a.any() and (~half_a).any() else None)
+    fit_epochs(
+        model,
+        x_train,
+        train_y,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=0.05,
+        seed=seed,
+        augment=batch_augment(cm, num_classes),
+        adversary=adversary(cm),
+        on_epoch=score if half_a.any() and (~half_a).any() else None,
+    )
     final = accuracy(model, x_test, test_y)
     best = max(range(len(curves["a"])), key=lambda i: (curves["a"][i], -i)) if curves["a"] else None
     return {
@@ -100,8 +119,9 @@ def probe_score(data: dict, source: str, *, arch: str, steps: int, num_classes: 
     }
 
 
-def judge(released: dict, clean_accuracy: float, *, arch: str, steps: int, threshold: float | None,
-          margin: float) -> dict:
+def judge(
+    released: dict, clean_accuracy: float, *, arch: str, steps: int, threshold: float | None, margin: float
+) -> dict:
     """The ``protection`` record of ``_SUCCESS.json`` from the released-trained score and the clean-trained reference."""
     chance = released["chance"]
     probe_accuracy = released["accuracy"]
@@ -111,8 +131,13 @@ def judge(released: dict, clean_accuracy: float, *, arch: str, steps: int, thres
     discriminates = clean_accuracy > threshold
     holds = bool(discriminates and probe_accuracy <= threshold)
     if not discriminates:
-        log.warning("probe: %s reaches only %.1f%% on clean data (threshold %.1f%%): it cannot see protection; "
-                    "not reporting the run as protected", arch, 100 * clean_accuracy, 100 * threshold)
+        log.warning(
+            "probe: %s reaches only %.1f%% on clean data (threshold %.1f%%): it cannot see protection; "
+            "not reporting the run as protected",
+            arch,
+            100 * clean_accuracy,
+            100 * threshold,
+        )
     return {
         "holds": holds,
         "probe_accuracy": round(probe_accuracy, 4),
@@ -147,5 +172,8 @@ def judge_battery(probe: dict, results: list[dict]) -> dict:
             "seconds": round(r["seconds"], 2),
         }
     worst_name = max(record, key=lambda k: record[k]["worst"])
-    return {"holds": all(c["holds"] for c in record.values()), "countermeasures": record,
-            "worst_case": {"countermeasure": worst_name, "accuracy": record[worst_name]["worst"]}}
+    return {
+        "holds": all(c["holds"] for c in record.values()),
+        "countermeasures": record,
+        "worst_case": {"countermeasure": worst_name, "accuracy": record[worst_name]["worst"]},
+    }

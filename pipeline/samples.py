@@ -152,8 +152,12 @@ def decode_sample(sample: RawSample, rules: SampleRules) -> Accepted | Rejected:
     copy = second_image_member(sample.members, member)
     if copy is not None:
         # Only one image per sample is protected: another copy of the content would be released unprotected.
-        return Rejected(sample.key, f"a second member '.{copy}' decodes as an image and would be released "
-                                    f"unprotected (only '.{member}' is protected)", source_sha256=sha)
+        return Rejected(
+            sample.key,
+            f"a second member '.{copy}' decodes as an image and would be released "
+            f"unprotected (only '.{member}' is protected)",
+            source_sha256=sha,
+        )
     try:
         label = rules.label(sample.members)
     except ValueError as exc:

@@ -83,19 +83,35 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         # and, as the adversary of every training step, in the train stage.
         self.robust = robust_spec(self.cfg.robust, self.cfg.eps)
         # The noise stage's engine (bf16 autocast, channels_last and torch.compile where the device pays for them).
-        self.engine = NoiseEngine(self.model, eps=self.cfg.eps, step_size=self.cfg.step_size,
-                                  steps=self.cfg.pgd_steps, precision=self.cfg.precision, robust=self.robust,
-                                  seed=self.cfg.seed, **compile_args(self.cfg.compile))
+        self.engine = NoiseEngine(
+            self.model,
+            eps=self.cfg.eps,
+            step_size=self.cfg.step_size,
+            steps=self.cfg.pgd_steps,
+            precision=self.cfg.precision,
+            robust=self.robust,
+            seed=self.cfg.seed,
+            **compile_args(self.cfg.compile),
+        )
         # The train stage's attacks draw from their own stream, so that the batch stream (self.generator) stays the
         # same on every worker of a pool whatever each attacks.
         self.attack_generator = torch.Generator().manual_seed(self.cfg.seed)
-        self.adversary = (None if self.robust is None else
-                          robust_adversary(self.robust, self.attack_generator, autocast=self.engine.autocast))
+        self.adversary = (
+            None
+            if self.robust is None
+            else robust_adversary(self.robust, self.attack_generator, autocast=self.engine.autocast)
+        )
         # The same stream on every worker of a pool: each draws the pool's global batch and keeps its own rows of it.
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
-        self.rules = SampleRules(num_classes, self.cfg.max_pixels, self.cfg.image_key, self.cfg.label_key,
-                                 self.cfg.label_names, encode_format=self.cfg.encode_format,
-                                 cluster=self.cfg.labels == "cluster")
+        self.rules = SampleRules(
+            num_classes,
+            self.cfg.max_pixels,
+            self.cfg.image_key,
+            self.cfg.label_key,
+            self.cfg.label_names,
+            encode_format=self.cfg.encode_format,
+            cluster=self.cfg.labels == "cluster",
+        )
         self.centroids: torch.Tensor | None = None  # --labels cluster: set once the pool has clustered
         self.cached_bytes = 0  # native images counted against --cache auto's budget
         self.cache_budget = cache_budget(self.cfg.cache_memory_gb)
@@ -180,8 +196,13 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         same = all(tuple(n.color.shape) == (self.channels, r, r) for n in natives)
         kept = self._cache_natives(natives, same)
         self.shards[shard] = ShardData(shard, url, start, start + len(keys), keys, kept, same, rejected, read_error)
-        result = {"shard": shard, "accepted": len(keys), "rejected": rejected, "read_error": read_error,
-                  "seconds": time.perf_counter() - t0}
+        result = {
+            "shard": shard,
+            "accepted": len(keys),
+            "rejected": rejected,
+            "read_error": read_error,
+            "seconds": time.perf_counter() - t0,
+        }
         return result, x, torch.tensor(labels, dtype=torch.long)
 
     # ---- --labels cluster (pipeline.clusters) --------------------------------------------------------------------
@@ -192,8 +213,12 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
 
     def cluster_candidates(self, m: int) -> list[tuple[str, torch.Tensor]]:
         """This worker's ``m`` owned samples of smallest key hash (the k-means++ candidates): (hash, features)."""
-        ranked = sorted((clusters.key_rank(k, self.cfg.seed), sd.start + i) for s in self.owned
-                        for sd in (self.shards[s],) for i, k in enumerate(sd.keys))[:m]
+        ranked = sorted(
+            (clusters.key_rank(k, self.cfg.seed), sd.start + i)
+            for s in self.owned
+            for sd in (self.shards[s],)
+            for i, k in enumerate(sd.keys)
+        )[:m]
         if not ranked:
             return []
         feats = clusters.features(self.x[torch.tensor([row for _, row in ranked], device=self.x.device)].cpu())
@@ -231,9 +256,13 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         size = sum(n.color.numel() + (0 if n.alpha is None else n.alpha.numel()) for n in natives)
         if mode == "auto" and self.cached_bytes + size > self.cache_budget:
             if self.cached_bytes <= self.cache_budget:
-                log.info("worker %d: native images over the --cache budget of %.1f GB from shard %d on: the stop "
-                         "check streams those shards from the input", self.index, self.cache_budget / 1e9,
-                         len(self.shards))
+                log.info(
+                    "worker %d: native images over the --cache budget of %.1f GB from shard %d on: the stop "
+                    "check streams those shards from the input",
+                    self.index,
+                    self.cache_budget / 1e9,
+                    len(self.shards),
+                )
             self.cached_bytes += size  # counted, not kept: the next shards are streamed too
             return None
         self.cached_bytes += size
@@ -283,8 +312,9 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", ifname)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(minutes=30))
+        dist.init_process_group(
+            backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world, timeout=timedelta(minutes=30)
+        )
         with torch.no_grad():
             for t in [*self.model.parameters(), *self.model.buffers()]:
                 dist.broadcast(t, src=0)
@@ -312,5 +342,3 @@ def cache_budget(gigabytes: float | None) -> int:
     if gigabytes is not None:
         return int(gigabytes * 1e9)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * CACHE_SHARE_OF_MEMORY)
-
-

@@ -37,8 +37,13 @@ class _GlobalBatchNorm(torch.autograd.Function):
         local_mean = xf.mean(dims) if n else torch.zeros(c, device=x.device)
         m2 = ((xf - local_mean.view(shape)) ** 2).sum(dims)
         local_mean, m2 = local_mean.double(), m2.double()
-        stats = torch.cat([n * local_mean, m2 + n * local_mean * local_mean,
-                           torch.tensor([float(n)], dtype=torch.float64, device=x.device)])
+        stats = torch.cat(
+            [
+                n * local_mean,
+                m2 + n * local_mean * local_mean,
+                torch.tensor([float(n)], dtype=torch.float64, device=x.device),
+            ]
+        )
         dist.all_reduce(stats)
         count = stats[-1]
         mean = stats[:c] / count

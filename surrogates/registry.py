@@ -149,7 +149,9 @@ def resnet_mini(num_classes: int, in_channels: int) -> nn.Module:
     return CifarResNet([1, 1, 1, 1], [16, 32, 64, 128], num_classes, in_channels)
 
 
-@register("resnet18-imagenet", "torchvision's ImageNet ResNet-18 (7x7 stem, max-pool), for resolutions of 112 px and up")
+@register(
+    "resnet18-imagenet", "torchvision's ImageNet ResNet-18 (7x7 stem, max-pool), for resolutions of 112 px and up"
+)
 def resnet18_imagenet(num_classes: int, in_channels: int) -> nn.Module:
     from torchvision.models import resnet18 as tv_resnet18
 

@@ -48,31 +48,63 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=3, help="timed iterations of each variant (after one warm-up)")
     p.add_argument("--channels", type=int, default=3, help="image channels")
     p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the engine's surrogate (default: on a GPU only)")
-    p.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: on a GPU only)")
-    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="time the paper-style fp32 eager baseline too")
-    p.add_argument("--round", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time a whole round in-process on generated shards")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the engine's surrogate (default: on a GPU only)",
+    )
+    p.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune"
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default: on a GPU only)",
+    )
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the paper-style fp32 eager baseline too",
+    )
+    p.add_argument(
+        "--round",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time a whole round in-process on generated shards",
+    )
     p.add_argument("--round-shards", type=int, default=2, help="generated shards for the round")
     p.add_argument("--round-samples", type=int, default=None, help="samples per shard (default: 2 x batch size)")
-    p.add_argument("--train-steps", type=int, default=10,
-                   help="surrogate SGD steps in the round's train stage, and before the step is timed")
-    p.add_argument("--train-batch-size", type=int, default=None,
-                   help="the round's training batch (default: --batch-size, which is the noise batch)")
-    p.add_argument("--native-size", type=int, default=None,
-                   help="side of the round's generated images (default: --resolution); another size makes decode, "
-                        "the stop check and the release resize every image, as with photos")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=10,
+        help="surrogate SGD steps in the round's train stage, and before the step is timed",
+    )
+    p.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=None,
+        help="the round's training batch (default: --batch-size, which is the noise batch)",
+    )
+    p.add_argument(
+        "--native-size",
+        type=int,
+        default=None,
+        help="side of the round's generated images (default: --resolution); another size makes decode, "
+        "the stop check and the release resize every image, as with photos",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--check", action="store_true",
-                   help="also check correctness on this device (noise within eps and as strong as the baseline's, "
-                        "no compile fallback, the round's released images equal to the export's per-image release on "
-                        "the CPU within one level); exit 1 when a check fails")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also check correctness on this device (noise within eps and as strong as the baseline's, "
+        "no compile fallback, the round's released images equal to the export's per-image release on "
+        "the CPU within one level); exit 1 when a check fails",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -149,28 +181,62 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     model.eval().zero_grad(set_to_none=True)
     baseline_model = copy.deepcopy(model)  # the engine may convert its model to channels_last; the baseline must not
     step_size = EPS / 10
-    out: dict = {"surrogate": args.surrogate, "resolution": r, "batch_size": b, "steps": args.steps,
-                 "iters": args.iters, "device": _device_name(device), "torch": torch.__version__,
-                 "threads": torch.get_num_threads()}
+    out: dict = {
+        "surrogate": args.surrogate,
+        "resolution": r,
+        "batch_size": b,
+        "steps": args.steps,
+        "iters": args.iters,
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     work = b * args.steps  # image-steps per timed iteration
 
     if args.baseline:
         noise = torch.zeros_like(x_host)
-        reference_noise_pass(baseline_model, x_host, y_host, noise.clone(), eps=EPS, step_size=step_size,
-                             steps=args.steps, batch_size=b, device=device)  # warm-up
+        reference_noise_pass(
+            baseline_model,
+            x_host,
+            y_host,
+            noise.clone(),
+            eps=EPS,
+            step_size=step_size,
+            steps=args.steps,
+            batch_size=b,
+            device=device,
+        )  # warm-up
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(args.iters):
-            noise = reference_noise_pass(baseline_model, x_host, y_host, noise, eps=EPS, step_size=step_size,
-                                         steps=args.steps, batch_size=b, device=device)
+            noise = reference_noise_pass(
+                baseline_model,
+                x_host,
+                y_host,
+                noise,
+                eps=EPS,
+                step_size=step_size,
+                steps=args.steps,
+                batch_size=b,
+                device=device,
+            )
         _sync(device)
         seconds = time.perf_counter() - t0
         out["baseline_img_steps_per_s"] = work * args.iters / seconds
-        out["baseline_loss_after"] = _surrogate_loss(baseline_model, x_host.to(device), y_host.to(device),
-                                                     noise.to(device))
+        out["baseline_loss_after"] = _surrogate_loss(
+            baseline_model, x_host.to(device), y_host.to(device), noise.to(device)
+        )
 
-    engine = NoiseEngine(model, eps=EPS, step_size=step_size, steps=args.steps, precision=args.precision,
-                         channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode)
+    engine = NoiseEngine(
+        model,
+        eps=EPS,
+        step_size=step_size,
+        steps=args.steps,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+    )
     delta = torch.zeros_like(x)
     t0 = time.perf_counter()
     engine.minimize(x, y, delta.clone(), pad_to=b)  # warm-up: compiles here when compiling
@@ -189,12 +255,15 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     if "baseline_img_steps_per_s" in out:
         out["ratio"] = out["engine_img_steps_per_s"] / out["baseline_img_steps_per_s"]
     if args.check:
-        checks = {"engine |delta| <= eps": out["engine_linf"] <= EPS + 1e-6,
-                  "compiled when asked (no fallback)": not (engine.compile_requested and engine.fallback_reason)}
+        checks = {
+            "engine |delta| <= eps": out["engine_linf"] <= EPS + 1e-6,
+            "compiled when asked (no fallback)": not (engine.compile_requested and engine.fallback_reason),
+        }
         if "baseline_loss_after" in out:
             # Same updates from the same start: the engine's noise must be as strong (bf16 may differ a little).
-            checks["engine loss after <= baseline's + 0.02"] = (out["engine_loss_after"]
-                                                                <= out["baseline_loss_after"] + 0.02)
+            checks["engine loss after <= baseline's + 0.02"] = (
+                out["engine_loss_after"] <= out["baseline_loss_after"] + 0.02
+            )
         out["checks"] = checks
 
     small = min(b, 8)
@@ -209,8 +278,9 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     return out
 
 
-def _synthetic_shards(root: str, shards: int, per_shard: int, size: int, channels: int, num_classes: int,
-                      seed: int) -> list[tuple[str, str]]:
+def _synthetic_shards(
+    root: str, shards: int, per_shard: int, size: int, channels: int, num_classes: int, seed: int
+) -> list[tuple[str, str]]:
     """Shards of smooth random images (PNG, like photos: not incompressible noise) with ``cls`` labels."""
     from ops.image import encode_png
     from pipeline.storage.shards import RawSample, write_tar
@@ -222,8 +292,10 @@ def _synthetic_shards(root: str, shards: int, per_shard: int, size: int, channel
         imgs = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
         imgs = (imgs + 0.05 * torch.randn(imgs.shape, generator=g)).clamp(0, 1).mul(255).round().to(torch.uint8)
         labels = torch.randint(0, num_classes, (per_shard,), generator=g).tolist()
-        samples = [RawSample(f"s{s:03d}-{i:06d}", {"png": encode_png(imgs[i]), "cls": str(labels[i]).encode()})
-                   for i in range(per_shard)]
+        samples = [
+            RawSample(f"s{s:03d}-{i:06d}", {"png": encode_png(imgs[i]), "cls": str(labels[i]).encode()})
+            for i in range(per_shard)
+        ]
         shard_id = f"bench-{s:06d}"
         path = os.path.join(root, f"{shard_id}.tar")
         with open(path, "wb") as f:
@@ -246,14 +318,32 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
         data = os.path.join(tmp, "in")
         os.makedirs(data)
         t0 = time.perf_counter()
-        _synthetic_shards(data, args.round_shards, per_shard, args.native_size or args.resolution, args.channels,
-                          args.num_classes, args.seed)
+        _synthetic_shards(
+            data,
+            args.round_shards,
+            per_shard,
+            args.native_size or args.resolution,
+            args.channels,
+            args.num_classes,
+            args.seed,
+        )
         generate_s = time.perf_counter() - t0
-        cfg = ProtectConfig(inputs=[data], output=os.path.join(tmp, "out"), surrogate=args.surrogate,
-                            resolution=args.resolution, pgd_steps=args.steps, train_steps=args.train_steps,
-                            batch_size=args.train_batch_size or args.batch_size, noise_batch_size=args.batch_size,
-                            num_classes=args.num_classes, precision=args.precision, seed=args.seed, max_rounds=2,
-                            probe_countermeasures="none", keep_work=True)
+        cfg = ProtectConfig(
+            inputs=[data],
+            output=os.path.join(tmp, "out"),
+            surrogate=args.surrogate,
+            resolution=args.resolution,
+            pgd_steps=args.steps,
+            train_steps=args.train_steps,
+            batch_size=args.train_batch_size or args.batch_size,
+            noise_batch_size=args.batch_size,
+            num_classes=args.num_classes,
+            precision=args.precision,
+            seed=args.seed,
+            max_rounds=2,
+            probe_countermeasures="none",
+            keep_work=True,
+        )
         prepared = prepare_run(cfg)
         run = Run(cfg, prepared.layout, prepared.plan, prepared.chash, executor=local)
         run.start_workers()  # as a pool worker loads its share: the next shard read while one decodes
@@ -264,9 +354,16 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
             # The round runs the engine the step was timed with, so that the fraction compares like with like.
             if args.channels_last is False:
                 worker.model.to(memory_format=torch.contiguous_format)
-            worker.engine = NoiseEngine(worker.model, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.pgd_steps,
-                                        precision=cfg.precision, channels_last=args.channels_last,
-                                        compile=args.compile, compile_mode=args.compile_mode)
+            worker.engine = NoiseEngine(
+                worker.model,
+                eps=cfg.eps,
+                step_size=cfg.step_size,
+                steps=cfg.pgd_steps,
+                precision=cfg.precision,
+                channels_last=args.channels_last,
+                compile=args.compile,
+                compile_mode=args.compile_mode,
+            )
         for r in range(2):
             record = run._round(r, None, final=False, probe=False)
         stages = {k: record["seconds"][k] for k in ("train", "noise", "check")}
@@ -303,11 +400,17 @@ def _check_release(worker, shard: str, limit: int = 64) -> dict:
     on_device = worker.released_working(shard)[:n].cpu().to(torch.int32)
     noise = worker._noise_rows(slice(sd.start, sd.start + n)).cpu()
     natives = itertools.islice(worker._natives(sd), n)  # kept, or decoded again (--cache)
-    reference = torch.stack([to_working(release_native(nat.color, noise[i]), worker.cfg.resolution,
-                                        worker.channels) for i, nat in enumerate(natives)]).to(torch.int32)
+    reference = torch.stack(
+        [
+            to_working(release_native(nat.color, noise[i]), worker.cfg.resolution, worker.channels)
+            for i, nat in enumerate(natives)
+        ]
+    ).to(torch.int32)
     diff = (on_device - reference).abs()
-    return {"stop-check images within 1 level of the export's": int(diff.max()) <= 1,
-            "stop-check images >= 99.9% identical pixels": float((diff == 0).float().mean()) >= 0.999}
+    return {
+        "stop-check images within 1 level of the export's": int(diff.max()) <= 1,
+        "stop-check images >= 99.9% identical pixels": float((diff == 0).float().mean()) >= 0.999,
+    }
 
 
 def _device_name(device: torch.device) -> str:
@@ -336,41 +439,66 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def format_table(res: dict) -> str:
     e = res["engine"]
-    head = (f"unlearnable bench: {res['surrogate']} at {res['resolution']} px, batch {res['batch_size']}, "
-            f"{res['steps']} steps x {res['iters']} iters on {res['device']} (torch {res['torch']}, "
-            f"{res['threads']} threads)")
+    head = (
+        f"unlearnable bench: {res['surrogate']} at {res['resolution']} px, batch {res['batch_size']}, "
+        f"{res['steps']} steps x {res['iters']} iters on {res['device']} (torch {res['torch']}, "
+        f"{res['threads']} threads)"
+    )
     rows = [("variant", "img-steps/s", "loss after", "notes")]
     if "baseline_img_steps_per_s" in res:
-        rows.append(("baseline (paper-style fp32 eager)", f"{res['baseline_img_steps_per_s']:,.1f}",
-                     f"{res['baseline_loss_after']:.4f}", "per-sample host round trips, param grads"))
-    notes = (f"{e['precision']}, channels_last={'on' if e['channels_last'] else 'off'}, "
-             f"compile={'on' if e['compile'] else 'off'}" + (f" ({e['compile_mode']})" if e["compile_mode"] else "")
-             + (f", fallback: {e['fallback']}" if e["fallback"] else "") + f"; warm-up {res['engine_warmup_s']:.1f} s")
+        rows.append(
+            (
+                "baseline (paper-style fp32 eager)",
+                f"{res['baseline_img_steps_per_s']:,.1f}",
+                f"{res['baseline_loss_after']:.4f}",
+                "per-sample host round trips, param grads",
+            )
+        )
+    notes = (
+        f"{e['precision']}, channels_last={'on' if e['channels_last'] else 'off'}, "
+        f"compile={'on' if e['compile'] else 'off'}"
+        + (f" ({e['compile_mode']})" if e["compile_mode"] else "")
+        + (f", fallback: {e['fallback']}" if e["fallback"] else "")
+        + f"; warm-up {res['engine_warmup_s']:.1f} s"
+    )
     rows.append(("engine", f"{res['engine_img_steps_per_s']:,.1f}", f"{res['engine_loss_after']:.4f}", notes))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("")
     if "ratio" in res:
         lines.append(f"ratio engine / baseline: {res['ratio']:.2f}x")
-    lines.append(f"loss before the update {res['loss_before']:.4f}; engine max |delta| {res['engine_linf']:.5f} "
-                 f"(eps {EPS:.5f})")
-    lines.append(f"FLOPs per image-step {res['gflop_per_img_step']:.3f} GFLOP (torch.utils.flop_counter); "
-                 f"engine {res['engine_tflop_per_s'] * 1e3:,.1f} GFLOP/s")
+    lines.append(
+        f"loss before the update {res['loss_before']:.4f}; engine max |delta| {res['engine_linf']:.5f} (eps {EPS:.5f})"
+    )
+    lines.append(
+        f"FLOPs per image-step {res['gflop_per_img_step']:.3f} GFLOP (torch.utils.flop_counter); "
+        f"engine {res['engine_tflop_per_s'] * 1e3:,.1f} GFLOP/s"
+    )
     if res.get("mfu") is not None:
         lines.append(f"bf16 matmul {res['bf16_matmul_tflop_per_s']:,.0f} TFLOP/s measured; MFU {100 * res['mfu']:.1f}%")
     else:
         lines.append("MFU: GPU only (no CUDA device)")
     rd = res.get("round")
     if rd:
-        lines += ["", (f"whole round in-process ({rd['samples']} samples of {rd['native_size']} px in {rd['shards']} "
-                       f"generated shards, train batch {rd['train_batch_size']}, {rd['image_steps']:,} image-steps; "
-                       f"decode once {rd['decode_s']:.2f} s):")]
-        lines.append("  " + "  ".join(f"{k} {rd[k + '_s']:.2f} s" for k in ("train", "noise", "check"))
-                     + f"  = round {rd['round_s']:.2f} s")
+        lines += [
+            "",
+            (
+                f"whole round in-process ({rd['samples']} samples of {rd['native_size']} px in {rd['shards']} "
+                f"generated shards, train batch {rd['train_batch_size']}, {rd['image_steps']:,} image-steps; "
+                f"decode once {rd['decode_s']:.2f} s):"
+            ),
+        ]
+        lines.append(
+            "  "
+            + "  ".join(f"{k} {rd[k + '_s']:.2f} s" for k in ("train", "noise", "check"))
+            + f"  = round {rd['round_s']:.2f} s"
+        )
         frac = rd["fraction_of_step_rate"]
-        lines.append(f"  round {rd['round_img_steps_per_s']:,.1f} img-steps/s = "
-                     f"{100 * frac:.0f}% of the engine's step rate (noise stage alone "
-                     f"{rd['noise_stage_img_steps_per_s']:,.1f}; with decode {rd['with_decode_img_steps_per_s']:,.1f})")
+        lines.append(
+            f"  round {rd['round_img_steps_per_s']:,.1f} img-steps/s = "
+            f"{100 * frac:.0f}% of the engine's step rate (noise stage alone "
+            f"{rd['noise_stage_img_steps_per_s']:,.1f}; with decode {rd['with_decode_img_steps_per_s']:,.1f})"
+        )
     return "\n".join(lines)
 
 
@@ -395,11 +523,11 @@ def bench_cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tools.bench``: the same command without the rest of the CLI (which needs Ray importable)."""
-    parser = argparse.ArgumentParser(prog="unlearnable bench", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="unlearnable bench", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_bench_args(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return bench_cli(parser.parse_args(argv))
 
 

@@ -27,18 +27,41 @@ log = logging.getLogger(__name__)
 # stop rule after 5 rounds (311 s) and held a small-cnn victim to 18.3% (clean 96.9%); with 10 train steps it took 8-9
 # rounds (379 s) for 19.9%. Class-wise gap-cnn after 20 rounds (216 s), 25.9%.
 DEMO_SETTINGS = {
-    "samplewise": {"surrogate": "small-cnn", "resolution": 28, "pgd_steps": 10, "step_size": "8/1275",
-                   "train_steps": 20, "batch_size": 512, "max_rounds": 12, "probe_steps": 200},
-    "classwise": {"surrogate": "gap-cnn", "resolution": 28, "pgd_steps": 1, "step_size": "4/255", "train_steps": 10,
-                  "batch_size": 512, "max_rounds": 25, "stop_error": 0.02, "probe_steps": 200},
+    "samplewise": {
+        "surrogate": "small-cnn",
+        "resolution": 28,
+        "pgd_steps": 10,
+        "step_size": "8/1275",
+        "train_steps": 20,
+        "batch_size": 512,
+        "max_rounds": 12,
+        "probe_steps": 200,
+    },
+    "classwise": {
+        "surrogate": "gap-cnn",
+        "resolution": 28,
+        "pgd_steps": 1,
+        "step_size": "4/255",
+        "train_steps": 10,
+        "batch_size": 512,
+        "max_rounds": 25,
+        "stop_error": 0.02,
+        "probe_steps": 200,
+    },
 }
 VICTIMS = [("small-cnn", 8)]  # (architecture, epochs)
 VICTIM_SEEDS = [0]
 
 
-def run_demo(output: str, mode: str = "samplewise", *, skip_converged: bool | None = None,
-             cpus_per_worker: float | None = None, keep_work: bool = False,
-             probe_countermeasures: str = DEFAULT_PROBE_COUNTERMEASURES) -> int:
+def run_demo(
+    output: str,
+    mode: str = "samplewise",
+    *,
+    skip_converged: bool | None = None,
+    cpus_per_worker: float | None = None,
+    keep_work: bool = False,
+    probe_countermeasures: str = DEFAULT_PROBE_COUNTERMEASURES,
+) -> int:
     t0 = time.perf_counter()
     os.makedirs(output, exist_ok=True)
     data = os.path.join(output, "data")
@@ -48,8 +71,13 @@ def run_demo(output: str, mode: str = "samplewise", *, skip_converged: bool | No
     settings = dict(mode=mode, eps="8/255", probe_countermeasures=probe_countermeasures, **DEMO_SETTINGS[mode])
     if skip_converged is not None:
         settings["skip_converged"] = skip_converged
-    cfg = ProtectConfig(inputs=[os.path.join(data, "train")], output=release, cpus_per_worker=cpus_per_worker,
-                        keep_work=keep_work, **settings)
+    cfg = ProtectConfig(
+        inputs=[os.path.join(data, "train")],
+        output=release,
+        cpus_per_worker=cpus_per_worker,
+        keep_work=keep_work,
+        **settings,
+    )
     t_protect = time.perf_counter()
     result = protect(cfg)
     t_protect = time.perf_counter() - t_protect
@@ -58,19 +86,35 @@ def run_demo(output: str, mode: str = "samplewise", *, skip_converged: bool | No
     # The protected victims train as the probe's battery does (the informed adversary); the clean one plainly.
     battery = ["none", *probe_battery(cfg.probe_countermeasures)]
     for arch, epochs in VICTIMS:
-        for name, train, countermeasures in (("clean", os.path.join(data, "train"), ["none"]),
-                                             ("protected", release, battery)):
+        for name, train, countermeasures in (
+            ("clean", os.path.join(data, "train"), ["none"]),
+            ("protected", release, battery),
+        ):
             victims[f"{name}" if len(VICTIMS) == 1 else f"{name} ({arch})"] = evaluate(
-                [train], [os.path.join(data, "test")], arch=arch, epochs=epochs, resolution=28, pad=2,
-                seeds=VICTIM_SEEDS, countermeasures=countermeasures)
+                [train],
+                [os.path.join(data, "test")],
+                arch=arch,
+                epochs=epochs,
+                resolution=28,
+                pad=2,
+                seeds=VICTIM_SEEDS,
+                countermeasures=countermeasures,
+            )
     t_victims = time.perf_counter() - t_victims
     wall = {"protect": t_protect, "victims": t_victims, "total": time.perf_counter() - t0}
     pairs = sample_pairs(release, [os.path.join(data, "train")])
     # The run's report, through the same code as `unlearnable report RELEASE --input TRAIN` (default folder).
     html_report = write_run_report(release, [os.path.join(data, "train")])
     report_settings = {**settings, "step_size": f"{cfg.step_size:.5f}", "pgd_steps": cfg.pgd_steps}
-    write_report(output, success=result.success, victims=victims, pairs=pairs, settings=report_settings, wall=wall,
-                 html_report=os.path.relpath(html_report, output))
+    write_report(
+        output,
+        success=result.success,
+        victims=victims,
+        pairs=pairs,
+        settings=report_settings,
+        wall=wall,
+        html_report=os.path.relpath(html_report, output),
+    )
     p = result.success["protection"]
     summary = {
         "mode": mode,
@@ -79,7 +123,9 @@ def run_demo(output: str, mode: str = "samplewise", *, skip_converged: bool | No
         "probe_accuracy": p["probe_accuracy"],
         "protection_holds": p["holds"],
         "probe_worst_case": p.get("worst_case"),
-        "victim_worst_case": victims["protected" if len(VICTIMS) == 1 else f"protected ({VICTIMS[0][0]})"]["worst_case"],
+        "victim_worst_case": victims["protected" if len(VICTIMS) == 1 else f"protected ({VICTIMS[0][0]})"][
+            "worst_case"
+        ],
         **{f"victim_{k.replace(' ', '_')}": round(v["mean_accuracy"], 4) for k, v in victims.items()},
         # (.get: a release written before these were recorded, which the demo finds already complete, has none)
         "image_steps": result.success.get("image_steps"),
@@ -92,7 +138,8 @@ def run_demo(output: str, mode: str = "samplewise", *, skip_converged: bool | No
     print(json.dumps(summary, indent=2))
     for k, v in victims.items():
         for name, c in v["countermeasures"].items():
-            print(f"victim {v['arch']} trained on {k:<10} {name:<10} clean test accuracy "
-                  f"{100 * c['mean_final_accuracy']:.1f}% (early-stopped {100 * c['mean_early_stopped_accuracy']:.1f}%)")
+            print(
+                f"victim {v['arch']} trained on {k:<10} {name:<10} clean test accuracy "
+                f"{100 * c['mean_final_accuracy']:.1f}% (early-stopped {100 * c['mean_early_stopped_accuracy']:.1f}%)"
+            )
     return result.exit_code
-

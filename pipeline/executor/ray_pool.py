@@ -28,8 +28,13 @@ def connect(address: str | None) -> bool:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
     # Logical CPUs beyond the physical ones so that Ray's own tasks are not starved by the workers on 2 cores.
-    ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 1) + 2), include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=True)
+    ray.init(
+        address="local",
+        num_cpus=max(4, (os.cpu_count() or 1) + 2),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
     return True
 
 
@@ -74,8 +79,9 @@ def gpu_worker_cpus(nodes: list[dict], gpus_per_worker: float) -> int:
     return max(1, int(min(ratios) * gpus_per_worker + 1e-9))
 
 
-def pool_size(workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None) -> tuple[int, float,
-                                                                                                           float]:
+def pool_size(
+    workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float | None
+) -> tuple[int, float, float]:
     """The defaults: one worker per GPU (else 1); 1 GPU each where the cluster has GPUs, else CPU actors
     with this machine's cores shared out (Ray's own tasks get the logical CPUs beyond the physical ones). A GPU
     worker gets its GPU node's CPUs divided by the node's GPUs (``gpu_worker_cpus``). ``--cpus-per-worker``
@@ -92,8 +98,9 @@ def pool_size(workers: int | None, gpus_per_worker: float | None, cpus_per_worke
     return workers, gpus_per_worker, cpus_per_worker
 
 
-def start_workers(cfg_dict: dict, num_classes: int, channels: int, workers: int, gpus_per_worker: float,
-                  cpus_per_worker: float) -> list:
+def start_workers(
+    cfg_dict: dict, num_classes: int, channels: int, workers: int, gpus_per_worker: float, cpus_per_worker: float
+) -> list:
     """Start the pool and, with more than one worker, join it into one process group for data-parallel training."""
     log.info("starting %d worker(s): %s GPU and %s CPU each", workers, gpus_per_worker, cpus_per_worker)
     actor = ray.remote(PoolWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)

@@ -67,8 +67,9 @@ class CheckWork:
 
         def one(job: tuple[int, DecodedImage]) -> torch.Tensor:
             i, nat = job
-            released = encoded_roundtrip(release_native(nat.color, noise[i]), nat.alpha, cfg.encode_format,
-                                         cfg.encode_quality)
+            released = encoded_roundtrip(
+                release_native(nat.color, noise[i]), nat.alpha, cfg.encode_format, cfg.encode_quality
+            )
             return to_working(released, r, self.channels)
 
         rows = list(ordered_map(one, enumerate(self._natives(sd)), self.threads))
@@ -84,9 +85,13 @@ class CheckWork:
             if sd.end == sd.start:
                 continue
             # In the engine's precision and memory format, as the train stage; uint8 levels to floats a batch at a time.
-            pred = predict(self.model, self.released_working(shard), self.cfg.noise_batch_size,
-                           autocast=self.engine.autocast,
-                           prepare=lambda batch: self.engine.format(batch.to(torch.float32) / 255.0))
+            pred = predict(
+                self.model,
+                self.released_working(shard),
+                self.cfg.noise_batch_size,
+                autocast=self.engine.autocast,
+                prepare=lambda batch: self.engine.format(batch.to(torch.float32) / 255.0),
+            )
             wrong += int((pred != self.y[sd.start : sd.end]).sum())
             total += sd.end - sd.start
         return {"wrong": wrong, "total": total, "seconds": time.perf_counter() - t0}
@@ -103,10 +108,9 @@ class CheckStage:
         return round(sum(e["wrong"] for e in errors) / max(sum(e["total"] for e in errors), 1), 6)
 
 
-
-
-def _size_groups(natives: Iterator[DecodedImage], chunk: int, pending_limit: int = 64
-                 ) -> Iterator[list[tuple[int, DecodedImage]]]:
+def _size_groups(
+    natives: Iterator[DecodedImage], chunk: int, pending_limit: int = 64
+) -> Iterator[list[tuple[int, DecodedImage]]]:
     """(row, image) pairs of one native size, at most ``chunk`` together, as ``natives`` stream by; at most
     ``pending_limit`` images wait for company (each row's pixels do not depend on its group: tested)."""
     pending: dict[tuple, list[tuple[int, DecodedImage]]] = {}

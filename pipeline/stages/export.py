@@ -57,14 +57,28 @@ class ExportWork:
                     read_error = result.message
                     continue
                 if isinstance(result, Rejected):
-                    yield manifest.row(result.key, shard, "rejected", error=result.error, label=result.label,
-                                       source_sha256=result.source_sha256), None
+                    yield (
+                        manifest.row(
+                            result.key,
+                            shard,
+                            "rejected",
+                            error=result.error,
+                            label=result.label,
+                            source_sha256=result.source_sha256,
+                        ),
+                        None,
+                    )
                     continue
                 if index >= len(sd.keys) or sd.keys[index] != result.key:
                     raise RuntimeError(f"shard {shard} changed since it was loaded (sample {result.key})")
                 image = release_native(result.image.color, noise[index])
-                row = {"label": labels[index], "width": result.image.width, "height": result.image.height,
-                       "source_sha256": result.source_sha256, "output_member": f"{result.key}.{ext}"}
+                row = {
+                    "label": labels[index],
+                    "width": result.image.width,
+                    "height": result.image.height,
+                    "source_sha256": result.source_sha256,
+                    "output_member": f"{result.key}.{ext}",
+                }
                 index += 1
                 yield row, (item, result, image)
 
@@ -75,13 +89,23 @@ class ExportWork:
             item, result, image = accepted
             decoded = result.image
             # zlib (or the JPEG / WebP encoder): the slow part of the export, on the threads
-            data = encode_image(image, decoded.alpha, fmt=fmt, quality=self.cfg.encode_quality, icc=decoded.icc,
-                                exif=decoded.exif if keep else None, xmp=decoded.xmp if keep else None)
+            data = encode_image(
+                image,
+                decoded.alpha,
+                fmt=fmt,
+                quality=self.cfg.encode_quality,
+                icc=decoded.icc,
+                exif=decoded.exif if keep else None,
+                xmp=decoded.xmp if keep else None,
+            )
             # The image quality of what a victim decodes: for a lossy release, the codec's error is in it.
             released = image if fmt == "png" else decoded_release(data, image.shape[0])
             original = decoded.color
-            row.update(linf=metrics.linf(released, original), l2=metrics.l2(released, original),
-                       psnr=metrics.psnr(released, original))
+            row.update(
+                linf=metrics.linf(released, original),
+                l2=metrics.l2(released, original),
+                psnr=metrics.psnr(released, original),
+            )
             sample = RawSample(result.key, released_members(item, data, result.image_member, ext))
             return manifest.row(result.key, shard, "protected", output_sha256=_sha256(data), **row), sample
 
@@ -108,10 +132,15 @@ class ExportWork:
             "tar_bytes": len(tar_bytes),
             "manifest_bytes": len(manifest_bytes),
         }
-        files = {"tar": (layout.shard_tar(shard), tar_bytes),
-                 "manifest": (layout.shard_manifest(shard), manifest_bytes)}
-        stats.update(commit_files(files, layout.shard_marker(shard), config_hash,
-                                  seconds=round(time.perf_counter() - t0, 3), **stats))
+        files = {
+            "tar": (layout.shard_tar(shard), tar_bytes),
+            "manifest": (layout.shard_manifest(shard), manifest_bytes),
+        }
+        stats.update(
+            commit_files(
+                files, layout.shard_marker(shard), config_hash, seconds=round(time.perf_counter() - t0, 3), **stats
+            )
+        )
         return stats
 
 
@@ -149,8 +178,15 @@ class ExportStage:
                 _, shard = running.pop(ref)
                 stats = self.pool.get(ref)
                 done += 1
-                log.info("export: %d/%d shards written (%s: %d protected, %d rejected)%s", done, total, shard,
-                         stats["protected"], stats["rejected"], eta(done, total, time.perf_counter() - t0))
+                log.info(
+                    "export: %d/%d shards written (%s: %d protected, %d rejected)%s",
+                    done,
+                    total,
+                    shard,
+                    stats["protected"],
+                    stats["rejected"],
+                    eta(done, total, time.perf_counter() - t0),
+                )
         self.counts = merge_manifests(layout, self.plan, self.cfg.manifest_source_hash)
         self.timings["export"] += time.perf_counter() - t0
 

@@ -43,21 +43,31 @@ class NoiseWork:
         n = sd.end - sd.start
         if cfg.mode == "samplewise":
             delta, done = self.engine.update_samplewise(
-                self.x[sl], self.y[sl], self.delta[sl], batch_size=cfg.noise_batch_size,
-                skip_below=CONVERGED_LOSS if cfg.skip_converged else None)
+                self.x[sl],
+                self.y[sl],
+                self.delta[sl],
+                batch_size=cfg.noise_batch_size,
+                skip_below=CONVERGED_LOSS if cfg.skip_converged else None,
+            )
             # The state a rerun resumes from is the quantised one: keep exactly that, so resumed == uninterrupted.
             self.delta[sl] = decode_noise(encode_noise(delta, cfg.eps), cfg.eps)
             updated, image_steps = done.updated, done.image_steps
         else:
             for start in range(sd.start, sd.end, cfg.noise_batch_size):
                 b = slice(start, min(start + cfg.noise_batch_size, sd.end))
-                sums, counts = self.engine.classwise_sums(self.x[b].to(torch.float32) / 255.0, self.y[b],
-                                                          self.class_delta, pad_to=cfg.noise_batch_size)
+                sums, counts = self.engine.classwise_sums(
+                    self.x[b].to(torch.float32) / 255.0, self.y[b], self.class_delta, pad_to=cfg.noise_batch_size
+                )
                 self._class_sums += sums
                 self._class_counts += counts
             updated, image_steps = n, n * cfg.pgd_steps
-        return {"shard": shard, "samples": n, "updated": updated, "image_steps": image_steps,
-                "seconds": time.perf_counter() - t0}
+        return {
+            "shard": shard,
+            "samples": n,
+            "updated": updated,
+            "image_steps": image_steps,
+            "seconds": time.perf_counter() - t0,
+        }
 
     def noise_stage_guest(self, shard: str, round_: int, url: str, state: bytes | None) -> dict:
         """The noise stage of a shard another worker owns (this one was idle): load it once and keep it as a guest
@@ -181,9 +191,17 @@ class NoiseStage:
                     samples += result["samples"]
                     done += 1
                     elapsed = time.perf_counter() - t0
-                    log.info("round %d noise: %d/%d shards done (%s on worker %d%s), %.0f images/s%s", r, done,
-                             len(shard_ids), shard, i, f", owner {owner}" if owner != i else "",
-                             samples / max(elapsed, 1e-9), eta(done, len(shard_ids), elapsed))
+                    log.info(
+                        "round %d noise: %d/%d shards done (%s on worker %d%s), %.0f images/s%s",
+                        r,
+                        done,
+                        len(shard_ids),
+                        shard,
+                        i,
+                        f", owner {owner}" if owner != i else "",
+                        samples / max(elapsed, 1e-9),
+                        eta(done, len(shard_ids), elapsed),
+                    )
             for f in commits:
                 f.result()  # a failed write fails the stage, as it did inline
         self.pool.get_all(to_owners)
@@ -196,8 +214,9 @@ class NoiseStage:
             return None
         try:
             layout = self.layout
-            return self.pool.put(load_checked(layout.noise_state(r - 1, shard), layout.noise_marker(r - 1, shard),
-                                              self.chash))
+            return self.pool.put(
+                load_checked(layout.noise_state(r - 1, shard), layout.noise_marker(r - 1, shard), self.chash)
+            )
         except DamagedUnit as exc:
             log.warning("%s; the guest takes the owner's copy", exc)
             return self.workers[owner].noise_state.remote(shard)
@@ -219,8 +238,9 @@ class NoiseStage:
             if not is_done(self.layout.noise_marker(r, unit), self.chash):
                 continue
             try:
-                states[unit] = load_checked(self.layout.noise_state(r, unit), self.layout.noise_marker(r, unit),
-                                            self.chash)
+                states[unit] = load_checked(
+                    self.layout.noise_state(r, unit), self.layout.noise_marker(r, unit), self.chash
+                )
             except DamagedUnit as exc:
                 self._dropped(exc, r)
         return states

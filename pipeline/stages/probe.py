@@ -45,8 +45,9 @@ class ProbeWork:
             "shards": counts,
         }
 
-    def probe_score(self, source: str, *parts: dict, countermeasure: str = "none", order: list[str] | None = None
-                    ) -> dict:
+    def probe_score(
+        self, source: str, *parts: dict, countermeasure: str = "none", order: list[str] | None = None
+    ) -> dict:
         """Train the protection probe on ``source`` ("released" or "clean") images of the whole corpus: ``parts``
         are every worker's ``probe_data`` (this one's included), their shards put in ``order`` (the plan's: a pool
         probes the same rows in the same order as one worker; default: as the parts come); ``countermeasure`` as an
@@ -61,8 +62,15 @@ class ProbeWork:
         data = {k: torch.cat([p[k][a:b] for p, a, b in ordered]) for k in ("released", "clean", "labels")}
         data["keys"] = [k for p, a, b in ordered for k in p["keys"][a:b]]
         cfg = self.cfg
-        return probe_score(data, source, arch=cfg.probe_arch, steps=cfg.probe_steps, num_classes=self.num_classes,
-                           seed=cfg.seed, countermeasure=countermeasure)
+        return probe_score(
+            data,
+            source,
+            arch=cfg.probe_arch,
+            steps=cfg.probe_steps,
+            num_classes=self.num_classes,
+            seed=cfg.seed,
+            countermeasure=countermeasure,
+        )
 
 
 class ProbeStage:
@@ -80,10 +88,18 @@ class ProbeStage:
         if clean_ref is None:
             clean = self.workers[1 % len(self.workers)].probe_score.remote("clean", *parts, order=self.plan_order)
             clean_ref = round(self.pool.get(clean)["accuracy"], 4)  # as the round records keep it: resumed == not
-            fs.write_bytes(self.layout.probe_record, json.dumps(
-                {"config_hash": self.chash, "probe_clean_accuracy": clean_ref}).encode())
-        probe = judge(self.pool.get(released), clean_ref, arch=cfg.probe_arch, steps=cfg.probe_steps,
-                      threshold=cfg.probe_threshold, margin=PROBE_MARGIN)
+            fs.write_bytes(
+                self.layout.probe_record,
+                json.dumps({"config_hash": self.chash, "probe_clean_accuracy": clean_ref}).encode(),
+            )
+        probe = judge(
+            self.pool.get(released),
+            clean_ref,
+            arch=cfg.probe_arch,
+            steps=cfg.probe_steps,
+            threshold=cfg.probe_threshold,
+            margin=PROBE_MARGIN,
+        )
         log.info("probe: %.1f s", time.perf_counter() - t0)
         return probe
 
@@ -109,22 +125,44 @@ class ProbeStage:
         t0 = time.perf_counter()
         probe = final["probe"]
         # The plain probe early-stopped is the final round's probe itself (same training, scored every epoch).
-        plain = ([{"countermeasure": "none", "accuracy": probe["probe_accuracy"], "seconds": 0.0,
-                   "early_stopped_accuracy": probe["probe_early_stopped_accuracy"],
-                   "best_epoch": probe["probe_best_epoch"]}] if probe.get("probe_best_epoch") else [])
-        names = names[len(plain):]
+        plain = (
+            [
+                {
+                    "countermeasure": "none",
+                    "accuracy": probe["probe_accuracy"],
+                    "seconds": 0.0,
+                    "early_stopped_accuracy": probe["probe_early_stopped_accuracy"],
+                    "best_epoch": probe["probe_best_epoch"],
+                }
+            ]
+            if probe.get("probe_best_epoch")
+            else []
+        )
+        names = names[len(plain) :]
         self.heartbeat.phase(f"probe battery ({', '.join(names)})")
         parts = self._probe_parts() if names else []
-        refs = [self.workers[i % len(self.workers)].probe_score.remote("released", *parts, countermeasure=name,
-                                                                       order=self.plan_order)
-                for i, name in enumerate(names)]
+        refs = [
+            self.workers[i % len(self.workers)].probe_score.remote(
+                "released", *parts, countermeasure=name, order=self.plan_order
+            )
+            for i, name in enumerate(names)
+        ]
         self.battery = judge_battery(probe, plain + self.pool.get_all(refs))
         seconds = time.perf_counter() - t0
         self.timings["probe"] += seconds
-        fs.write_bytes(self.layout.battery_record, json.dumps(
-            {"config_hash": self.chash, "round": final["round"], "battery": self.battery}).encode())
+        fs.write_bytes(
+            self.layout.battery_record,
+            json.dumps({"config_hash": self.chash, "round": final["round"], "battery": self.battery}).encode(),
+        )
         for name, c in self.battery["countermeasures"].items():
-            log.info("probe battery: %s: %.1f%% final, %.1f%% early-stopped (epoch %d) on clean held-out (threshold "
-                     "%.1f%%): %s", name, 100 * c["accuracy"], 100 * c["early_stopped_accuracy"], c["best_epoch"],
-                     100 * final["probe"]["threshold"], "holds" if c["holds"] else "does NOT hold")
+            log.info(
+                "probe battery: %s: %.1f%% final, %.1f%% early-stopped (epoch %d) on clean held-out (threshold "
+                "%.1f%%): %s",
+                name,
+                100 * c["accuracy"],
+                100 * c["early_stopped_accuracy"],
+                c["best_epoch"],
+                100 * final["probe"]["threshold"],
+                "holds" if c["holds"] else "does NOT hold",
+            )
         log.info("probe battery: %.1f s", seconds)

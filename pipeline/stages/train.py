@@ -48,9 +48,16 @@ class TrainWork:
             idx = local[local >= 0].to(self.device)
             xb = (self.x[idx].to(torch.float32) / 255.0 + self._noise_rows(idx)).clamp_(0.0, 1.0)
             # In the engine's precision and memory format (bf16 autocast, channels_last on a GPU; fp32 on a CPU).
-            loss_sum += train_step(self.model, self.optimizer, self.engine.format(xb), self.y[idx],
-                                   all_reduce=hook, autocast=self.engine.autocast, adversary=self.adversary,
-                                   global_batch=batch if self.world > 1 else None)
+            loss_sum += train_step(
+                self.model,
+                self.optimizer,
+                self.engine.format(xb),
+                self.y[idx],
+                all_reduce=hook,
+                autocast=self.engine.autocast,
+                adversary=self.adversary,
+                global_batch=batch if self.world > 1 else None,
+            )
         loss = loss_sum / max(steps, 1)
         if self.world > 1:
             self._sync_buffers()
@@ -98,6 +105,11 @@ class TrainStage:
         self._attempt("train", r)
         results = self.pool.get_all([w.train_stage.remote(r) for w in self.workers])
         train = {"loss": sum(x["loss"] for x in results) / len(results), "seconds": max(x["seconds"] for x in results)}
-        commit(layout.checkpoint(r), self.pool.get(self.workers[0].checkpoint.remote()), layout.train_marker(r),
-               self.chash, **train)
+        commit(
+            layout.checkpoint(r),
+            self.pool.get(self.workers[0].checkpoint.remote()),
+            layout.train_marker(r),
+            self.chash,
+            **train,
+        )
         return train

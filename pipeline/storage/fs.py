@@ -52,8 +52,10 @@ def check_no_credentials(url: str, flag: str) -> None:
     if "://" in url:
         netloc = url.split("://", 1)[1].split("/", 1)[0]
         if "@" in netloc:
-            raise ValueError(f"{flag} holds credentials in its URL; remove them and use the standard AWS chain "
-                             "(environment, profile or role)")
+            raise ValueError(
+                f"{flag} holds credentials in its URL; remove them and use the standard AWS chain "
+                "(environment, profile or role)"
+            )
 
 
 def location(url: str) -> tuple[str, str]:
@@ -76,8 +78,9 @@ def overlaps(a: tuple[str, str], b: tuple[str, str]) -> bool:
 
 
 # Errors that no retry or rerun can mend: the user has to change something (exit 2, not "rerun to resume").
-PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG,
-                              errno.EEXIST})
+PERMANENT_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG, errno.EEXIST}
+)
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -98,7 +101,9 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float =
             if is_permanent(exc) or attempt == attempts:
                 raise
             delay = base_delay * 2 ** (attempt - 1)
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, exc, attempt, attempts, delay)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, exc, attempt, attempts, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -41,8 +41,9 @@ def check_locations(inputs: list[str], input_shards: list[str], output: str, wor
             raise ValueError(f"{flag} {url} is a file, not a folder")
     targets = {"--output": fs.location(output), "--work-dir": fs.location(work)}
     folders = [item for spec in inputs for item in braceexpand(spec) if not item.endswith(".tar")]
-    places = [(url, "overlaps the input folder") for url in folders] + [(url, "contains the input shard")
-                                                                         for url in input_shards]
+    places = [(url, "overlaps the input folder") for url in folders] + [
+        (url, "contains the input shard") for url in input_shards
+    ]
     for url, what in places:
         where = fs.location(url)
         for flag, target in targets.items():
@@ -168,8 +169,15 @@ class Layout:
             if ATTEMPT_NAME.fullmatch(n) or n.startswith(TEMP_PREFIX):
                 fs.remove(fs.join(self.attempts, n))
         fs.remove_empty_dir(self.attempts)
-        for url in (self.plan, self.probe_record, self.battery_record, self.clusters, self.clusters_marker,
-                    self.last_error, self.lease):
+        for url in (
+            self.plan,
+            self.probe_record,
+            self.battery_record,
+            self.clusters,
+            self.clusters_marker,
+            self.last_error,
+            self.lease,
+        ):
             fs.remove(url)
         for n in names:
             if n.startswith(TEMP_PREFIX):

@@ -87,8 +87,9 @@ def iter_samples(url: str) -> Iterator[RawSample | ShardReadError]:
         if current is not None:
             current.truncated = True
             yield current
-        yield ShardReadError(f"shard unreadable at {'sample ' + current.key if current else 'its start'}: "
-                             f"{type(exc).__name__}: {exc}")
+        yield ShardReadError(
+            f"shard unreadable at {'sample ' + current.key if current else 'its start'}: {type(exc).__name__}: {exc}"
+        )
         return
     if current is not None:
         yield current

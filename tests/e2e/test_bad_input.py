@@ -20,9 +20,30 @@ from PIL import Image, ImageCms
 
 from pipeline.storage.shards import RawSample, write_tar
 
-ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
-        "--probe-steps", "20", "--probe-arch", "small-cnn", "--probe-countermeasures", "none", "--max-rounds", "1",
-        "--stop-error", "1.0", "--num-classes", "10"]
+ARGS = [
+    "--resolution",
+    "28",
+    "--pgd-steps",
+    "2",
+    "--step-size",
+    "2/255",
+    "--train-steps",
+    "3",
+    "--batch-size",
+    "64",
+    "--probe-steps",
+    "20",
+    "--probe-arch",
+    "small-cnn",
+    "--probe-countermeasures",
+    "none",
+    "--max-rounds",
+    "1",
+    "--stop-error",
+    "1.0",
+    "--num-classes",
+    "10",
+]
 
 
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -65,8 +86,12 @@ def _odd_samples() -> tuple[list[RawSample], dict[str, tuple[str, str]]]:
     alpha[:, :10] = 90
     rgba.putalpha(Image.fromarray(alpha, mode="L"))
     add("rgba", {"png": _encode(rgba), "cls": cls}, "protected", "RGBA")
-    add("palette", {"png": _encode(_pattern("RGB", (30, 30)).convert("P", palette=Image.Palette.ADAPTIVE)),
-                    "cls": cls}, "protected", "RGB")
+    add(
+        "palette",
+        {"png": _encode(_pattern("RGB", (30, 30)).convert("P", palette=Image.Palette.ADAPTIVE)), "cls": cls},
+        "protected",
+        "RGB",
+    )
     sixteen = Image.fromarray((np.add.outer(np.arange(16), np.arange(16)) * 2000).astype(np.uint16))
     add("png16", {"png": _encode(sixteen), "cls": cls}, "protected", "L")
     add("cmyk", {"jpg": _encode(_pattern("RGB", (32, 32)).convert("CMYK"), "JPEG"), "cls": cls}, "protected", "RGB")
@@ -77,8 +102,12 @@ def _odd_samples() -> tuple[list[RawSample], dict[str, tuple[str, str]]]:
     exif[0x8825] = {1: "N", 2: (48.0, 51.0, 24.0), 3: "E", 4: (2.0, 21.0, 3.0)}
     xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description tiff:Make="CameraMaker"/></rdf:RDF>'
     xmp += b"</x:xmpmeta>"
-    add("exif", {"jpg": _encode(_pattern("RGB", (40, 20)), "JPEG", exif=exif, xmp=xmp, icc_profile=SRGB),
-                 "cls": cls}, "protected", "RGB")
+    add(
+        "exif",
+        {"jpg": _encode(_pattern("RGB", (40, 20)), "JPEG", exif=exif, xmp=xmp, icc_profile=SRGB), "cls": cls},
+        "protected",
+        "RGB",
+    )
     add("wrongext", {"png": _encode(_pattern("RGB", (28, 28)), "JPEG"), "cls": cls}, "protected", "RGB")
     add("onepixel", {"png": _encode(Image.new("L", (1, 1), 200)), "cls": cls}, "protected", "L")
     add("notimage", {"png": b"this is not an image at all", "cls": cls}, "rejected", "undecodable")
@@ -96,16 +125,29 @@ def _hostile_shard() -> tuple[bytes, dict[str, str]]:
     """Names that escape the folder of whoever unpacks the release, a name that is not UTF-8, and images with an
     unprotected copy beside them: (tar bytes, expected error text per manifest key). One good sample."""
     img = _encode(_pattern("RGB", (28, 28)))
-    members = [("../../evil.png", img), ("../../evil.cls", b"3"), ("/abs/evil2.png", img), ("/abs/evil2.cls", b"3"),
-               (b"bad\xff.png".decode("utf-8", "surrogateescape"), img),
-               (b"bad\xff.cls".decode("utf-8", "surrogateescape"), b"3")]
+    members = [
+        ("../../evil.png", img),
+        ("../../evil.cls", b"3"),
+        ("/abs/evil2.png", img),
+        ("/abs/evil2.cls", b"3"),
+        (b"bad\xff.png".decode("utf-8", "surrogateescape"), img),
+        (b"bad\xff.cls".decode("utf-8", "surrogateescape"), b"3"),
+    ]
     for fmt, ext in (("TIFF", "tif"), ("BMP", "bmp"), ("GIF", "gif")):
-        members += [(f"copy{ext}.png", img), (f"copy{ext}.{ext}", _encode(_pattern("RGB", (28, 28)), fmt)),
-                    (f"copy{ext}.cls", b"3")]
+        members += [
+            (f"copy{ext}.png", img),
+            (f"copy{ext}.{ext}", _encode(_pattern("RGB", (28, 28)), fmt)),
+            (f"copy{ext}.cls", b"3"),
+        ]
     members += [("fine.png", img), ("fine.cls", b"3")]
-    want = {"../../evil": "absolute or holds '..'", "/abs/evil2": "absolute or holds '..'",
-            "bad\\xff": "not valid UTF-8", "copytif": "'.tif' decodes as an image",
-            "copybmp": "'.bmp' decodes as an image", "copygif": "'.gif' decodes as an image"}
+    want = {
+        "../../evil": "absolute or holds '..'",
+        "/abs/evil2": "absolute or holds '..'",
+        "bad\\xff": "not valid UTF-8",
+        "copytif": "'.tif' decodes as an image",
+        "copybmp": "'.bmp' decodes as an image",
+        "copygif": "'.gif' decodes as an image",
+    }
     return raw_tar(members), want
 
 
@@ -127,8 +169,10 @@ def wild_run(mnist_small, tmp_path_factory):
     with tarfile.open(good_tar) as tar:
         names = tar.getnames()
         keys = sorted({n.split(".", 1)[0] for n in names})[:5]
-        good = [RawSample("t" + k, {"png": tar.extractfile(f"{k}.png").read(), "cls": tar.extractfile(f"{k}.cls").read()})
-                for k in keys]
+        good = [
+            RawSample("t" + k, {"png": tar.extractfile(f"{k}.png").read(), "cls": tar.extractfile(f"{k}.cls").read()})
+            for k in keys
+        ]
     odd, want = _odd_samples()
     (corpus / "odd-000000.tar").write_bytes(write_tar(odd))
     truncated, before, cut = _truncated_shard(good)
@@ -140,8 +184,16 @@ def wild_run(mnist_small, tmp_path_factory):
     out = str(root / "release")
     proc = run_cli("protect", "--input", str(corpus), "--output", out, *ARGS)
     rows = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist() if proc.returncode in (0, 4) else []
-    return {"proc": proc, "out": out, "want": want, "before": before, "cut": cut, "odd": odd, "rows": rows,
-            "hostile": hostile_want}
+    return {
+        "proc": proc,
+        "out": out,
+        "want": want,
+        "before": before,
+        "cut": cut,
+        "odd": odd,
+        "rows": rows,
+        "hostile": hostile_want,
+    }
 
 
 def test_the_run_completes_and_verify_passes(wild_run):
@@ -199,8 +251,17 @@ def test_odd_formats_are_converted_and_protected_and_rejects_are_not_released(wi
     released_keys = {n.split(".", 1)[0] for n in members}
     want = wild_run["want"]
     assert released_keys == {k for k, (status, _) in want.items() if status == "protected"}
-    expected_other = ["gray.cls", "gray.txt", "rgba.cls", "palette.cls", "png16.cls", "cmyk.cls", "exif.cls",
-                      "wrongext.cls", "onepixel.cls"]
+    expected_other = [
+        "gray.cls",
+        "gray.txt",
+        "rgba.cls",
+        "palette.cls",
+        "png16.cls",
+        "cmyk.cls",
+        "exif.cls",
+        "wrongext.cls",
+        "onepixel.cls",
+    ]
     assert sorted(n for n in members if not n.endswith(".png")) == sorted(expected_other)
     assert members["gray.txt"] == b"kept as it was" and members["gray.cls"] == b"3"  # the first "gray" is kept
     originals = {s.key: s for s in wild_run["odd"][:8]}

@@ -10,16 +10,45 @@ import json
 
 from conftest import run_cli
 
-TINY = ("bench", "--surrogate", "small-cnn", "--resolution", "16", "--batch-size", "8", "--steps", "2", "--iters", "1",
-        "--round-shards", "2", "--round-samples", "12", "--train-steps", "2", "--threads", "1")
+TINY = (
+    "bench",
+    "--surrogate",
+    "small-cnn",
+    "--resolution",
+    "16",
+    "--batch-size",
+    "8",
+    "--steps",
+    "2",
+    "--iters",
+    "1",
+    "--round-shards",
+    "2",
+    "--round-samples",
+    "12",
+    "--train-steps",
+    "2",
+    "--threads",
+    "1",
+)
 
 
 def test_bench_prints_the_table_with_baseline_engine_ratio_and_round():
     proc = run_cli(*TINY, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for text in ("baseline (paper-style fp32 eager)", "engine", "ratio engine / baseline:", "FLOPs per image-step",
-                 "MFU: GPU only", "whole round in-process", "of the engine's step rate", "train", "noise", "check"):
+    for text in (
+        "baseline (paper-style fp32 eager)",
+        "engine",
+        "ratio engine / baseline:",
+        "FLOPs per image-step",
+        "MFU: GPU only",
+        "whole round in-process",
+        "of the engine's step rate",
+        "train",
+        "noise",
+        "check",
+    ):
         assert text in out, out
 
 
@@ -36,8 +65,7 @@ def test_bench_json_has_the_figures_as_positive_numbers():
     assert res["engine_linf"] <= 8 / 255 + 1e-6
     rd = res["round"]
     assert rd["image_steps"] == 24 * 2  # 2 shards x 12 samples x 2 steps, no sample skipped by default
-    for key in ("decode_s", "train_s", "noise_s", "check_s", "round_img_steps_per_s",
-                "fraction_of_step_rate"):
+    for key in ("decode_s", "train_s", "noise_s", "check_s", "round_img_steps_per_s", "fraction_of_step_rate"):
         assert rd[key] > 0, (key, rd)
     assert rd["native_size"] == 23
     assert len(res["checks"]) == 3 and len(rd["checks"]) == 2 and "checks: all passed" in proc.stderr

@@ -14,9 +14,28 @@ BATTERY = ["none", "mixup", "at:4/255"]
 
 
 def test_evaluate_reports_every_countermeasure_and_the_worst_case(mnist_small):
-    args = ["evaluate", "--train", mnist_small["train"][0], "--train", mnist_small["train"][1], "--train",
-            mnist_small["train"][2], "--test", mnist_small["test"][0], "--arch", "small-cnn", "--epochs", "2",
-            "--resolution", "28", "--pad", "2", "--batch-size", "8", "--json"]
+    args = [
+        "evaluate",
+        "--train",
+        mnist_small["train"][0],
+        "--train",
+        mnist_small["train"][1],
+        "--train",
+        mnist_small["train"][2],
+        "--test",
+        mnist_small["test"][0],
+        "--arch",
+        "small-cnn",
+        "--epochs",
+        "2",
+        "--resolution",
+        "28",
+        "--pad",
+        "2",
+        "--batch-size",
+        "8",
+        "--json",
+    ]
     for cm in BATTERY:
         args += ["--countermeasure", cm]
     proc = run_cli(*args, timeout=300)
@@ -44,13 +63,34 @@ def test_evaluate_reports_every_countermeasure_and_the_worst_case(mnist_small):
 
 
 def test_unknown_countermeasure_exits_2_with_one_line(mnist_small):
-    proc = run_cli("evaluate", "--train", mnist_small["train"][0], "--test", mnist_small["test"][0], "--arch",
-                   "small-cnn", "--epochs", "1", "--countermeasure", "none", "--countermeasure", "jpeg2000:5",
-                   timeout=120)
+    proc = run_cli(
+        "evaluate",
+        "--train",
+        mnist_small["train"][0],
+        "--test",
+        mnist_small["test"][0],
+        "--arch",
+        "small-cnn",
+        "--epochs",
+        "1",
+        "--countermeasure",
+        "none",
+        "--countermeasure",
+        "jpeg2000:5",
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "jpeg2000" in lines[0] and "unknown countermeasure" in lines[0]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
-    proc = run_cli("evaluate", "--train", mnist_small["train"][0], "--test", mnist_small["test"][0],
-                   "--countermeasures", "none,bdr:12", timeout=120)
+    proc = run_cli(
+        "evaluate",
+        "--train",
+        mnist_small["train"][0],
+        "--test",
+        mnist_small["test"][0],
+        "--countermeasures",
+        "none,bdr:12",
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "bdr" in proc.stderr

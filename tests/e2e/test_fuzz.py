@@ -19,9 +19,28 @@ import pytest
 from conftest import raw_tar, run_cli
 from PIL import Image
 
-ARGS = ["--resolution", "16", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "2", "--batch-size", "32",
-        "--probe-steps", "10", "--probe-arch", "small-cnn", "--probe-countermeasures", "none", "--max-rounds", "1",
-        "--stop-error", "1.0"]
+ARGS = [
+    "--resolution",
+    "16",
+    "--pgd-steps",
+    "2",
+    "--step-size",
+    "2/255",
+    "--train-steps",
+    "2",
+    "--batch-size",
+    "32",
+    "--probe-steps",
+    "10",
+    "--probe-arch",
+    "small-cnn",
+    "--probe-countermeasures",
+    "none",
+    "--max-rounds",
+    "1",
+    "--stop-error",
+    "1.0",
+]
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
@@ -40,8 +59,23 @@ def _textured(rng: random.Random, mode: str) -> Image.Image:
 def _sample(rng: random.Random, i: int, digits: list[tuple[bytes, bytes]]) -> list[tuple[str, bytes]]:
     """The members of one random sample (name, bytes): good most of the time, hostile otherwise."""
     key = f"s{i:03d}"
-    kind = rng.choice(["digit"] * 6 + ["photo", "jpeg", "traversal", "absolute", "not-utf8", "copy", "label", "nolabel",
-                                       "noimage", "undecodable", "repeat", "nested"])
+    kind = rng.choice(
+        ["digit"] * 6
+        + [
+            "photo",
+            "jpeg",
+            "traversal",
+            "absolute",
+            "not-utf8",
+            "copy",
+            "label",
+            "nolabel",
+            "noimage",
+            "undecodable",
+            "repeat",
+            "nested",
+        ]
+    )
     png, cls = digits[i % len(digits)]
     if kind == "digit":
         return [(f"{key}.png", png), (f"{key}.cls", cls), (f"{key}.txt", b"caption")]
@@ -60,8 +94,10 @@ def _sample(rng: random.Random, i: int, digits: list[tuple[bytes, bytes]]) -> li
         fmt, ext = rng.choice([("TIFF", "tif"), ("BMP", "bmp"), ("GIF", "gif"), ("PNG", "jpeg"), ("PNG", "dat")])
         return [(f"{key}.png", png), (f"{key}.{ext}", _encode(Image.open(io.BytesIO(png)), fmt)), (f"{key}.cls", cls)]
     if kind == "label":
-        return [(f"{key}.png", png), (f"{key}.cls", rng.choice([b" 2 \n", b"+2", "３".encode(), b"0_3", b"seven",
-                                                                  b"1000000000000", b""]))]
+        return [
+            (f"{key}.png", png),
+            (f"{key}.cls", rng.choice([b" 2 \n", b"+2", "３".encode(), b"0_3", b"seven", b"1000000000000", b""])),
+        ]
     if kind == "nolabel":
         return [(f"{key}.png", png)]
     if kind == "noimage":
@@ -86,8 +122,12 @@ def _corpus(root, seed: int, digits) -> tuple[list[str], dict[str, int], list[np
         path.write_bytes(raw_tar(members))
         paths.append(str(path))
         # webdataset groups consecutive members by key: each group is one sample, and one manifest row.
-        keys = [name.rsplit("/", 1)[0] + "/" + name.rsplit("/", 1)[-1].split(".", 1)[0] if "/" in name
-                else name.split(".", 1)[0] for name, _ in members]
+        keys = [
+            name.rsplit("/", 1)[0] + "/" + name.rsplit("/", 1)[-1].split(".", 1)[0]
+            if "/" in name
+            else name.split(".", 1)[0]
+            for name, _ in members
+        ]
         counts[f"fuzz{seed}-{s}"] = sum(1 for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k)
     return paths, counts, originals
 

@@ -20,9 +20,28 @@ from PIL import Image
 
 from pipeline.storage.shards import RawSample, write_tar
 
-ARGS = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
-        "--probe-arch", "small-cnn", "--probe-steps", "10", "--probe-countermeasures", "none", "--max-rounds", "1",
-        "--stop-error", "1.0"]
+ARGS = [
+    "--resolution",
+    "28",
+    "--pgd-steps",
+    "2",
+    "--step-size",
+    "2/255",
+    "--train-steps",
+    "3",
+    "--batch-size",
+    "64",
+    "--probe-arch",
+    "small-cnn",
+    "--probe-steps",
+    "10",
+    "--probe-countermeasures",
+    "none",
+    "--max-rounds",
+    "1",
+    "--stop-error",
+    "1.0",
+]
 # Class names whose sorted order is not the digits' order, so an id that is the digit itself would be caught.
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -42,10 +61,20 @@ def _img2dataset_folder(mnist_small, folder, labelled: bool = True) -> dict[str,
             Image.open(io.BytesIO(files[f"{key}.png"])).convert("RGB").save(buf, format="JPEG", quality=95)
             new_key = f"{s:05d}{i:04d}"
             url_ = f"https://example.com/mnist/{key}.jpg"
-            meta = {"url": url_, "key": new_key, "status": "success", "error_message": None, "width": 28,
-                    "height": 28, **({"label": NAMES[digit]} if labelled else {})}
-            members = {"jpg": buf.getvalue(), "txt": f"a handwritten {NAMES[digit]}".encode(),
-                       "json": json.dumps(meta).encode()}
+            meta = {
+                "url": url_,
+                "key": new_key,
+                "status": "success",
+                "error_message": None,
+                "width": 28,
+                "height": 28,
+                **({"label": NAMES[digit]} if labelled else {}),
+            }
+            members = {
+                "jpg": buf.getvalue(),
+                "txt": f"a handwritten {NAMES[digit]}".encode(),
+                "json": json.dumps(meta).encode(),
+            }
             shard.append(RawSample(new_key, members))
             samples[new_key] = {"digit": digit, **members}
             rows.append({"url": url_, "key": new_key, "status": "success"})
@@ -63,8 +92,20 @@ def i2d_run(mnist_small, tmp_path_factory):
     folder = str(root / "i2d")
     samples = _img2dataset_folder(mnist_small, folder)
     out = str(root / "release")
-    proc = run_cli("protect", "--input", folder, "--output", out, "--label-key", "json:label", "--encode-format", "jpeg",
-                   "--encode-quality", "92", *ARGS)
+    proc = run_cli(
+        "protect",
+        "--input",
+        folder,
+        "--output",
+        out,
+        "--label-key",
+        "json:label",
+        "--encode-format",
+        "jpeg",
+        "--encode-quality",
+        "92",
+        *ARGS,
+    )
     rows = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist() if proc.returncode in (0, 4) else []
     return {"proc": proc, "out": out, "folder": folder, "samples": samples, "rows": rows}
 
@@ -108,8 +149,9 @@ def test_the_sidecars_are_not_read_as_shards(i2d_run):
     rows, out = i2d_run["rows"], i2d_run["out"]
     assert {r["shard"] for r in rows} == {"00000", "00001", "00002"}
     assert sorted(os.listdir(out)) == sorted(
-        ["_SUCCESS.json", "manifest.parquet"] + [f"0000{s}{ext}" for s in range(3)
-                                                for ext in (".tar", ".parquet", "_stats.json")])
+        ["_SUCCESS.json", "manifest.parquet"]
+        + [f"0000{s}{ext}" for s in range(3) for ext in (".tar", ".parquet", "_stats.json")]
+    )
     assert run_cli("verify", out).returncode == 0
 
 
@@ -145,8 +187,9 @@ def test_the_same_shards_unlabelled_are_protected_with_labels_cluster(mnist_smal
         with tarfile.open(os.path.join(out, f"{shard}.tar")) as tar:
             for m in tar.getmembers():
                 key, ext = m.name.split(".", 1)
-                assert ext in ("png", "txt", "json") and (ext == "png" or tar.extractfile(m).read() ==
-                                                          samples[key][ext]), m.name
+                assert ext in ("png", "txt", "json") and (
+                    ext == "png" or tar.extractfile(m).read() == samples[key][ext]
+                ), m.name
     with open(os.path.join(out, "_SUCCESS.json")) as f:
         success = json.load(f)
     assert success["config"]["labels"] == "cluster" and success["hashed_config"]["labels"] == "cluster"

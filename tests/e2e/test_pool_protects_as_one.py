@@ -31,8 +31,21 @@ from conftest import REPO
 
 from pipeline.evaluate import evaluate
 
-ARGS = ["--resolution", "28", "--pgd-steps", "10", "--step-size", "8/1275", "--train-steps", "20", "--probe-arch",
-        "small-cnn", "--probe-countermeasures", "none", "--keep-work"]
+ARGS = [
+    "--resolution",
+    "28",
+    "--pgd-steps",
+    "10",
+    "--step-size",
+    "8/1275",
+    "--train-steps",
+    "20",
+    "--probe-arch",
+    "small-cnn",
+    "--probe-countermeasures",
+    "none",
+    "--keep-work",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +63,29 @@ def _start(corpus: dict, tmp, workers: int) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     log = open(str(tmp / f"protect-{workers}.log"), "w+")  # noqa: SIM115 - read back and closed in _finish
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "protect", "--input",
-                             os.path.join(corpus["root"], "train"), "--output", out, "--work-dir", work, "--workers",
-                             str(workers), "--cpus-per-worker", "1", *ARGS], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "protect",
+            "--input",
+            os.path.join(corpus["root"], "train"),
+            "--output",
+            out,
+            "--work-dir",
+            work,
+            "--workers",
+            str(workers),
+            "--cpus-per-worker",
+            "1",
+            *ARGS,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+    )
     return {"proc": proc, "log": log, "out": out, "work": work}
 
 
@@ -73,8 +105,9 @@ def _finish(run: dict, corpus: dict) -> dict:
     assert code == 0, text[-4000:]
     out, work = run["out"], run["work"]
     success = _json(os.path.join(out, "_SUCCESS.json"))
-    rounds = [_json(os.path.join(work, name, "round.json")) for name in sorted(os.listdir(work))
-              if name.startswith("round-")]
+    rounds = [
+        _json(os.path.join(work, name, "round.json")) for name in sorted(os.listdir(work)) if name.startswith("round-")
+    ]
     victims = evaluate([out], corpus["test"], arch="small-cnn", epochs=8, resolution=28, pad=0, seeds=[0, 1, 2])
     return {"success": success, "rounds": rounds, "victims": victims, "log": text}
 

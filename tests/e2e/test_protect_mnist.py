@@ -23,10 +23,35 @@ from pipeline.probe import holdout_mask, probe_sample
 # The battery here is mixup alone: the default's adversarial-training probe costs minutes on 2 CPU cores (its probe
 # is checked in tests/unit/test_probe.py).
 # --probe-samples 200 of the 300 digits: the probe trains and scores on a sample chosen by key hash.
-FAST = ["--resolution", "28", "--pgd-steps", "3", "--step-size", "2/255", "--train-steps", "5",
-        "--batch-size", "128", "--probe-countermeasures", "mixup", "--probe-steps", "30", "--probe-samples", "200"]
-SUCCESS_KEYS = {"config", "config_hash", "versions", "rounds", "stop_reason", "surrogate_error", "protection",
-                "counts", "timings"}
+FAST = [
+    "--resolution",
+    "28",
+    "--pgd-steps",
+    "3",
+    "--step-size",
+    "2/255",
+    "--train-steps",
+    "5",
+    "--batch-size",
+    "128",
+    "--probe-countermeasures",
+    "mixup",
+    "--probe-steps",
+    "30",
+    "--probe-samples",
+    "200",
+]
+SUCCESS_KEYS = {
+    "config",
+    "config_hash",
+    "versions",
+    "rounds",
+    "stop_reason",
+    "surrogate_error",
+    "protection",
+    "counts",
+    "timings",
+}
 
 
 def _load_json(path: str) -> dict:
@@ -50,7 +75,6 @@ def protected_run(mnist_small, tmp_path_factory):
     train = os.path.join(mnist_small["root"], "train")
     proc = run_cli("protect", "--input", train, "--output", out, "--max-rounds", "3", "--stop-error", "1.0", *FAST)
     return {"proc": proc, "out": out, "train": train}
-
 
 
 def test_protect_exit_status_matches_the_recorded_protection(protected_run):
@@ -119,8 +143,20 @@ def test_every_released_image_is_within_eps_and_every_key_appears_once(protected
 def test_manifest_has_one_row_per_input_sample(protected_run):
     table = pq.read_table(os.path.join(protected_run["out"], "manifest.parquet"))
     # (no source_sha256: a public hash of every original only with --manifest-source-hash)
-    assert table.column_names == ["key", "shard", "status", "error", "label", "width", "height", "output_sha256",
-                                  "output_member", "linf", "l2", "psnr"]
+    assert table.column_names == [
+        "key",
+        "shard",
+        "status",
+        "error",
+        "label",
+        "width",
+        "height",
+        "output_sha256",
+        "output_member",
+        "linf",
+        "l2",
+        "psnr",
+    ]
     rows = table.to_pylist()
     assert len(rows) == 300 and len({r["key"] for r in rows}) == 300
     assert {r["status"] for r in rows} == {"protected"}
@@ -145,16 +181,40 @@ def test_release_reads_with_plain_webdataset_and_holds_nothing_else(protected_ru
 
 def test_rerun_of_a_complete_release_is_a_no_op(protected_run):
     before = {n: os.path.getmtime(os.path.join(protected_run["out"], n)) for n in os.listdir(protected_run["out"])}
-    proc = run_cli("protect", "--input", protected_run["train"], "--output", protected_run["out"], "--max-rounds",
-                   "3", "--stop-error", "1.0", *FAST)
+    proc = run_cli(
+        "protect",
+        "--input",
+        protected_run["train"],
+        "--output",
+        protected_run["out"],
+        "--max-rounds",
+        "3",
+        "--stop-error",
+        "1.0",
+        *FAST,
+    )
     assert proc.returncode == protected_run["proc"].returncode, proc.stderr[-2000:]
     after = {n: os.path.getmtime(os.path.join(protected_run["out"], n)) for n in os.listdir(protected_run["out"])}
     assert before == after
 
 
 def test_changed_config_against_the_same_output_is_refused(protected_run):
-    proc = run_cli("protect", "--input", protected_run["train"], "--output", protected_run["out"], "--max-rounds",
-                   "3", "--stop-error", "1.0", *FAST[:-2], "--probe-steps", "31", "--eps", "4/255")
+    proc = run_cli(
+        "protect",
+        "--input",
+        protected_run["train"],
+        "--output",
+        protected_run["out"],
+        "--max-rounds",
+        "3",
+        "--stop-error",
+        "1.0",
+        *FAST[:-2],
+        "--probe-steps",
+        "31",
+        "--eps",
+        "4/255",
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "eps" in last and "probe_steps" in last and "--overwrite" in last
@@ -165,10 +225,33 @@ def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, t
     the digits from the release, so the probe must say so: exit 4, holds false, stop_reason max_rounds; and so
     must every countermeasure of the battery (here the plain probe early-stopped, and mixup)."""
     out = str(tmp_path / "weak")
-    proc = run_cli("protect", "--input", os.path.join(mnist_small["root"], "train"), "--output", out,
-                   "--max-rounds", "1", "--stop-error", "1.0", "--eps", "1/255", "--resolution", "28",
-                   "--pgd-steps", "1", "--train-steps", "2", "--batch-size", "128", "--probe-steps", "120",
-                   "--probe-arch", "small-cnn", "--probe-countermeasures", "mixup")
+    proc = run_cli(
+        "protect",
+        "--input",
+        os.path.join(mnist_small["root"], "train"),
+        "--output",
+        out,
+        "--max-rounds",
+        "1",
+        "--stop-error",
+        "1.0",
+        "--eps",
+        "1/255",
+        "--resolution",
+        "28",
+        "--pgd-steps",
+        "1",
+        "--train-steps",
+        "2",
+        "--batch-size",
+        "128",
+        "--probe-steps",
+        "120",
+        "--probe-arch",
+        "small-cnn",
+        "--probe-countermeasures",
+        "mixup",
+    )
     assert proc.returncode == 4, proc.stderr[-3000:]
     success = _load_json(os.path.join(out, "_SUCCESS.json"))
     p = success["protection"]
@@ -183,8 +266,22 @@ def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, t
 
 def test_dry_run_prints_the_frozen_plan_and_the_work_and_runs_nothing(mnist_small, tmp_path):
     out = str(tmp_path / "never-written")
-    proc = run_cli("protect", "--input", os.path.join(mnist_small["root"], "train"), "--output", out, "--dry-run",
-                   "--rate", "1000", "--pgd-steps", "20", "--train-steps", "10", "--batch-size", "512")
+    proc = run_cli(
+        "protect",
+        "--input",
+        os.path.join(mnist_small["root"], "train"),
+        "--output",
+        out,
+        "--dry-run",
+        "--rate",
+        "1000",
+        "--pgd-steps",
+        "20",
+        "--train-steps",
+        "10",
+        "--batch-size",
+        "512",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(proc.stdout)
     assert info["plan"]["shards"] == 3 and info["plan"]["samples"] == 300 and info["plan"]["classes"] == 10

@@ -16,8 +16,24 @@ from conftest import run_cli
 
 from pipeline.cli import main
 
-SHORT = ["--resolution", "28", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size",
-         "128", "--max-rounds", "2", "--probe-countermeasures", "none", "--probe-steps", "4"]
+SHORT = [
+    "--resolution",
+    "28",
+    "--pgd-steps",
+    "2",
+    "--step-size",
+    "2/255",
+    "--train-steps",
+    "3",
+    "--batch-size",
+    "128",
+    "--max-rounds",
+    "2",
+    "--probe-countermeasures",
+    "none",
+    "--probe-steps",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +59,29 @@ def test_report_of_a_real_run_beside_the_release_matches_its_record(finished_run
     with open(os.path.join(folder, "report.html"), encoding="utf-8") as f:
         page = f.read()
     sources = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
-    assert "rounds.png" in sources and sum(s.startswith("sample-") for s in sources) == 15  # 5 x original/noise/released
+    assert (
+        "rounds.png" in sources and sum(s.startswith("sample-") for s in sources) == 15
+    )  # 5 x original/noise/released
     for src in sources:
         assert src.endswith(".png") and "/" not in src and os.path.getsize(os.path.join(folder, src)) > 0
     counts = success["counts"]
     summary = html.unescape(re.search(r'id="summary">([^<]*)<', page).group(1))
-    assert (f"{counts['protected']} protected and {counts['rejected']} rejected of {counts['input']} input samples; "
-            f"{success['rounds']} round(s), stop reason {success['stop_reason']}") in summary
+    assert (
+        f"{counts['protected']} protected and {counts['rejected']} rejected of {counts['input']} input samples; "
+        f"{success['rounds']} round(s), stop reason {success['stop_reason']}"
+    ) in summary
     assert ("protection holds" in summary) == success["protection"]["holds"]
     assert ("NOT PROTECTED" in page) == (not success["protection"]["holds"])
     # The round table, row for row as _SUCCESS.json's history.
     for h in success["history"]:
         probe = "" if h["probe_accuracy"] is None else f"{100 * h['probe_accuracy']:.1f}%"
-        assert (f'<tr><td class="n">{h["round"]}</td><td class="n">{h["error"]:.4f}</td><td class="n">{probe}</td>'
-                in page)
-    assert (f'<td class="n">{counts["input"]}</td><td class="n">{counts["protected"]}</td>'
-            f'<td class="n">{counts["rejected"]}</td>') in page
+        assert (
+            f'<tr><td class="n">{h["round"]}</td><td class="n">{h["error"]:.4f}</td><td class="n">{probe}</td>' in page
+        )
+    assert (
+        f'<td class="n">{counts["input"]}</td><td class="n">{counts["protected"]}</td>'
+        f'<td class="n">{counts["rejected"]}</td>'
+    ) in page
     assert "No countermeasure battery" in page  # --probe-countermeasures none
 
 

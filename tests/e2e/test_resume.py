@@ -24,9 +24,31 @@ from conftest import REPO, run_cli
 # are 28 px and the working resolution 24, so that the stop check needs the images at native size: the reference
 # keeps them in memory (--cache auto), and the resumed runs below find them on local disk or decode them again
 # (--cache disk, --cache none), releasing the same bytes.
-ARGS = ["--resolution", "24", "--pgd-steps", "2", "--step-size", "2/255", "--train-steps", "3", "--batch-size", "64",
-        "--probe-steps", "20", "--probe-arch", "small-cnn", "--probe-countermeasures", "none", "--max-rounds", "2",
-        "--stop-error", "0", "--seed", "3", "--keep-work"]
+ARGS = [
+    "--resolution",
+    "24",
+    "--pgd-steps",
+    "2",
+    "--step-size",
+    "2/255",
+    "--train-steps",
+    "3",
+    "--batch-size",
+    "64",
+    "--probe-steps",
+    "20",
+    "--probe-arch",
+    "small-cnn",
+    "--probe-countermeasures",
+    "none",
+    "--max-rounds",
+    "2",
+    "--stop-error",
+    "0",
+    "--seed",
+    "3",
+    "--keep-work",
+]
 
 
 def _protect(train: str, out: str, fault: str | None = None, once: str | None = None, extra: list[str] = ()):
@@ -111,8 +133,12 @@ def test_sigkill_in_train_noise_and_export_then_rerun_is_byte_identical(referenc
     repeated = [u for u, n in collections.Counter(attempts).items() if n > 1]
     assert repeated == ([] if landed else [("noise", 1, "train-000000")]), repeated
     shards = ["train-000000", "train-000001", "train-000002"]
-    expected = ({("train", r, None) for r in (0, 1)} | {("noise", r, s) for r in (0, 1) for s in shards}
-                | {("check", r, None) for r in (0, 1)} | {("export", None, s) for s in shards})
+    expected = (
+        {("train", r, None) for r in (0, 1)}
+        | {("noise", r, s) for r in (0, 1) for s in shards}
+        | {("check", r, None) for r in (0, 1)}
+        | {("export", None, s) for s in shards}
+    )
     assert set(attempts) == expected
 
 
@@ -321,8 +347,18 @@ def _ray_processes() -> set[int]:
                 zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
             continue  # gone meanwhile
-        if not zombie and any(m in cmd for m in ("ray::", "raylet", "gcs_server", "dashboard/agent.py",
-                                                 "runtime_env/agent", "log_monitor.py", "ray/_private/workers")):
+        if not zombie and any(
+            m in cmd
+            for m in (
+                "ray::",
+                "raylet",
+                "gcs_server",
+                "dashboard/agent.py",
+                "runtime_env/agent",
+                "log_monitor.py",
+                "ray/_private/workers",
+            )
+        ):
             found.add(int(pid))
     return found
 
@@ -336,8 +372,19 @@ def test_sigkill_at_ten_random_moments_then_the_rerun_releases_the_same_bytes(re
     rng = random.Random(20261202)
     out = str(tmp_path / "release")
     # --cache none: every stop check decodes the digits again from the input; the release is the same.
-    cmd = [sys.executable, "-m", "pipeline", "protect", "--input", reference["train"], "--output", out, *ARGS,
-           "--cache", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "protect",
+        "--input",
+        reference["train"],
+        "--output",
+        out,
+        *ARGS,
+        "--cache",
+        "none",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     kills = []
     for _ in range(30):  # until 10 kills have landed

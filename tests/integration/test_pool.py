@@ -47,8 +47,15 @@ def _offsets(plan) -> tuple[dict, int]:
 
 
 def _pool(corpus: dict, mode: str, workers: int = 2, **kw):
-    settings = {"mode": mode, "resolution": 28, "pgd_steps": 2, "step_size": "2/255", "train_steps": 3,
-                "batch_size": 64, "skip_converged": False}
+    settings = {
+        "mode": mode,
+        "resolution": 28,
+        "pgd_steps": 2,
+        "step_size": "2/255",
+        "train_steps": 3,
+        "batch_size": 64,
+        "skip_converged": False,
+    }
     cfg, plan = _config(corpus, **{**settings, **kw})
     actors = pool.start_workers(cfg.to_dict(), plan.num_classes, plan.channels, workers, 0, 1)
     shares = assign_shards(plan.shards, workers)
@@ -160,20 +167,25 @@ def test_a_pool_of_two_releases_the_same_bytes_with_every_cache_mode(local_ray, 
                 pool.get_all([w.noise_stage.remote(s.id, 0) for s in share])
             check = [pool.get(w.released_error.remote()) for w in actors]
             # What the stop check scored: each shard's released images at the working resolution.
-            checked = {s.id: pool.get(w.released_working.remote(s.id)) for w, share in zip(actors, shares)
-                       for s in share}
+            checked = {
+                s.id: pool.get(w.released_working.remote(s.id)) for w, share in zip(actors, shares) for s in share
+            }
             out = tmp_path / cache
             for w, share in zip(actors, shares):
-                pool.get_all([w.export_shard.remote(s.id, str(out), str(tmp_path / f"{cache}.work"), "0" * 64)
-                              for s in share])
+                pool.get_all(
+                    [w.export_shard.remote(s.id, str(out), str(tmp_path / f"{cache}.work"), "0" * 64) for s in share]
+                )
         finally:
             for w in actors:
                 pool.kill(w)
         assert sum(c["total"] for c in check) == plan.total_samples and all(c["total"] for c in check)
         files = sorted(p.name for p in out.iterdir())
         assert files == sorted(f"{s.id}{ext}" for s in plan.shards for ext in (".tar", ".parquet", "_stats.json"))
-        seen[cache] = ([c["wrong"] for c in check], {n: (out / n).read_bytes() for n in files if n[-5:] != ".json"},
-                       checked)
+        seen[cache] = (
+            [c["wrong"] for c in check],
+            {n: (out / n).read_bytes() for n in files if n[-5:] != ".json"},
+            checked,
+        )
         reference = seen.get("memory", (None, None, checked))[2]
         assert all(torch.equal(checked[s], reference[s]) for s in reference), cache
     for cache in ("disk", "none"):

@@ -30,13 +30,35 @@ from PIL import Image
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 # Sample-wise small-cnn on 1,000 real digits: the demo's PGD settings, 20 train steps a round (measured here: the stop
 # rule after 4 rounds, probe 26.0% against a 33.9% threshold, 83 s with 2 CPU workers).
-PROTECT = ["--workers", "2", "--resolution", "28", "--pgd-steps", "10", "--step-size", "8/1275", "--train-steps", "20",
-           "--batch-size", "256", "--probe-steps", "150", "--probe-countermeasures", "none", "--stop-error", "0.02", "--max-rounds", "10", "--keep-work"]
+PROTECT = [
+    "--workers",
+    "2",
+    "--resolution",
+    "28",
+    "--pgd-steps",
+    "10",
+    "--step-size",
+    "8/1275",
+    "--train-steps",
+    "20",
+    "--batch-size",
+    "256",
+    "--probe-steps",
+    "150",
+    "--probe-countermeasures",
+    "none",
+    "--stop-error",
+    "0.02",
+    "--max-rounds",
+    "10",
+    "--keep-work",
+]
 
 
 def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False)  # callers judge the exit status (the head is polled until it answers)
+    return subprocess.run(
+        [RAY, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )  # callers judge the exit status (the head is polled until it answers)
 
 
 def _log_tail(log_path: str) -> str:
@@ -51,12 +73,27 @@ def ray_head(s3_server):
     dashboard = free_port()
     env = {**os.environ, **s3_server, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    args = [RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=4", "--num-gpus=0",
-            "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}", f"--temp-dir={temp}"]
+    args = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--num-cpus=4",
+        "--num-gpus=0",
+        "--node-ip-address=127.0.0.1",
+        f"--port={free_port()}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--temp-dir={temp}",
+    ]
     log_path = os.path.join(temp, "head.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -85,17 +122,39 @@ def submitted(ray_head, s3_server, tmp_path_factory):
     make_bucket(s3_server, "corpus")
     make_bucket(s3_server, "release")
     upload_dir(s3_server, os.path.join(local, "train"), "s3://corpus/mnist/train")
-    entrypoint = [sys.executable, "-m", "pipeline", "protect", "--input", "s3://corpus/mnist/train", "--output",
-                  "s3://release/mnist", *PROTECT]
+    entrypoint = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "protect",
+        "--input",
+        "s3://corpus/mnist/train",
+        "--output",
+        "s3://release/mnist",
+        *PROTECT,
+    ]
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_head["address"])
 
     def submit(sid: str, env_vars: dict) -> str:
         # Fault hooks for this test only travel in the runtime_env; credentials never do (they come from the nodes).
-        proc = _ray("job", "submit", "--address", ray_head["address"], "--submission-id", sid, "--no-wait",
-                    "--entrypoint-num-cpus", "0", "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
-                    *entrypoint, env=ray_head["env"])
+        proc = _ray(
+            "job",
+            "submit",
+            "--address",
+            ray_head["address"],
+            "--submission-id",
+            sid,
+            "--no-wait",
+            "--entrypoint-num-cpus",
+            "0",
+            "--runtime-env-json",
+            json.dumps({"env_vars": env_vars}),
+            "--",
+            *entrypoint,
+            env=ray_head["env"],
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         deadline = time.monotonic() + 900
         while client.get_job_status(sid) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -107,14 +166,23 @@ def submitted(ray_head, s3_server, tmp_path_factory):
     first = submit(f"protect-a-{os.getpid()}", {"UNLEARNABLE_FAULT": "coordinator:noise:1:train-000002"})
     # The same command again resumes; this time a worker dies in round 2 and the pool is restarted.
     sid = f"protect-b-{os.getpid()}"
-    status = submit(sid, {"UNLEARNABLE_FAULT": "worker:noise:2:train-000001",
-                          "UNLEARNABLE_FAULT_ONCE": str(local / "worker-fault-done")})
+    status = submit(
+        sid,
+        {
+            "UNLEARNABLE_FAULT": "worker:noise:2:train-000001",
+            "UNLEARNABLE_FAULT_ONCE": str(local / "worker-fault-done"),
+        },
+    )
     logs = _ray("job", "logs", "--address", ray_head["address"], sid, env=ray_head["env"]).stdout
     listing = _ray("job", "list", "--address", ray_head["address"], env=ray_head["env"]).stdout
     listing += json.dumps(vars(client.get_job_info(sid)), default=str)
-    s3 = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key=s3_server["AWS_ACCESS_KEY_ID"],
-                           secret=s3_server["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True,
-                           use_listings_cache=False)
+    s3 = s3fs.S3FileSystem(
+        endpoint_url=s3_server["AWS_ENDPOINT_URL"],
+        key=s3_server["AWS_ACCESS_KEY_ID"],
+        secret=s3_server["AWS_SECRET_ACCESS_KEY"],
+        skip_instance_cache=True,
+        use_listings_cache=False,
+    )
     return {"first": first, "status": status, "logs": logs, "listing": listing, "s3": s3, "local": str(local)}
 
 
@@ -145,12 +213,17 @@ def test_release_in_the_bucket_is_bounded_and_has_every_key_once(submitted):
     shards = [f"train-{i:06d}" for i in range(4)]
     names = {os.path.basename(p) for p in s3.ls("release/mnist")}
     assert names == {f"{s}{x}" for s in shards for x in (".tar", ".parquet", "_stats.json")} | {
-        "manifest.parquet", "_SUCCESS.json"}, _fail(submitted)
+        "manifest.parquet",
+        "_SUCCESS.json",
+    }, _fail(submitted)
     keys = []
     for shard in shards:
         with tarfile.open(os.path.join(local, "train", f"{shard}.tar")) as tar:
-            originals = {m.name[:-4]: np.array(Image.open(io.BytesIO(tar.extractfile(m).read())))
-                         for m in tar.getmembers() if m.name.endswith(".png")}
+            originals = {
+                m.name[:-4]: np.array(Image.open(io.BytesIO(tar.extractfile(m).read())))
+                for m in tar.getmembers()
+                if m.name.endswith(".png")
+            }
         with tarfile.open(fileobj=io.BytesIO(s3.cat_file(f"release/mnist/{shard}.tar"))) as tar:
             for m in tar.getmembers():
                 if m.name.endswith(".png"):
@@ -195,8 +268,15 @@ def test_verify_and_status_read_the_release_from_s3(submitted, s3_server):
     env = {**os.environ, **s3_server}
     env.pop("RAY_ADDRESS", None)
     for verb in ("verify", "status"):
-        proc = subprocess.run([sys.executable, "-m", "pipeline", verb, "s3://release/mnist", "--json"],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=REPO, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", verb, "s3://release/mnist", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=REPO,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
         info = json.loads(proc.stdout)
         assert info.get("ok", info.get("complete")) is True

@@ -26,8 +26,10 @@ def test_write_read_size_list_find_remove_on_s3(s3_env, bucket):
     assert fs.read_bytes(url) == b"x" * 10_000 and fs.size(url) == 10_000 and len(sha) == 64
     fs.write_bytes(fs.join(bucket, "run", "round-0000", "noise", "b.pt"), b"")
     assert fs.listdir(fs.join(bucket, "run", "round-0000", "noise")) == ["a.pt", "b.pt"]
-    assert fs.find(fs.join(bucket, "run"), ".pt") == [f"{bucket}/run/round-0000/noise/a.pt",
-                                                     f"{bucket}/run/round-0000/noise/b.pt"]
+    assert fs.find(fs.join(bucket, "run"), ".pt") == [
+        f"{bucket}/run/round-0000/noise/a.pt",
+        f"{bucket}/run/round-0000/noise/b.pt",
+    ]
     fs.remove(fs.join(bucket, "run", "round-0000"), recursive=True)
     # (SeaweedFS, like some other stores, may keep the emptied "folder" itself; what counts is that no object is left)
     assert not fs.exists(url) and fs.find(fs.join(bucket, "run"), ".pt") == []
@@ -51,8 +53,9 @@ def test_shards_stream_from_a_bucket_like_from_a_folder(s3_env, bucket, mnist_sm
     names = sorted(os.listdir(local))
     remote = [f"{bucket}/mnist/train/{n}" for n in names]
     from_s3 = [[(s.key, s.members) for s in shard if isinstance(s, RawSample)] for shard in read_ahead(remote)]
-    from_disk = [[(s.key, s.members) for s in iter_samples(os.path.join(local, n)) if isinstance(s, RawSample)]
-                 for n in names]
+    from_disk = [
+        [(s.key, s.members) for s in iter_samples(os.path.join(local, n)) if isinstance(s, RawSample)] for n in names
+    ]
     assert from_s3 == from_disk and sum(len(s) for s in from_s3) == 300
 
 
@@ -73,8 +76,9 @@ def _protect_line(capsys, *args: str) -> tuple[int, list[str]]:
     return code, lines
 
 
-def test_a_bucket_one_may_not_write_is_exit_2_in_one_line_not_rerun_to_resume(s3_env, capsys, bucket, mnist_small,
-                                                                             monkeypatch):
+def test_a_bucket_one_may_not_write_is_exit_2_in_one_line_not_rerun_to_resume(
+    s3_env, capsys, bucket, mnist_small, monkeypatch
+):
     """An identity that may read but not write (SeaweedFS's Read and List actions): the plan is read, the first
     write is denied, and no rerun can mend that."""
     import fsspec
@@ -89,8 +93,9 @@ def test_a_bucket_one_may_not_write_is_exit_2_in_one_line_not_rerun_to_resume(s3
     assert READER_KEY not in lines[0] and READER_SECRET not in lines[0]
 
 
-def test_access_denied_is_exit_2_and_the_credentials_are_never_repeated(s3_env, capsys, bucket, mnist_small,
-                                                                         monkeypatch):
+def test_access_denied_is_exit_2_and_the_credentials_are_never_repeated(
+    s3_env, capsys, bucket, mnist_small, monkeypatch
+):
     import fsspec
 
     upload_dir(s3_env, os.path.join(mnist_small["root"], "train"), f"{bucket}/denied/train")

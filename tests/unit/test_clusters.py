@@ -50,8 +50,9 @@ def _workers(mnist_small, split: list[list[str]]) -> list[RoundWorker]:
 
 
 def _cluster(workers: list[RoundWorker]) -> tuple[torch.Tensor, list[int]]:
-    centroids, iterations = clusters.kmeans(lambda m: [w.cluster_candidates(m) for w in workers],
-                                            lambda c: [w.cluster_sums(c) for w in workers], 10, seed=0)
+    centroids, iterations = clusters.kmeans(
+        lambda m: [w.cluster_candidates(m) for w in workers], lambda c: [w.cluster_sums(c) for w in workers], 10, seed=0
+    )
     assert 1 < iterations <= clusters.MAX_ITERATIONS
     for w in workers:
         w.set_centroids(centroids)
@@ -69,8 +70,9 @@ def test_one_worker_and_a_pool_of_two_give_every_digit_the_same_cluster(mnist_sm
     assert [by_key[k] for s in one[0].owned for k in one[0].shards[s].keys] == labels1
     # The clusters carry the digits: each cluster's majority digit covers far more than chance (10%) of it.
     digits = _true_digits(mnist_small, one[0])
-    purity = sum(max(sum(1 for d, c in zip(digits, labels1) if c == k and d == t) for t in range(10))
-                 for k in range(10)) / len(labels1)
+    purity = sum(
+        max(sum(1 for d, c in zip(digits, labels1) if c == k and d == t) for t in range(10)) for k in range(10)
+    ) / len(labels1)
     assert purity >= 0.4, purity
     assert len(set(labels1)) == 10
     # A shard loaded later (a guest in the noise stage) gets its labels from the same centroids.

@@ -75,8 +75,27 @@ def test_parse_gives_defaults_and_keeps_the_args_as_written():
     assert parse_countermeasure("none").kind == "none"
 
 
-@pytest.mark.parametrize("text", ["jpg:10", "jpeg:0", "jpeg:abc", "jpeg:10.5", "jpeg:", "bdr:9", "bdr:0", "blur:-1",
-                                  "at:x", "at:0", "at:2", "grayscale:3", "ueraser:1", "mixup:0", "cutout:1.5", ""])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "jpg:10",
+        "jpeg:0",
+        "jpeg:abc",
+        "jpeg:10.5",
+        "jpeg:",
+        "bdr:9",
+        "bdr:0",
+        "blur:-1",
+        "at:x",
+        "at:0",
+        "at:2",
+        "grayscale:3",
+        "ueraser:1",
+        "mixup:0",
+        "cutout:1.5",
+        "",
+    ],
+)
 def test_bad_names_and_args_raise_one_line_value_errors(text):
     with pytest.raises(ValueError) as err:
         parse_battery([text])
@@ -88,9 +107,14 @@ def test_all_is_the_whole_battery_and_repeats_are_kept_once():
     battery = parse_battery(["all"])
     assert [cm.text for cm in battery] == list(ALL)
     assert {"none", "jpeg", "grayscale", "blur", "bdr", "cutout", "cutmix", "mixup", "ueraser", "at"} == {
-        cm.name for cm in battery}
+        cm.name for cm in battery
+    }
     assert [cm.text for cm in parse_battery(["none", "jpeg,mixup", "jpeg:10", "mixup:1", "at:4/255"])] == [
-        "none", "jpeg:10", "mixup:1.0", "at:4/255"]
+        "none",
+        "jpeg:10",
+        "mixup:1.0",
+        "at:4/255",
+    ]
 
 
 # --------------------------------------------------------------------------------------------- preprocessing
@@ -228,7 +252,9 @@ def test_at_perturbation_stays_within_eps_and_increases_the_loss(digits):
     assert (adv - x).abs().max() <= eps + 1e-6
     assert adv.min() >= 0 and adv.max() <= 1
     assert all(p.grad is None for p in model.parameters())
-    noisy = (x + eps * torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(0)).mul(2).sub(1)).clamp(0, 1)
+    noisy = (x + eps * torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(0)).mul(2).sub(1)).clamp(
+        0, 1
+    )
     with torch.no_grad():
         clean, attacked, random_noise = (F.cross_entropy(model(v), y) for v in (x, adv, noisy))
     assert attacked > 1.2 * clean
@@ -244,8 +270,16 @@ def test_fit_epochs_without_countermeasure_trains_the_same_weights_as_fit(digits
     a = fit(build("small-cnn", 10, 1), x, y, steps=2 * (40 // 16), batch_size=16, pad=2, seed=5)
     torch.manual_seed(5)
     epochs_seen = []
-    b = fit_epochs(build("small-cnn", 10, 1), x, y, epochs=2, batch_size=16, pad=2, seed=5,
-                   on_epoch=lambda e, m: epochs_seen.append((e, m.training)))
+    b = fit_epochs(
+        build("small-cnn", 10, 1),
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        pad=2,
+        seed=5,
+        on_epoch=lambda e, m: epochs_seen.append((e, m.training)),
+    )
     assert epochs_seen == [(1, True), (2, True)]
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
@@ -256,8 +290,16 @@ def test_fit_epochs_runs_every_training_time_countermeasure(digits, name):
     x, y = digits
     cm = parse_countermeasure(name)
     torch.manual_seed(0)
-    model = fit_epochs(build("small-cnn", 10, 1), x, y, epochs=1, batch_size=16, seed=0,
-                       augment=batch_augment(cm, 10), adversary=adversary(cm))
+    model = fit_epochs(
+        build("small-cnn", 10, 1),
+        x,
+        y,
+        epochs=1,
+        batch_size=16,
+        seed=0,
+        augment=batch_augment(cm, 10),
+        adversary=adversary(cm),
+    )
     assert not model.training
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

@@ -51,6 +51,7 @@ def _project_dependencies() -> list[str]:
 
 # --- Dockerfile ---------------------------------------------------------------------------------------------------
 
+
 def dockerfile_instructions(path: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     out, pending = [], ""
@@ -148,12 +149,15 @@ def test_dependency_layer_reads_exactly_pyprojects_dependencies():
     assert out.stdout.split() == _project_dependencies()
 
 
-@pytest.mark.parametrize("command", [
-    ["ray", "start", "--head", "--port=6379", "--num-gpus=0", "--block"],    # KubeRay-style / launcher start commands
-    ["bash", "-lc", "ray start --address=10.0.0.1:6379 --block"],
-    ["bash"],  # the cluster launcher's `docker run ... IMAGE bash`
-    ["unlearnable", "protect", "--input", PATTERN, "--output", "s3://b/out"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ray", "start", "--head", "--port=6379", "--num-gpus=0", "--block"],  # KubeRay-style / launcher start commands
+        ["bash", "-lc", "ray start --address=10.0.0.1:6379 --block"],
+        ["bash"],  # the cluster launcher's `docker run ... IMAGE bash`
+        ["unlearnable", "protect", "--input", PATTERN, "--output", "s3://b/out"],
+    ],
+)
 def test_the_image_runs_a_launchers_command_as_itself(command):
     steps = dockerfile_instructions(os.path.join(REPO, "Dockerfile"))
     assert effective_command(steps, command) == command
@@ -169,6 +173,7 @@ def test_effective_command_models_dockers_entrypoint_rules():
 
 
 # --- RayJob (KubeRay) ---------------------------------------------------------------------------------------------
+
 
 def _shim(bin_dir: str, name: str, body: str) -> None:
     path = os.path.join(bin_dir, name)
@@ -200,18 +205,22 @@ def run_entrypoint_as_kuberay_does(spec: dict, tmp_path) -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "submit.json"
-    _shim(str(bin_dir), "ray", f"""import json, sys
+    _shim(
+        str(bin_dir),
+        "ray",
+        f"""import json, sys
 argv = sys.argv[1:]
 if argv[:2] == ["job", "status"]:
     sys.exit(1)  # not submitted yet
 if argv[:2] == ["job", "submit"]:
     json.dump(argv, open({str(record)!r}, "w"))
-""")
+""",
+    )
     script = kuberay_submitter_script(spec, "http://unlearnable-protect-head-svc:8265", "unlearnable-protect-abc12")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["/bin/bash", "-ce", "--", script], env=env, check=True, timeout=60)
     submit = _json(record)
-    words = submit[submit.index("--") + 1:]
+    words = submit[submit.index("--") + 1 :]
     entrypoint = shlex.join(words)  # ray job submit (Ray 2.60, non-Windows)
 
     driver = tmp_path / "driver.json"
@@ -279,6 +288,7 @@ def test_rayjob_runs_protect_on_gpu_workers_with_credentials_from_a_secret_and_g
 
 # --- cluster launcher -----------------------------------------------------------------------------------------------
 
+
 def test_cluster_yaml_is_valid_against_the_schema_in_the_pinned_ray():
     schema_path = os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")
     schema = _json(schema_path)
@@ -317,6 +327,7 @@ def test_cluster_gives_gpus_to_the_gpu_workers_only_and_scales_them_to_zero():
 
 # --- runtime env, credentials -------------------------------------------------------------------------------------
 
+
 def test_runtime_env_ships_no_credentials():
     env = _yaml("runtime_env.yaml")
     assert set(env) <= {"env_vars", "pip", "working_dir", "py_modules", "config"}
@@ -328,6 +339,7 @@ def test_runtime_env_ships_no_credentials():
 
 
 # --- CPUs of a GPU worker -------------------------------------------------------------------------------------------
+
 
 def _node(cpu: float, gpu: float = 0, alive: bool = True) -> dict:
     return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {})}}

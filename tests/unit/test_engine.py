@@ -116,8 +116,9 @@ def test_compile_missing_or_refusing_runs_eager(fitted, monkeypatch):
     monkeypatch.delattr(torch, "compile")
     engine = NoiseEngine(_model(state), compile=True, **PGD)
     assert not engine.compiled and "not available" in engine.fallback_reason
-    assert torch.equal(engine.minimize(x, y, torch.zeros_like(x)),
-                       pgd_minimize(_model(state), x, y, torch.zeros_like(x), **PGD))
+    assert torch.equal(
+        engine.minimize(x, y, torch.zeros_like(x)), pgd_minimize(_model(state), x, y, torch.zeros_like(x), **PGD)
+    )
 
 
 def test_a_compiled_engine_pads_short_batches_without_changing_the_real_rows(fitted, monkeypatch):
@@ -142,8 +143,9 @@ def test_a_compiled_engine_pads_short_batches_without_changing_the_real_rows(fit
 def test_paper_style_baseline_computes_the_same_noise(fitted):
     state, x, y = fitted
     expected = pgd_minimize(_model(state), x, y, torch.zeros_like(x), **PGD)
-    noise = reference_noise_pass(_model(state), x, y, torch.zeros_like(x), batch_size=24,
-                                 device=torch.device("cpu"), **PGD)
+    noise = reference_noise_pass(
+        _model(state), x, y, torch.zeros_like(x), batch_size=24, device=torch.device("cpu"), **PGD
+    )
     # Same update; the reference projects through the perturbed image, so values agree up to float rounding.
     assert (noise - expected).abs().max() <= 1e-6
 
@@ -188,8 +190,17 @@ def test_worker_noise_stage_reports_the_image_steps_it_did(mnist_small, monkeypa
     from pipeline.worker import RoundWorker
 
     train = os.path.join(mnist_small["root"], "train")
-    cfg = ProtectConfig(inputs=[train], output="/unused", surrogate="small-cnn", resolution=28, pgd_steps=2,
-                        train_steps=1, batch_size=64, num_classes=10, skip_converged=True).resolved()
+    cfg = ProtectConfig(
+        inputs=[train],
+        output="/unused",
+        surrogate="small-cnn",
+        resolution=28,
+        pgd_steps=2,
+        train_steps=1,
+        batch_size=64,
+        num_classes=10,
+        skip_converged=True,
+    ).resolved()
     worker = RoundWorker(cfg.to_dict(), 10, 1, threads=1)
     shard = min(n[:-4] for n in os.listdir(train) if n.endswith(".tar"))
     worker.load_shard(shard, os.path.join(train, f"{shard}.tar"))

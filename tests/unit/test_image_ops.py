@@ -388,9 +388,11 @@ def test_encode_png_accepts_non_contiguous_input():
 
 # ---------------------------------------------------------------------------------------------------- photo metadata
 
-XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-       b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6" tiff:Make="Cam"/>'
-       b'</rdf:RDF></x:xmpmeta>')
+XMP = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6" tiff:Make="Cam"/>'
+    b"</rdf:RDF></x:xmpmeta>"
+)
 
 
 def _camera_jpeg(icc: bytes | None, mode: str = "RGB") -> bytes:

@@ -110,7 +110,7 @@ def test_digits_are_names_like_any_other_in_a_name_vocabulary():
         ({"json": b'{"label": 2.5}'}, "json:label", None, "the fraction 2.5"),
         ({"json": b'{"label": -1}'}, "json:label", None, "negative"),
         ({"json": b'{"label": 12}'}, "json:label", None, "out of range [0, 10)"),
-        ({"json": b'[1, 2]'}, "json:label", None, "no field 'label'"),
+        ({"json": b"[1, 2]"}, "json:label", None, "no field 'label'"),
     ],
 )
 def test_labels_that_are_neither_integer_nor_name_are_refused_with_a_reason(members, key, names, error):
@@ -160,8 +160,11 @@ def test_the_vocabulary_does_not_depend_on_shard_or_sample_order(tmp_path):
     _shard(tmp_path / "a" / "s-1.tar", [_named("k3", "bee")])
     b = _shard(tmp_path / "b" / "s-0.tar", [_named("k3", "bee")])
     _shard(tmp_path / "b" / "s-1.tar", [_named("k2", "ant"), _named("k1", "moth")])
-    assert (build_plan([os.path.dirname(a)], None, None, "json:label").label_names
-            == build_plan([os.path.dirname(b)], None, None, "json:label").label_names == ("ant", "bee", "moth"))
+    assert (
+        build_plan([os.path.dirname(a)], None, None, "json:label").label_names
+        == build_plan([os.path.dirname(b)], None, None, "json:label").label_names
+        == ("ant", "bee", "moth")
+    )
 
 
 def test_an_all_integer_corpus_keeps_its_integers_as_ids(tmp_path):
@@ -191,22 +194,28 @@ def test_with_num_classes_labels_are_integers_and_names_are_rejected(tmp_path):
 
 
 def test_labels_of_samples_that_cannot_be_protected_do_not_enter_the_vocabulary(tmp_path):
-    url = _shard(tmp_path / "s.tar", [
-        _named("a", "ant"), _named("b", "bee"),
-        RawSample("c", {"txt": b"no image", "json": b'{"label": "ghost"}'}),
-        RawSample("d", {"jpg": b"not a jpeg", "json": b'{"label": "broken"}'}),
-        RawSample("../e", {"jpg": _jpg(), "json": b'{"label": "escape"}'}),
-        RawSample("a", {"jpg": _jpg(), "json": b'{"label": "repeat"}'}),
-    ])
+    url = _shard(
+        tmp_path / "s.tar",
+        [
+            _named("a", "ant"),
+            _named("b", "bee"),
+            RawSample("c", {"txt": b"no image", "json": b'{"label": "ghost"}'}),
+            RawSample("d", {"jpg": b"not a jpeg", "json": b'{"label": "broken"}'}),
+            RawSample("../e", {"jpg": _jpg(), "json": b'{"label": "escape"}'}),
+            RawSample("a", {"jpg": _jpg(), "json": b'{"label": "repeat"}'}),
+        ],
+    )
     plan = build_plan([url], None, None, "json:label")
     assert plan.label_names == ("ant", "bee") and plan.shards[0].samples == 6
 
 
 def test_the_vocabulary_changes_the_plan_digest_and_the_config_hash(tmp_path):
-    one = build_plan([_shard(tmp_path / "a" / "s.tar", [_named("a", "ant"), _named("b", "bee")])], None, None,
-                     "json:label")
-    other = build_plan([_shard(tmp_path / "b" / "s.tar", [_named("a", "ant"), _named("b", "bug")])], None, None,
-                       "json:label")
+    one = build_plan(
+        [_shard(tmp_path / "a" / "s.tar", [_named("a", "ant"), _named("b", "bee")])], None, None, "json:label"
+    )
+    other = build_plan(
+        [_shard(tmp_path / "b" / "s.tar", [_named("a", "ant"), _named("b", "bug")])], None, None, "json:label"
+    )
     same_shape = Plan(one.shards, one.num_classes, one.channels, other.label_names)
     assert same_shape.digest != one.digest
     integers = Plan(one.shards, one.num_classes, one.channels)
@@ -255,8 +264,10 @@ def test_num_classes_below_the_largest_label_is_refused_at_plan_time(tmp_path):
         build_plan([url], 5, None, "json:label")
     text = str(info.value)
     assert "\n" not in text
-    assert text == ("--num-classes 5 is too small: the largest label under --label-key json:label is 9; pass "
-                    "--num-classes 10 or more, or leave it out (default: the largest label + 1)")
+    assert text == (
+        "--num-classes 5 is too small: the largest label under --label-key json:label is 9; pass "
+        "--num-classes 10 or more, or leave it out (default: the largest label + 1)"
+    )
     assert build_plan([url], 10, None, "json:label").num_classes == 10
 
 

@@ -79,8 +79,16 @@ def test_output_containing_an_input_shard_is_refused(capsys, corpus):
 def test_work_dir_inside_the_output_under_another_spelling_is_refused(capsys, corpus, tmp_path, monkeypatch):
     out = tmp_path / "D" / "out"
     (tmp_path / "D" / "x").mkdir(parents=True)
-    line = _refused(capsys, corpus, "--input", corpus, "--output", str(out),
-                    "--work-dir", str(tmp_path / "D" / "x" / ".." / "out" / "work"))
+    line = _refused(
+        capsys,
+        corpus,
+        "--input",
+        corpus,
+        "--output",
+        str(out),
+        "--work-dir",
+        str(tmp_path / "D" / "x" / ".." / "out" / "work"),
+    )
     assert "overlaps the output" in line
     monkeypatch.chdir(tmp_path / "D")
     _refused(capsys, corpus, "--input", corpus, "--output", "out", "--work-dir", str(out / "work"))
@@ -99,8 +107,9 @@ def test_output_inside_the_input_folder_is_refused(capsys, corpus):
 
 
 def test_input_folder_inside_the_work_dir_is_refused(capsys, corpus, tmp_path):
-    _refused(capsys, corpus, "--input", corpus, "--output", str(tmp_path / "out"),
-             "--work-dir", os.path.dirname(corpus))
+    _refused(
+        capsys, corpus, "--input", corpus, "--output", str(tmp_path / "out"), "--work-dir", os.path.dirname(corpus)
+    )
 
 
 @pytest.mark.parametrize("flag", ["--input", "--output", "--work-dir"])
@@ -131,7 +140,6 @@ def test_a_shard_id_the_release_reserves_is_refused(capsys, corpus, name):
     os.rename(os.path.join(corpus, "train-1.tar"), os.path.join(corpus, f"{name}.tar"))
     line = _refused(capsys, corpus, "--input", corpus, "--output", os.path.join(os.path.dirname(corpus), "out"))
     assert f"{name!r}" in line and "reserves" in line
-
 
 
 def test_output_inside_a_folder_named_by_a_brace_pattern_is_refused(capsys, corpus):

@@ -48,8 +48,11 @@ def _samples(report: dict) -> list[RawSample]:
 
 
 def _tree(root) -> dict[str, bytes]:
-    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(root) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- labels: folders
@@ -62,8 +65,13 @@ def test_labels_are_the_classes_in_sorted_folder_order(tmp_path):
     report = make_shards(str(src), str(tmp_path / "out"), per_shard=1000)
     assert report["samples"] == 5 and report["classes"] == 2 and len(report["shards"]) == 1
     got = _samples(report)
-    assert {s.key: s.members["cls"] for s in got} == {"ant_c": b"0", "ant_d": b"0", "ant_e": b"0", "zebra_a": b"1",
-                                                      "zebra_b": b"1"}
+    assert {s.key: s.members["cls"] for s in got} == {
+        "ant_c": b"0",
+        "ant_d": b"0",
+        "ant_e": b"0",
+        "zebra_a": b"1",
+        "zebra_b": b"1",
+    }
     by_key = {s.key: s for s in got}
     assert by_key["ant_d"].members["jpg"] == (src / "ant" / "d.jpg").read_bytes()  # bytes kept as they are
     assert by_key["zebra_b"].members["png"] == (src / "zebra" / "b.png").read_bytes()
@@ -74,8 +82,11 @@ def test_per_shard_is_respected_and_classes_json_is_written(tmp_path):
     _image_folder(src, {"cat": ["1.png", "2.png", "3.png"], "dog": ["4.png", "5.png"]})
     out = tmp_path / "out"
     report = make_shards(str(src), str(out), per_shard=2)
-    assert [os.path.basename(u) for u in report["shards"]] == ["shard-000000.tar", "shard-000001.tar",
-                                                              "shard-000002.tar"]
+    assert [os.path.basename(u) for u in report["shards"]] == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
     assert [len(list(iter_samples(u))) for u in report["shards"]] == [2, 2, 1]
     assert json.loads((out / "classes.json").read_text()) == {"0": "cat", "1": "dog"}
     # No temp file is left beside the shards.
@@ -137,9 +148,11 @@ def test_labels_none_walks_nested_folders_with_keys_from_the_whole_path(tmp_path
     src = tmp_path / "src"
     data = {rel: _write(src, rel) for rel in ["2024/06/a.png", "2024/a.png", "b.png"]}
     got = _samples(make_shards(str(src), str(tmp_path / "out"), labels="none"))
-    assert [(s.key, s.members) for s in got] == [("2024_06_a", {"png": data["2024/06/a.png"]}),
-                                                 ("2024_a", {"png": data["2024/a.png"]}),
-                                                 ("b", {"png": data["b.png"]})]
+    assert [(s.key, s.members) for s in got] == [
+        ("2024_06_a", {"png": data["2024/06/a.png"]}),
+        ("2024_a", {"png": data["2024/a.png"]}),
+        ("b", {"png": data["b.png"]}),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- determinism
@@ -174,8 +187,12 @@ def test_an_s3_prefix_shards_to_an_s3_prefix_like_a_folder_to_a_folder(s3_env, t
     for here, there in zip(local["shards"], remote["shards"], strict=True):
         assert fs.read_bytes(there) == fs.read_bytes(here)
     assert json.loads(fs.read_bytes("s3://make-shards/shards/classes.json")) == {"0": "cat", "1": "dog"}
-    assert fs.listdir("s3://make-shards/shards") == ["classes.json", "shard-000000.tar", "shard-000001.tar",
-                                                     "shard-000002.tar"]
+    assert fs.listdir("s3://make-shards/shards") == [
+        "classes.json",
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
     # A source prefix with files straight under it is refused with --labels folders, taken with --labels none.
     upload_dir(s3_env, str(src / "cat"), "s3://make-shards/flat")
     with pytest.raises(ValueError, match="--labels none"):
@@ -216,8 +233,11 @@ def test_progress_is_logged_every_few_shards(tmp_path, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="tools.make_shards"):
         make_shards(str(src), str(tmp_path / "out"), per_shard=1, labels="none")
     lines = [r.getMessage() for r in caplog.records if r.name == "tools.make_shards"]
-    assert lines == ["make-shards: 2 shards, 2 samples written", "make-shards: 4 shards, 4 samples written",
-                     f"make-shards: 5 samples in 5 shards under {tmp_path / 'out'}"]
+    assert lines == [
+        "make-shards: 2 shards, 2 samples written",
+        "make-shards: 4 shards, 4 samples written",
+        f"make-shards: 5 samples in 5 shards under {tmp_path / 'out'}",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- refusals
@@ -257,12 +277,15 @@ def cli_corpus(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("case, args, says", [
-    ("missing source", ["{root}/missing", "{root}/out"], "does not exist"),
-    ("empty source", ["{root}/empty", "{root}/out"], "holds no files"),
-    ("per-shard 0", ["{root}/flat", "{root}/out", "--per-shard", "0", "--labels", "none"], "--per-shard"),
-    ("files in the root", ["{root}/flat", "{root}/out"], "pass --labels none"),
-])
+@pytest.mark.parametrize(
+    "case, args, says",
+    [
+        ("missing source", ["{root}/missing", "{root}/out"], "does not exist"),
+        ("empty source", ["{root}/empty", "{root}/out"], "holds no files"),
+        ("per-shard 0", ["{root}/flat", "{root}/out", "--per-shard", "0", "--labels", "none"], "--per-shard"),
+        ("files in the root", ["{root}/flat", "{root}/out"], "pass --labels none"),
+    ],
+)
 def test_the_cli_refuses_bad_input_with_exit_2_and_one_line(cli_corpus, case, args, says):
     done = run_cli("make-shards", *[a.format(root=cli_corpus) for a in args], timeout=300)
     assert done.returncode == 2, (case, done.stderr)
@@ -273,8 +296,9 @@ def test_the_cli_refuses_bad_input_with_exit_2_and_one_line(cli_corpus, case, ar
 
 
 def test_the_cli_shards_a_flat_folder_with_labels_none(cli_corpus):
-    done = run_cli("make-shards", str(cli_corpus / "flat"), str(cli_corpus / "cli-out"), "--labels", "none",
-                   timeout=300)
+    done = run_cli(
+        "make-shards", str(cli_corpus / "flat"), str(cli_corpus / "cli-out"), "--labels", "none", timeout=300
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["samples"] == 1 and report["labels"] == "none" and report["classes"] is None

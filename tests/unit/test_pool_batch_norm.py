@@ -35,8 +35,15 @@ def _reference(split: int) -> dict:
     x.requires_grad_(True)
     y = bn(x)
     (y * up).sum().backward()
-    return {"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
-            "mean": bn.running_mean, "var": bn.running_var, "split": split}
+    return {
+        "y": y.detach(),
+        "dx": x.grad,
+        "dw": bn.weight.grad,
+        "db": bn.bias.grad,
+        "mean": bn.running_mean,
+        "var": bn.running_var,
+        "split": split,
+    }
 
 
 def _rank(rank: int, path: str, split: int, out: dict) -> None:
@@ -57,8 +64,14 @@ def _rank(rank: int, path: str, split: int, out: dict) -> None:
         (y * up[part]).sum().backward()
         for p in (bn.weight, bn.bias):
             dist.all_reduce(p.grad)
-        out[rank] = {"y": y.detach(), "dx": xr.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
-                     "mean": bn.running_mean.clone(), "var": bn.running_var.clone()}
+        out[rank] = {
+            "y": y.detach(),
+            "dx": xr.grad,
+            "dw": bn.weight.grad,
+            "db": bn.bias.grad,
+            "mean": bn.running_mean.clone(),
+            "var": bn.running_var.clone(),
+        }
     finally:
         dist.destroy_process_group()
 

@@ -19,10 +19,19 @@ def _data(n: int = 160, seed: int = 0) -> dict:
 
 @pytest.mark.parametrize("countermeasure", ["none", "mixup", "at:4/255", "jpeg:10", "grayscale"])
 def test_probe_trains_under_a_countermeasure_and_reports_final_and_early_stopped(countermeasure):
-    out = probe_score(_data(), "released", arch="small-cnn", steps=6, num_classes=2, seed=0,
-                      countermeasure=countermeasure, batch_size=32)
-    assert out["countermeasure"] == (countermeasure if ":" in countermeasure or countermeasure in ("none", "grayscale")
-                                     else f"{countermeasure}:1.0")
+    out = probe_score(
+        _data(),
+        "released",
+        arch="small-cnn",
+        steps=6,
+        num_classes=2,
+        seed=0,
+        countermeasure=countermeasure,
+        batch_size=32,
+    )
+    assert out["countermeasure"] == (
+        countermeasure if ":" in countermeasure or countermeasure in ("none", "grayscale") else f"{countermeasure}:1.0"
+    )
     assert 0 <= out["accuracy"] <= 1 and 0 <= out["early_stopped_accuracy"] <= 1
     assert 1 <= out["best_epoch"] <= 2  # 6 steps of 4 per epoch (128 training samples / 32): rounded to 2 epochs
     assert out["accuracy"] > 0.9, out  # the classes are trivially separable: every recipe learns them
@@ -36,14 +45,19 @@ def test_probe_steps_round_to_whole_epochs_and_the_plain_probe_is_reproducible()
 
 def _probe(threshold_inputs=(0.9, 0.1)) -> dict:
     clean, chance = threshold_inputs
-    released = {"accuracy": 0.15, "early_stopped_accuracy": 0.2, "chance": chance, "train_samples": 8,
-                "test_samples": 2, "seconds": 1.0}
+    released = {
+        "accuracy": 0.15,
+        "early_stopped_accuracy": 0.2,
+        "chance": chance,
+        "train_samples": 8,
+        "test_samples": 2,
+        "seconds": 1.0,
+    }
     return judge(released, clean, arch="resnet-mini", steps=10, threshold=None, margin=0.25)
 
 
 def _result(name: str, final: float, early: float) -> dict:
-    return {"countermeasure": name, "accuracy": final, "early_stopped_accuracy": early, "best_epoch": 2,
-            "seconds": 1.0}
+    return {"countermeasure": name, "accuracy": final, "early_stopped_accuracy": early, "best_epoch": 2, "seconds": 1.0}
 
 
 def test_the_battery_holds_only_when_every_countermeasure_holds_final_and_early_stopped():
@@ -67,8 +81,9 @@ def test_a_probe_that_cannot_learn_clean_data_never_certifies_a_countermeasure()
 def test_probe_countermeasures_are_validated_canonical_and_hashed():
     cfg = ProtectConfig(inputs=["x"], output="o", probe_countermeasures="at, mixup:0.5,none").resolved()
     assert cfg.probe_countermeasures == "at:4/255,mixup:0.5,none"
-    assert ProtectConfig(inputs=["x"], output="o", probe_countermeasures="none").resolved().probe_countermeasures == \
-        "none"
+    assert (
+        ProtectConfig(inputs=["x"], output="o", probe_countermeasures="none").resolved().probe_countermeasures == "none"
+    )
     assert "probe_countermeasures" in cfg.hashed_fields()
     assert probe_battery("none") == [] and probe_battery("all")[:2] == ["none", "jpeg:10"]
     with pytest.raises(ValueError, match="unknown countermeasure"):

@@ -207,8 +207,9 @@ def test_jpeg_approximation_is_close_to_pillows_jpeg(digits, quality):
 # --------------------------------------------------------------------------------------------- the robust noise step
 
 
-def _expected_robust_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
-                          draws: int = 12) -> float:
+def _expected_robust_loss(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, draws: int = 12
+) -> float:
     """E_T max_delta_a L(f(T(clip(x + delta)) + delta_a), y), estimated over ``draws`` transforms and attacks, the
     same draws for every delta (common random numbers, so that two deltas are compared on equal terms)."""
     g = torch.Generator().manual_seed(123)
@@ -225,8 +226,9 @@ def test_robust_minimize_stays_in_bounds_and_lowers_the_expected_transformed_los
     for p in model.parameters():
         p.requires_grad_(False)
     pgd = {"eps": EPS, "step_size": EPS / 10, "steps": 20}  # protect's defaults
-    delta = robust_minimize(model, x, y, torch.zeros_like(x), spec=SPEC, generator=torch.Generator().manual_seed(0),
-                            **pgd)
+    delta = robust_minimize(
+        model, x, y, torch.zeros_like(x), spec=SPEC, generator=torch.Generator().manual_seed(0), **pgd
+    )
     assert delta.abs().max() <= EPS + 1e-6
     assert (x + delta).min() >= 0 and (x + delta).max() <= 1
     assert delta.abs().sum() > 0 and not delta.requires_grad
@@ -261,8 +263,9 @@ def test_engine_with_robust_runs_robust_minimize_seeded_and_within_bounds(fitted
     model = _model(state)
     for p in model.parameters():
         p.requires_grad_(False)
-    expected = robust_minimize(model, x, y, torch.zeros_like(x), spec=SPEC, generator=torch.Generator().manual_seed(7),
-                               **pgd)
+    expected = robust_minimize(
+        model, x, y, torch.zeros_like(x), spec=SPEC, generator=torch.Generator().manual_seed(7), **pgd
+    )
     assert torch.equal(first, expected)
     assert all(p.requires_grad for p in engine.model.parameters())  # frozen for the update only
     second = engine.minimize(x, y, torch.zeros_like(x))

@@ -38,22 +38,51 @@ def _jpeg(pixels: np.ndarray) -> bytes:
 
 
 def _success(holds: bool, battery: bool = True) -> dict:
-    protection = {"holds": holds, "probe_holds": True, "probe_accuracy": 0.21, "probe_clean_accuracy": 0.95,
-                  "chance": 0.5, "threshold": 0.6, "arch": "resnet-mini", "steps": 30}
+    protection = {
+        "holds": holds,
+        "probe_holds": True,
+        "probe_accuracy": 0.21,
+        "probe_clean_accuracy": 0.95,
+        "chance": 0.5,
+        "threshold": 0.6,
+        "arch": "resnet-mini",
+        "steps": 30,
+    }
     if battery:
         protection["countermeasures"] = {
             "none": {"accuracy": 0.21, "early_stopped_accuracy": 0.3, "best_epoch": 2, "worst": 0.3, "holds": True},
-            "at:4/255": {"accuracy": 0.9 if not holds else 0.4, "early_stopped_accuracy": 0.55, "best_epoch": 3,
-                         "worst": 0.9 if not holds else 0.55, "holds": holds},
+            "at:4/255": {
+                "accuracy": 0.9 if not holds else 0.4,
+                "early_stopped_accuracy": 0.55,
+                "best_epoch": 3,
+                "worst": 0.9 if not holds else 0.55,
+                "holds": holds,
+            },
         }
         protection["worst_case"] = {"countermeasure": "at:4/255", "accuracy": 0.9 if not holds else 0.55}
-    return {"config": {"mode": "samplewise", "eps": 8 / 255, "stop_error": 0.01, "max_pixels": 50_000_000,
-                       "image_key": None, "label_key": "cls", "note": "<b>not bold</b>"},
-            "config_hash": "abc", "rounds": 2, "stop_reason": "stop_rule", "surrogate_error": 0.004,
-            "protection": protection, "counts": {"input": 5, "protected": 4, "rejected": 1}, "shards": 1,
-            "history": [{"round": 0, "error": 0.7, "image_steps": 12, "probe_accuracy": None},
-                        {"round": 1, "error": 0.004, "image_steps": 12, "probe_accuracy": 0.21}],
-            "timings": {"load": 1.0, "noise": 3.0, "total": 5.0}}
+    return {
+        "config": {
+            "mode": "samplewise",
+            "eps": 8 / 255,
+            "stop_error": 0.01,
+            "max_pixels": 50_000_000,
+            "image_key": None,
+            "label_key": "cls",
+            "note": "<b>not bold</b>",
+        },
+        "config_hash": "abc",
+        "rounds": 2,
+        "stop_reason": "stop_rule",
+        "surrogate_error": 0.004,
+        "protection": protection,
+        "counts": {"input": 5, "protected": 4, "rejected": 1},
+        "shards": 1,
+        "history": [
+            {"round": 0, "error": 0.7, "image_steps": 12, "probe_accuracy": None},
+            {"round": 1, "error": 0.004, "image_steps": 12, "probe_accuracy": 0.21},
+        ],
+        "timings": {"load": 1.0, "noise": 3.0, "total": 5.0},
+    }
 
 
 @pytest.fixture()
@@ -73,19 +102,43 @@ def release(tmp_path):
     inputs = tmp_path / "inputs"
     out.mkdir()
     inputs.mkdir()
-    (inputs / "s-000.tar").write_bytes(raw_tar([
-        ("g0.png", _png(gray)), ("g0.cls", b"0"), ("c1.png", _png(original_colour)), ("c1.cls", b"1"),
-        (f"{HOSTILE_KEY}.png", _png(gray)), (f"{HOSTILE_KEY}.cls", b"2"), ("dup.png", _png(gray)), ("dup.cls", b"0"),
-        ("bad.png", b"nope"), ("bad.cls", b"1")]))
-    (out / "s-000.tar").write_bytes(raw_tar([
-        ("g0.png", _png(released_gray)), ("g0.cls", b"0"), ("c1.jpg", released_colour), ("c1.cls", b"1"),
-        (f"{HOSTILE_KEY}.png", _png(released_gray)), (f"{HOSTILE_KEY}.cls", b"2"), ("dup.png", _png(released_gray)),
-        ("dup.cls", b"0")]))
-    rows = [manifest.row("g0", "s-000", "protected", label=0, output_member="g0.png"),
-            manifest.row("c1", "s-000", "protected", label=1, output_member="c1.jpg"),
-            manifest.row(HOSTILE_KEY, "s-000", "protected", label=2, output_member=f"{HOSTILE_KEY}.png"),
-            manifest.row("dup", "s-000", "protected", label=0, output_member="dup.png"),
-            manifest.row("bad", "s-000", "rejected", error=HOSTILE_REASON, label=1)]
+    (inputs / "s-000.tar").write_bytes(
+        raw_tar(
+            [
+                ("g0.png", _png(gray)),
+                ("g0.cls", b"0"),
+                ("c1.png", _png(original_colour)),
+                ("c1.cls", b"1"),
+                (f"{HOSTILE_KEY}.png", _png(gray)),
+                (f"{HOSTILE_KEY}.cls", b"2"),
+                ("dup.png", _png(gray)),
+                ("dup.cls", b"0"),
+                ("bad.png", b"nope"),
+                ("bad.cls", b"1"),
+            ]
+        )
+    )
+    (out / "s-000.tar").write_bytes(
+        raw_tar(
+            [
+                ("g0.png", _png(released_gray)),
+                ("g0.cls", b"0"),
+                ("c1.jpg", released_colour),
+                ("c1.cls", b"1"),
+                (f"{HOSTILE_KEY}.png", _png(released_gray)),
+                (f"{HOSTILE_KEY}.cls", b"2"),
+                ("dup.png", _png(released_gray)),
+                ("dup.cls", b"0"),
+            ]
+        )
+    )
+    rows = [
+        manifest.row("g0", "s-000", "protected", label=0, output_member="g0.png"),
+        manifest.row("c1", "s-000", "protected", label=1, output_member="c1.jpg"),
+        manifest.row(HOSTILE_KEY, "s-000", "protected", label=2, output_member=f"{HOSTILE_KEY}.png"),
+        manifest.row("dup", "s-000", "protected", label=0, output_member="dup.png"),
+        manifest.row("bad", "s-000", "rejected", error=HOSTILE_REASON, label=1),
+    ]
     (out / "manifest.parquet").write_bytes(manifest.to_parquet(rows))
     (out / "_SUCCESS.json").write_text(json.dumps(_success(holds=False)))
     return {"out": str(out), "inputs": str(inputs), "gray": gray, "original_colour": original_colour}
@@ -165,8 +218,9 @@ def test_without_input_only_released_images_and_the_reason(release):
     folder = release["out"] + ".report"
     page = _read(write_run_report(release["out"]))
     assert "does not name the inputs" in page
-    assert sorted(n for n in os.listdir(folder) if n.startswith("sample-")) == [f"sample-{i:02d}-released.png"
-                                                                                for i in range(3)]
+    assert sorted(n for n in os.listdir(folder) if n.startswith("sample-")) == [
+        f"sample-{i:02d}-released.png" for i in range(3)
+    ]
 
 
 def test_a_rerun_with_fewer_samples_leaves_no_stale_pictures(release):
@@ -177,7 +231,10 @@ def test_a_rerun_with_fewer_samples_leaves_no_stale_pictures(release):
     write_run_report(release["out"], [release["inputs"]])
     write_run_report(release["out"], [release["inputs"]], samples=1)
     assert sorted(n for n in os.listdir(folder) if n.startswith("sample-")) == [
-        "sample-00-noise.png", "sample-00-original.png", "sample-00-released.png"]
+        "sample-00-noise.png",
+        "sample-00-original.png",
+        "sample-00-released.png",
+    ]
     assert os.path.exists(os.path.join(folder, "notes.txt"))  # what the report did not write stays
 
 

@@ -66,7 +66,7 @@ def test_prepare_each_on_threads_is_prepare_in_shard_order(threads):
         assert vars(a).keys() == vars(b).keys()
         for name in vars(a):
             x, y = getattr(a, name), getattr(b, name)
-            assert (x.color.equal(y.color) if name == "image" else x == y), (name, x, y)
+            assert x.color.equal(y.color) if name == "image" else x == y, (name, x, y)
     assert sum(isinstance(o, Accepted) for o in got) > 10 and sum(isinstance(o, Rejected) for o in got) > 10
 
 
@@ -125,9 +125,22 @@ def test_prepare_accepts_a_jpg_when_there_is_no_png():
         ({"png": b"", "cls": b"1"}, "empty"),
         ({"png": "BIG", "cls": b"1"}, "max-pixels"),
     ],
-    ids=["no-image", "missing-label", "text-label", "float-label", "label-too-big", "negative-label",
-         "spaces-around-label", "fullwidth-digit", "arabic-indic-digit", "underscore-label", "plus-label",
-         "undecodable", "empty-image", "over-max-pixels"],
+    ids=[
+        "no-image",
+        "missing-label",
+        "text-label",
+        "float-label",
+        "label-too-big",
+        "negative-label",
+        "spaces-around-label",
+        "fullwidth-digit",
+        "arabic-indic-digit",
+        "underscore-label",
+        "plus-label",
+        "undecodable",
+        "empty-image",
+        "over-max-pixels",
+    ],
 )
 def test_prepare_rejects_with_a_clear_error(members, error):
     members = dict(members)
@@ -178,8 +191,17 @@ def test_prepare_label_key_selects_the_label_member():
 
 def test_released_members_drops_other_images_and_keeps_other_members_byte_identical():
     meta = json.dumps({"caption": "a digit", "ü": 1}).encode()
-    sample = RawSample("k", {"png": _img_bytes(), "jpg": _img_bytes("RGB", fmt="JPEG"), "seg.png": _img_bytes(),
-                             "cls": b"3", "json": meta, "txt": b"\x00\xffraw"})
+    sample = RawSample(
+        "k",
+        {
+            "png": _img_bytes(),
+            "jpg": _img_bytes("RGB", fmt="JPEG"),
+            "seg.png": _img_bytes(),
+            "cls": b"3",
+            "json": meta,
+            "txt": b"\x00\xffraw",
+        },
+    )
     out = released_members(sample, b"PROTECTED", "png")
     assert out == {"png": b"PROTECTED", "cls": b"3", "json": meta, "txt": b"\x00\xffraw"}
 
@@ -205,7 +227,9 @@ def test_released_members_drops_the_image_key_member():
 
 def _two_shards(tmp_path) -> list[str]:
     d = tmp_path / "in"
-    a = _shard(d / "s-000000.tar", [RawSample(f"a{i}", {"png": _img_bytes(), "cls": str(i).encode()}) for i in range(3)])
+    a = _shard(
+        d / "s-000000.tar", [RawSample(f"a{i}", {"png": _img_bytes(), "cls": str(i).encode()}) for i in range(3)]
+    )
     b = _shard(d / "s-000001.tar", [RawSample(f"b{i}", {"png": _img_bytes(), "cls": b"4"}) for i in range(2)])
     return [a, b]
 
@@ -248,21 +272,27 @@ def test_build_plan_counts_samples_infers_classes_and_grayscale(tmp_path):
 
 
 def test_build_plan_counts_rejectable_samples_too(tmp_path):
-    url = _shard(tmp_path / "s.tar", [
-        RawSample("a", {"png": _img_bytes(), "cls": b"1"}),
-        RawSample("b", {"png": b"not an image", "cls": b"zzz"}),
-        RawSample("c", {"txt": b"no image at all"}),
-        RawSample("a", {"png": _img_bytes(), "cls": b"0"}),  # a repeat still makes a manifest row
-    ])
+    url = _shard(
+        tmp_path / "s.tar",
+        [
+            RawSample("a", {"png": _img_bytes(), "cls": b"1"}),
+            RawSample("b", {"png": b"not an image", "cls": b"zzz"}),
+            RawSample("c", {"txt": b"no image at all"}),
+            RawSample("a", {"png": _img_bytes(), "cls": b"0"}),  # a repeat still makes a manifest row
+        ],
+    )
     plan = build_plan([url], None, None, "cls")
     assert plan.shards[0].samples == 4 and plan.num_classes == 2
 
 
 def test_build_plan_any_rgb_image_gives_three_channels(tmp_path):
-    url = _shard(tmp_path / "s.tar", [
-        RawSample("g", {"png": _img_bytes("L"), "cls": b"0"}),
-        RawSample("c", {"png": _img_bytes("RGB"), "cls": b"1"}),
-    ])
+    url = _shard(
+        tmp_path / "s.tar",
+        [
+            RawSample("g", {"png": _img_bytes("L"), "cls": b"0"}),
+            RawSample("c", {"png": _img_bytes("RGB"), "cls": b"1"}),
+        ],
+    )
     assert build_plan([url], None, None, "cls").channels == 3
 
 
@@ -291,8 +321,9 @@ def test_plan_parquet_round_trip_and_digest_is_stable(tmp_path):
     assert again == plan
     assert again.digest == plan.digest == build_plan([str(tmp_path / "in")], None, None, "cls").digest
     assert len(plan.digest) == 16
-    changed = Plan((plan.shards[0], ShardPlan(plan.shards[1].id, plan.shards[1].url, 99)), plan.num_classes,
-                   plan.channels)
+    changed = Plan(
+        (plan.shards[0], ShardPlan(plan.shards[1].id, plan.shards[1].url, 99)), plan.num_classes, plan.channels
+    )
     assert changed.digest != plan.digest
     assert Plan(plan.shards, plan.num_classes, 3).digest != plan.digest
 
@@ -355,10 +386,22 @@ def test_config_hash_changes_with_hashed_fields():
 
 def test_config_hash_ignores_workers_addresses_and_max_rounds():
     base = config_hash(_cfg().resolved(), "p")
-    for kw in ({"workers": 8}, {"ray_address": "ray://head:10001"}, {"max_rounds": 99}, {"gpus_per_worker": 1},
-               {"cpus_per_worker": 2}, {"work_dir": "/elsewhere"}, {"keep_work": True}, {"overwrite": True},
-               {"output": "/other-out"}, {"inputs": ["/other/in.tar"]}, {"cache": "none"}, {"cache": "memory"},
-               {"cache": "disk"}, {"cache_memory_gb": 0.5}):
+    for kw in (
+        {"workers": 8},
+        {"ray_address": "ray://head:10001"},
+        {"max_rounds": 99},
+        {"gpus_per_worker": 1},
+        {"cpus_per_worker": 2},
+        {"work_dir": "/elsewhere"},
+        {"keep_work": True},
+        {"overwrite": True},
+        {"output": "/other-out"},
+        {"inputs": ["/other/in.tar"]},
+        {"cache": "none"},
+        {"cache": "memory"},
+        {"cache": "disk"},
+        {"cache_memory_gb": 0.5},
+    ):
         assert config_hash(_cfg(**kw).resolved(), "p") == base, kw
     assert not {"workers", "ray_address", "max_rounds"} & set(HASH_FIELDS)
 
@@ -389,9 +432,12 @@ def test_cache_mode_and_budget_are_validated():
 def test_encode_format_and_quality_are_validated():
     assert _cfg(encode_format="JPEG").resolved().encode_format == "jpeg"
     assert _cfg().resolved().encode_quality is None
-    for kw, match in (({"encode_format": "gif"}, "--encode-format"), ({"encode_quality": 80}, "PNG is lossless"),
-                      ({"encode_format": "jpeg", "encode_quality": 0}, "--encode-quality"),
-                      ({"encode_format": "webp", "encode_quality": 101}, "--encode-quality")):
+    for kw, match in (
+        ({"encode_format": "gif"}, "--encode-format"),
+        ({"encode_quality": 80}, "PNG is lossless"),
+        ({"encode_format": "jpeg", "encode_quality": 0}, "--encode-quality"),
+        ({"encode_format": "webp", "encode_quality": 101}, "--encode-quality"),
+    ):
         with pytest.raises(ValueError, match=match):
             _cfg(**kw).resolved()
 

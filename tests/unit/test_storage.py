@@ -19,8 +19,18 @@ from pipeline.storage.layout import Layout, check_work_dir_outside, default_work
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, shard_id, split_member_name, write_tar
 
 DESIGN_COLUMNS = [
-    "key", "shard", "status", "error", "label", "width", "height",
-    "output_sha256", "output_member", "linf", "l2", "psnr",
+    "key",
+    "shard",
+    "status",
+    "error",
+    "label",
+    "width",
+    "height",
+    "output_sha256",
+    "output_member",
+    "linf",
+    "l2",
+    "psnr",
 ]  # and source_sha256 after height, only when the run asks for it (--manifest-source-hash)
 
 
@@ -42,8 +52,10 @@ def _png(value: int = 0, size: tuple[int, int] = (4, 4), mode: str = "L", noise:
 
 def _samples(n: int = 4, noise: bool = False) -> list[RawSample]:
     return [
-        RawSample(f"s{i:04d}", {"png": _png(i, (24, 24), noise=noise), "cls": str(i % 3).encode(),
-                                "json": json.dumps({"i": i}).encode()})
+        RawSample(
+            f"s{i:04d}",
+            {"png": _png(i, (24, 24), noise=noise), "cls": str(i % 3).encode(), "json": json.dumps({"i": i}).encode()},
+        )
         for i in range(n)
     ]
 
@@ -294,8 +306,9 @@ def test_truncated_tar_cut_at_a_member_header_ends_with_a_shard_read_error(tmp_p
     cut = _member_offsets(data)[member].offset  # a 512-byte block boundary where a member header starts
     items = list(iter_samples(_write(tmp_path / "s.tar", data[:cut])))
     raws, errors = _split_items(items)
-    assert len(errors) == 1 and isinstance(items[-1], ShardReadError), \
+    assert len(errors) == 1 and isinstance(items[-1], ShardReadError), (
         f"truncation at a block boundary is silent; yielded {[(r.key, sorted(r.members)) for r in raws]}"
+    )
     # Cut between samples, the last sample read may have had more members: it is marked truncated, not intact.
     assert raws == samples[: len(raws)] and len(raws) >= 1
     assert [it.key for it in items[:-1]] == [s.key for s in samples[:2]] + (["s0002"] if member.endswith("png") else [])
@@ -323,8 +336,10 @@ def test_truncated_tar_does_not_yield_the_partial_sample_at_the_cut(tmp_path):
     raws, errors = _split_items(items)
     assert len(errors) == 1 and isinstance(items[-1], ShardReadError)
     partial = [r.key for r, s in zip(raws, samples) if r != s]
-    assert not partial, f"incomplete samples yielded as samples: {partial} " \
-                        f"(members {[sorted(r.members) for r in raws if r.key in partial]})"
+    assert not partial, (
+        f"incomplete samples yielded as samples: {partial} "
+        f"(members {[sorted(r.members) for r in raws if r.key in partial]})"
+    )
     assert raws == samples[:3]
 
 
@@ -379,8 +394,20 @@ def test_shard_id_is_the_file_stem():
 
 def _rows() -> list[dict]:
     return [
-        manifest.row("s0", "shard-a", "protected", label=3, width=28, height=28, source_sha256="aa",
-                     output_sha256="bb", output_member="s0.png", linf=8, l2=1.5, psnr=38.25),
+        manifest.row(
+            "s0",
+            "shard-a",
+            "protected",
+            label=3,
+            width=28,
+            height=28,
+            source_sha256="aa",
+            output_sha256="bb",
+            output_member="s0.png",
+            linf=8,
+            l2=1.5,
+            psnr=38.25,
+        ),
         manifest.row("s1", "shard-a", "rejected", error="no label member '.cls'", source_sha256="cc"),
     ]
 
@@ -489,7 +516,7 @@ def test_torn_marker_counts_as_absent(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    [b"not json", b"{\"config_hash\": ", b"\x80\x81\xfe garbage", b"[1, 2]", b"\"done\""],
+    [b"not json", b'{"config_hash": ', b"\x80\x81\xfe garbage", b"[1, 2]", b'"done"'],
     ids=["text", "torn-object", "non-utf8", "json-list", "json-string"],
 )
 def test_invalid_marker_counts_as_absent(tmp_path, content):
@@ -531,8 +558,13 @@ def test_check_work_dir_outside_refuses_overlap(output, work):
 
 @pytest.mark.parametrize(
     "output, work",
-    [("/d/out", "/d/out.work"), ("/d/out", "/d/out2"), ("/d/out.work", "/d/out"), ("s3://bkt", "s3://other/w"),
-     ("s3://bkt/out", "s3://bkt/work")],
+    [
+        ("/d/out", "/d/out.work"),
+        ("/d/out", "/d/out2"),
+        ("/d/out.work", "/d/out"),
+        ("s3://bkt", "s3://other/w"),
+        ("s3://bkt/out", "s3://bkt/work"),
+    ],
 )
 def test_check_work_dir_outside_accepts_siblings(output, work):
     check_work_dir_outside(output, work)
@@ -552,8 +584,15 @@ def test_layout_shard_files_live_in_output_and_round_files_in_work():
     assert lay.noise_state(1, "train-000001").startswith("s3://bkt/out.work/round-0001/")
     assert lay.noise_state(1, "train-000001").endswith("train-000001.pt")
     assert lay.round_marker(1).startswith("s3://bkt/out.work/round-0001/")
-    work_files = [lay.run_record, lay.plan, lay.probe_record, lay.round_dir(0), lay.checkpoint(0),
-                  lay.noise_state(0, "x"), lay.round_marker(0)]
+    work_files = [
+        lay.run_record,
+        lay.plan,
+        lay.probe_record,
+        lay.round_dir(0),
+        lay.checkpoint(0),
+        lay.noise_state(0, "x"),
+        lay.round_marker(0),
+    ]
     assert not any(f.startswith("s3://bkt/out/") for f in work_files)
 
 
@@ -570,8 +609,9 @@ def test_verify_compares_the_merged_manifest_a_batch_at_a_time():
     check = _MergedCheck(pq.ParquetFile(io.BytesIO(data)))
     check.expect(merged[:70_000])
     check.expect([*merged[70_000:100_000], {**merged[100_000], "label": 99}, *merged[100_001:]])
-    assert check.finish() == [("manifest.parquet row 100000 (key 'k100000', shard s1) differs from its shard's "
-                               "manifest in: label")]
+    assert check.finish() == [
+        ("manifest.parquet row 100000 (key 'k100000', shard s1) differs from its shard's manifest in: label")
+    ]
     check = _MergedCheck(pq.ParquetFile(io.BytesIO(data)))
     check.expect(merged[:-1])
     assert check.finish() == ["manifest.parquet has 140001 rows, the shards 140000"]

@@ -15,8 +15,18 @@ from surrogates.training import predict
 
 def _worker(mnist_small, mode: str) -> tuple[RoundWorker, list[str]]:
     train = os.path.join(mnist_small["root"], "train")
-    cfg = ProtectConfig(inputs=[train], output="/unused", mode=mode, surrogate="gap-cnn", resolution=28, pgd_steps=2,
-                        step_size="4/255", train_steps=2, batch_size=64, num_classes=10)
+    cfg = ProtectConfig(
+        inputs=[train],
+        output="/unused",
+        mode=mode,
+        surrogate="gap-cnn",
+        resolution=28,
+        pgd_steps=2,
+        step_size="4/255",
+        train_steps=2,
+        batch_size=64,
+        num_classes=10,
+    )
     cfg.resolved()
     worker = RoundWorker(cfg.to_dict(), 10, 1, threads=1)
     shards = sorted(n[:-4] for n in os.listdir(train) if n.endswith(".tar"))
@@ -61,16 +71,18 @@ def test_stop_check_on_photos_of_mixed_sizes_is_the_per_image_release(tmp_path):
         image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
         samples.append(RawSample(f"img-{i:03d}", {"png": encode_png(image), "cls": str(i % 10).encode()}))
     (tmp_path / "photos-000000.tar").write_bytes(write_tar(samples))
-    cfg = ProtectConfig(inputs=[str(tmp_path)], output="/unused", surrogate="small-cnn", resolution=32,
-                        batch_size=8, num_classes=10).resolved()
+    cfg = ProtectConfig(
+        inputs=[str(tmp_path)], output="/unused", surrogate="small-cnn", resolution=32, batch_size=8, num_classes=10
+    ).resolved()
     worker = RoundWorker(cfg.to_dict(), 10, 3, threads=1)
     worker.load_shard("photos-000000", str(tmp_path / "photos-000000.tar"))
     sd = worker.shards["photos-000000"]
     assert not sd.native_is_working and len(sd.keys) == len(shapes)
     worker.delta.uniform_(-cfg.eps, cfg.eps, generator=g)
     released = worker.released_working("photos-000000")
-    expected = torch.stack([to_working(release_native(nat.color, worker.delta[i]), 32, 3)
-                            for i, nat in enumerate(sd.natives)])
+    expected = torch.stack(
+        [to_working(release_native(nat.color, worker.delta[i]), 32, 3) for i, nat in enumerate(sd.natives)]
+    )
     assert torch.equal(released, expected)
     assert (released.to(torch.int32) - worker.x.to(torch.int32)).abs().sum() > 0  # the noise is in it
     # The stop check counts the surrogate's errors on exactly those images.
@@ -81,22 +93,31 @@ def test_stop_check_on_photos_of_mixed_sizes_is_the_per_image_release(tmp_path):
 
 def test_noise_stage_cuts_batches_of_the_noise_batch_size(mnist_small, monkeypatch):
     train = os.path.join(mnist_small["root"], "train")
-    cfg = ProtectConfig(inputs=[train], output="/unused", surrogate="gap-cnn", resolution=28, pgd_steps=1,
-                        train_steps=1, batch_size=16, noise_batch_size=48, num_classes=10).resolved()
+    cfg = ProtectConfig(
+        inputs=[train],
+        output="/unused",
+        surrogate="gap-cnn",
+        resolution=28,
+        pgd_steps=1,
+        train_steps=1,
+        batch_size=16,
+        noise_batch_size=48,
+        num_classes=10,
+    ).resolved()
     assert ProtectConfig(inputs=[train], output="/u", batch_size=16).resolved().noise_batch_size == 16  # default
     worker = RoundWorker(cfg.to_dict(), 10, 1, threads=1)
     shard = min(n[:-4] for n in os.listdir(train) if n.endswith(".tar"))
     worker.load_shard(shard, os.path.join(train, f"{shard}.tar"))
     seen: list[int] = []
     minimize = worker.engine.minimize
-    monkeypatch.setattr(worker.engine, "minimize",
-                        lambda x, *a, **k: seen.append(x.shape[0]) or minimize(x, *a, **k))
+    monkeypatch.setattr(worker.engine, "minimize", lambda x, *a, **k: seen.append(x.shape[0]) or minimize(x, *a, **k))
     worker.noise_stage(shard, 0)
     n = worker.x.shape[0]
     assert seen == [48] * (n // 48) + ([n % 48] if n % 48 else [])
     train_batches: list[int] = []
-    monkeypatch.setattr(worker.model, "forward", lambda x, f=worker.model.forward: train_batches.append(x.shape[0])
-                        or f(x))
+    monkeypatch.setattr(
+        worker.model, "forward", lambda x, f=worker.model.forward: train_batches.append(x.shape[0]) or f(x)
+    )
     worker.train_stage()
     assert train_batches == [16]  # the training batch is still --batch-size
 
@@ -104,8 +125,16 @@ def test_noise_stage_cuts_batches_of_the_noise_batch_size(mnist_small, monkeypat
 def test_train_stage_runs_in_the_engines_precision(mnist_small):
     """--precision bf16: the train stage's forward runs under bf16 autocast, the weights stay fp32 and learn."""
     train = os.path.join(mnist_small["root"], "train")
-    cfg = ProtectConfig(inputs=[train], output="/unused", surrogate="small-cnn", resolution=28, train_steps=3,
-                        batch_size=64, num_classes=10, precision="bf16").resolved()
+    cfg = ProtectConfig(
+        inputs=[train],
+        output="/unused",
+        surrogate="small-cnn",
+        resolution=28,
+        train_steps=3,
+        batch_size=64,
+        num_classes=10,
+        precision="bf16",
+    ).resolved()
     worker = RoundWorker(cfg.to_dict(), 10, 1, threads=1)
     shard = min(n[:-4] for n in os.listdir(train) if n.endswith(".tar"))
     worker.load_shard(shard, os.path.join(train, f"{shard}.tar"))
@@ -122,8 +151,18 @@ def test_train_stage_runs_in_the_engines_precision(mnist_small):
 
 def _robust_worker(mnist_small, robust: str) -> tuple[RoundWorker, list[str]]:
     train = os.path.join(mnist_small["root"], "train")
-    cfg = ProtectConfig(inputs=[train], output="/unused", surrogate="small-cnn", resolution=28, pgd_steps=2,
-                        step_size="4/255", train_steps=2, batch_size=64, num_classes=10, robust=robust)
+    cfg = ProtectConfig(
+        inputs=[train],
+        output="/unused",
+        surrogate="small-cnn",
+        resolution=28,
+        pgd_steps=2,
+        step_size="4/255",
+        train_steps=2,
+        batch_size=64,
+        num_classes=10,
+        robust=robust,
+    )
     cfg.resolved()
     worker = RoundWorker(cfg.to_dict(), 10, 1, threads=1)
     shards = sorted(n[:-4] for n in os.listdir(train) if n.endswith(".tar"))[:1]
@@ -170,16 +209,27 @@ def test_the_export_keeps_the_icc_profile_and_releases_exif_and_xmp_only_when_as
         exif[0x0112] = 6
         exif[0x8825] = {1: "N", 2: (48.0, 51.0, float(i))}
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG", exif=exif, icc_profile=icc,
-                                  xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><r tiff:Orientation="6"/></x:xmpmeta>')
+        Image.fromarray(arr).save(
+            buf,
+            format="JPEG",
+            exif=exif,
+            icc_profile=icc,
+            xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><r tiff:Orientation="6"/></x:xmpmeta>',
+        )
         samples.append(RawSample(f"cam-{i}", {"jpg": buf.getvalue(), "cls": str(i).encode()}))
     (tmp_path / "in").mkdir()
     url = str(tmp_path / "in" / "cam-000000.tar")
     (tmp_path / "in" / "cam-000000.tar").write_bytes(write_tar(samples))
     for keep, fmt in ((False, "png"), (True, "png"), (False, "jpeg"), (True, "jpeg"), (False, "webp")):
         out = tmp_path / f"out-{keep}-{fmt}"
-        cfg = ProtectConfig(inputs=[str(tmp_path / "in")], output=str(out), resolution=16, num_classes=10,
-                            keep_metadata=keep, encode_format=fmt).resolved()
+        cfg = ProtectConfig(
+            inputs=[str(tmp_path / "in")],
+            output=str(out),
+            resolution=16,
+            num_classes=10,
+            keep_metadata=keep,
+            encode_format=fmt,
+        ).resolved()
         worker = RoundWorker(cfg.to_dict(), 10, 3, threads=1)
         worker.load_shard("cam-000000", url)
         assert all(n.exif is None and n.icc is None for n in worker.shards["cam-000000"].natives)  # pixels only
@@ -221,10 +271,15 @@ def test_a_lossy_release_is_judged_on_the_decoded_bytes_it_releases(tmp_path):
     samples = []
     for i, shape in enumerate(shapes):
         image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
-        samples.append(RawSample(f"img-{i:03d}", {"png": encode_png(image), "cls": str(i % 10).encode(),
-                                                  "txt": f"caption {i}".encode()}))
-    rgba = np.concatenate([np.full((20, 20, 3), 90, np.uint8), np.tile(np.arange(20, dtype=np.uint8)[:, None] * 12,
-                                                                       (1, 20))[..., None]], axis=2)
+        samples.append(
+            RawSample(
+                f"img-{i:03d}", {"png": encode_png(image), "cls": str(i % 10).encode(), "txt": f"caption {i}".encode()}
+            )
+        )
+    rgba = np.concatenate(
+        [np.full((20, 20, 3), 90, np.uint8), np.tile(np.arange(20, dtype=np.uint8)[:, None] * 12, (1, 20))[..., None]],
+        axis=2,
+    )
     buf = io.BytesIO()
     Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
     samples.append(RawSample("with-alpha", {"png": buf.getvalue(), "cls": b"3"}))
@@ -234,8 +289,15 @@ def test_a_lossy_release_is_judged_on_the_decoded_bytes_it_releases(tmp_path):
     originals = {s.key: decode_image(s.members["png"]) for s in samples}
     for fmt, ext, quality in (("jpeg", "jpg", 85), ("webp", "webp", None)):
         out = tmp_path / f"out-{fmt}"
-        cfg = ProtectConfig(inputs=[str(tmp_path / "in")], output=str(out), resolution=32, batch_size=8,
-                            num_classes=10, encode_format=fmt, encode_quality=quality).resolved()
+        cfg = ProtectConfig(
+            inputs=[str(tmp_path / "in")],
+            output=str(out),
+            resolution=32,
+            batch_size=8,
+            num_classes=10,
+            encode_format=fmt,
+            encode_quality=quality,
+        ).resolved()
         assert cfg.encode_quality == (quality or 90)
         worker = RoundWorker(cfg.to_dict(), 10, 3, threads=1)
         worker.load_shard("photos-000000", url)
@@ -295,13 +357,28 @@ def test_the_stop_check_and_the_release_are_the_same_in_every_cache_mode(tmp_pat
     for fmt in ("png", "jpeg"):
         seen = {}
         for cache, budget in (("memory", None), ("disk", None), ("none", None), ("auto", 1e-4)):
-            cfg = ProtectConfig(inputs=[str(tmp_path / "in")], output="/unused", resolution=32, num_classes=10,
-                                batch_size=8, encode_format=fmt, cache=cache, cache_memory_gb=budget).resolved()
+            cfg = ProtectConfig(
+                inputs=[str(tmp_path / "in")],
+                output="/unused",
+                resolution=32,
+                num_classes=10,
+                batch_size=8,
+                encode_format=fmt,
+                cache=cache,
+                cache_memory_gb=budget,
+            ).resolved()
             worker = RoundWorker(cfg.to_dict(), 10, 3, threads=1)
             worker.load_shards(shards)
             kept = [type(worker.shards[s].natives).__name__ for s, _ in shards]
-            assert kept == {"memory": ["list", "list"], "disk": ["DiskShard", "DiskShard"],
-                            "none": ["NoneType", "NoneType"], "auto": ["list", "NoneType"]}[cache], cache
+            assert (
+                kept
+                == {
+                    "memory": ["list", "list"],
+                    "disk": ["DiskShard", "DiskShard"],
+                    "none": ["NoneType", "NoneType"],
+                    "auto": ["list", "NoneType"],
+                }[cache]
+            ), cache
             worker.delta.copy_(noise)
             checked = torch.cat([worker.released_working(s) for s, _ in shards])
             out = tmp_path / f"out-{fmt}-{cache}"
@@ -311,8 +388,9 @@ def test_the_stop_check_and_the_release_are_the_same_in_every_cache_mode(tmp_pat
             seen[cache] = (checked, released, (out / "photos-000001.parquet").read_bytes())
             assert (checked.to(torch.int32) - worker.x.to(torch.int32)).abs().sum() > 0
             if cache == "disk":  # the raw pixels in the worker's one unnamed temporary file
-                assert worker.disk_cache.bytes == sum(image.color.numel() for s, _ in shards
-                                                      for image in worker.shards[s].natives)
+                assert worker.disk_cache.bytes == sum(
+                    image.color.numel() for s, _ in shards for image in worker.shards[s].natives
+                )
                 assert os.fstat(worker.disk_cache.file.fileno()).st_nlink == 0  # no name: nothing left by a kill
         for cache in ("disk", "none", "auto"):
             assert torch.equal(seen[cache][0], seen["memory"][0]), (fmt, cache)
