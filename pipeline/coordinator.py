@@ -33,7 +33,7 @@ from pipeline.stages.noise import NoiseStage
 from pipeline.stages.probe import ProbeStage
 from pipeline.stages.train import TrainStage
 from pipeline.storage import fs
-from pipeline.storage.layout import ROUND_DIR, Layout, check_locations, default_work_dir
+from pipeline.storage.layout import PLAN_SHARDS, ROUND_DIR, Layout, check_locations, default_work_dir
 from pipeline.storage.markers import DamagedUnit, commit, drop, load_checked, read_marker, read_record, write_marker
 from pipeline.storage.shards import shard_id
 
@@ -110,14 +110,20 @@ def prepare_run(cfg: ProtectConfig) -> Prepared:
         layout.remove_release([shard_id(u) for u in input_shards])
         layout.remove_work(created=bool(previous_run.get("work_dir_created")))
     record = read_record(layout.run_record)
+    # Whether the work dir was there before this run (a work dir holding only an earlier attempt's plan records was
+    # created by that attempt, killed before run.json recorded it).
+    work_existed = bool(set(fs.listdir(work)) - {PLAN_SHARDS})
     plan = _load_plan(layout, record)
     if plan is None:
+        # Each shard's reading is recorded in the work dir as it is done: a rerun after a kill reads no shard twice.
+        # Not for a rerun of a finished release, which writes nothing.
         plan = build_plan(
             input_shards,
             cfg.num_classes,
             cfg.image_key,
             cfg.label_key,  # listed once, above
             cfg.labels,
+            record_dir=None if fs.exists(layout.success) else layout.plan_shards,
         )
     if cfg.num_classes is None:
         cfg.num_classes = plan.num_classes
@@ -136,7 +142,7 @@ def prepare_run(cfg: ProtectConfig) -> Prepared:
         )
     complete = success is not None and success.get("config_hash") == chash
     if not complete and (record is None or record.get("plan_sha256") is None or not fs.exists(layout.plan)):
-        created = (record or {}).get("work_dir_created", not fs.exists(work))
+        created = (record or {}).get("work_dir_created", not work_existed)
         plan_bytes = plan.to_parquet()
         fs.write_bytes(layout.plan, plan_bytes)
         run = {

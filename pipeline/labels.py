@@ -195,6 +195,29 @@ class LabelCensus:
             return
         self.labels[text] += 1
 
+    def to_record(self) -> dict:
+        """What this census holds, as JSON (a shard's part of the plan, recorded in the work dir)."""
+        return {
+            "labels": dict(self.labels),
+            "unusable": self.unusable,
+            "first_problem": self.first_problem,
+            "members_seen": sorted(self.members_seen),
+            "json_fields": {k: sorted(v) for k, v in self.json_fields.items()},
+            "samples": self.samples,
+        }
+
+    def merge(self, record: dict) -> None:
+        """Add another census' ``to_record`` (a shard's): the same as having read its samples here, except that the
+        members and JSON fields an error message quotes come from the first shards only."""
+        if self.samples < SAMPLES_QUOTED:
+            self.members_seen.update(record["members_seen"])
+            for ext, names in record["json_fields"].items():
+                self.json_fields.setdefault(ext, set()).update(names)
+        self.samples += record["samples"]
+        self.labels.update(record["labels"])
+        self.unusable += record["unusable"]
+        self.first_problem = self.first_problem or record["first_problem"]
+
     def _remember_shape(self, members: dict[str, bytes]) -> None:
         self.members_seen.update(members)
         for ext, data in members.items():

@@ -24,6 +24,7 @@ from pipeline.labels import LabelCensus, LabelSource, LabelsRefused
 from pipeline.progress import eta
 from pipeline.samples import find_image_member, screen, second_image_member
 from pipeline.storage import fs
+from pipeline.storage.markers import read_record
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, shard_id
 
 log = logging.getLogger(__name__)
@@ -130,60 +131,66 @@ def _image_channels(data: bytes) -> int | None:
 
 
 def build_plan(
-    inputs: list[str], num_classes: int | None, image_key: str | None, label_key: str, labels: str = "member"
+    inputs: list[str],
+    num_classes: int | None,
+    image_key: str | None,
+    label_key: str,
+    labels: str = "member",
+    record_dir: str | None = None,
 ) -> Plan:
     """Count every shard's samples and read every label: PlanError (one line that says what to pass) when the
     corpus cannot be protected as asked. ``labels="cluster"``: no label is read; ``num_classes`` groups are formed
-    later (``pipeline.clusters``)."""
+    later (``pipeline.clusters``). ``record_dir`` (the work dir's): each shard's reading is recorded there as soon as
+    it is done, and a rerun reuses the record of a shard whose size and ETag (or modification time) have not changed
+    instead of reading it again (a coordinator killed while reading a large corpus loses no shard already read)."""
     cluster = labels == "cluster"
     if cluster and num_classes is None:
         raise PlanError("--labels cluster needs --num-classes K: the number of groups to form")
     try:
-        census = LabelCensus(LabelSource.parse(label_key))
+        source = LabelSource.parse(label_key)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
+    census = LabelCensus(source)
     if num_classes is not None and num_classes < 2:
         raise PlanError(f"need at least 2 classes, got --num-classes {num_classes}")
     urls = expand_inputs(inputs)
     shards = []
     channels = 1
+    reused = 0
     t0 = last_log = time.monotonic()
     for i, url in enumerate(urls):
         if not fs.exists(url):
             raise PlanError(f"input shard not found: {url}")
-        count = 0
-        seen: set[str] = set()
-        for item in iter_samples(url):
-            if isinstance(item, ShardReadError):
-                log.warning("plan: %s: %s", shard_id(url), item.message)
-                continue
-            assert isinstance(item, RawSample)
-            count += 1
-            # Only labels of samples the workers could protect count (the same screening as pipeline.samples), so
-            # a stray label on an unsafe, image-less or unreadable sample neither adds a class nor changes the rule.
-            if screen(item, seen) is not None:
-                continue
-            member = find_image_member(item.members, image_key)
-            if member is None or second_image_member(item.members, member) is not None:
-                continue
-            sample_channels = _image_channels(item.members[member])
-            if sample_channels is None:
-                continue
-            channels = max(channels, sample_channels)
-            if not cluster:
-                census.add(item.members)
-        shards.append(ShardPlan(shard_id(url), url, count))
+        what = {
+            "url": url,
+            "fingerprint": fs.fingerprint(url),
+            "image_key": image_key,
+            "label_key": label_key,
+            "cluster": cluster,
+        }
+        record_url = fs.join(record_dir, f"{shard_id(url)}.json") if record_dir else None
+        record = read_record(record_url) if record_url else None
+        if record is not None and record.get("shard") == what:
+            reused += 1
+        else:
+            record = {"shard": what, **_read_shard(url, image_key, source, cluster)}
+            if record_url:
+                fs.write_bytes(record_url, json.dumps(record).encode())
+        census.merge(record["census"])
+        channels = max(channels, record["channels"])
+        shards.append(ShardPlan(shard_id(url), url, record["samples"]))
         now = time.monotonic()
         if now - last_log >= PROGRESS_EVERY_S or i in (0, len(urls) - 1):  # a line while a large corpus is read
             last_log = now
             read = sum(s.samples for s in shards)
             log.info(
-                "plan: %d/%d shards read, %d samples (%.0f samples/s)%s",
+                "plan: %d/%d shards read, %d samples (%.0f samples/s)%s%s",
                 i + 1,
                 len(urls),
                 read,
                 read / max(now - t0, 1e-9),
                 eta(i + 1, len(urls), now - t0),
+                f"; {reused} from the records of an earlier run" if reused else "",
             )
     try:
         num_classes, label_names = (num_classes, ()) if cluster else census.classes(num_classes)
@@ -202,6 +209,33 @@ def build_plan(
         channels,
     )
     return Plan(tuple(shards), num_classes, channels, label_names)
+
+
+def _read_shard(url: str, image_key: str | None, source: LabelSource, cluster: bool) -> dict:
+    """One shard's part of the plan: its sample count, its images' channels (0: none readable) and its labels."""
+    census = LabelCensus(source)
+    count = channels = 0
+    seen: set[str] = set()
+    for item in iter_samples(url):
+        if isinstance(item, ShardReadError):
+            log.warning("plan: %s: %s", shard_id(url), item.message)
+            continue
+        assert isinstance(item, RawSample)
+        count += 1
+        # Only labels of samples the workers could protect count (the same screening as pipeline.samples), so
+        # a stray label on an unsafe, image-less or unreadable sample neither adds a class nor changes the rule.
+        if screen(item, seen) is not None:
+            continue
+        member = find_image_member(item.members, image_key)
+        if member is None or second_image_member(item.members, member) is not None:
+            continue
+        sample_channels = _image_channels(item.members[member])
+        if sample_channels is None:
+            continue
+        channels = max(channels, sample_channels)
+        if not cluster:
+            census.add(item.members)
+    return {"samples": count, "channels": channels, "census": census.to_record()}
 
 
 def local_path(url: str) -> str:

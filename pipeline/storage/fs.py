@@ -123,6 +123,15 @@ def size(url: str) -> int:
     return int(retry(lambda: fs.size(path), f"size {url}"))
 
 
+def fingerprint(url: str) -> str:
+    """What changes when the object's bytes change, short of reading them: its size and its ETag (an object store)
+    or modification time (a file system)."""
+    fs, path = filesystem(url)
+    info = retry(lambda: fs.info(path), f"info {url}")
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{stamp}"
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` so that readers see the old object or the whole new one, never a part.
 

@@ -53,6 +53,7 @@ def check_locations(inputs: list[str], input_shards: list[str], output: str, wor
 
 ROUND_DIR = re.compile(r"round-[0-9]{4}")
 TEMP_PREFIX = ".tmp-"  # fs.write_bytes's temp files: a killed write leaves one behind
+PLAN_SHARDS = "plan-shards"  # the work dir's folder of per-shard plan records
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,12 @@ class Layout:
     @property
     def plan(self) -> str:
         return fs.join(self.work, "plan.parquet")
+
+    @property
+    def plan_shards(self) -> str:
+        """Each shard's part of the plan, recorded as it is read (``pipeline.plan.build_plan``): a rerun reads no
+        shard twice."""
+        return fs.join(self.work, PLAN_SHARDS)
 
     @property
     def probe_record(self) -> str:
@@ -169,6 +176,10 @@ class Layout:
             if ATTEMPT_NAME.fullmatch(n) or n.startswith(TEMP_PREFIX):
                 fs.remove(fs.join(self.attempts, n))
         fs.remove_empty_dir(self.attempts)
+        for n in fs.listdir(self.plan_shards):
+            if n.endswith(".json") or n.startswith(TEMP_PREFIX):
+                fs.remove(fs.join(self.plan_shards, n))
+        fs.remove_empty_dir(self.plan_shards)
         for url in (
             self.plan,
             self.probe_record,

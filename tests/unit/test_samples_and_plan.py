@@ -296,6 +296,41 @@ def test_build_plan_any_rgb_image_gives_three_channels(tmp_path):
     assert build_plan([url], None, None, "cls").channels == 3
 
 
+def test_build_plan_records_each_shard_and_a_rerun_reads_no_recorded_shard_again(tmp_path, monkeypatch):
+    """Each shard's reading is recorded in the work dir as it is done; a rerun (after a kill) takes a recorded shard
+    from its record, unless the shard changed (size, modification time) or the label settings did, and builds the
+    very same plan."""
+    from pipeline import plan as plan_module
+
+    urls = _two_shards(tmp_path)
+    named = _shard(tmp_path / "in" / "s-000002.tar", [RawSample("n", {"png": _img_bytes("RGB"), "cls": b"cat"})])
+    records = str(tmp_path / "work" / "plan-shards")
+    first = build_plan([*urls, named], None, None, "cls", record_dir=records)
+    assert sorted(os.listdir(records)) == ["s-000000.json", "s-000001.json", "s-000002.json"]
+    read = []
+    real = plan_module.iter_samples
+    monkeypatch.setattr(plan_module, "iter_samples", lambda url: read.append(url) or real(url))
+    again = build_plan([*urls, named], None, None, "cls", record_dir=records)
+    assert read == [] and again.digest == first.digest and again == first
+    # A rewritten shard is read again (here its size is the same: tars are padded to 10 KiB), as is every shard under
+    # other label settings.
+    _shard(urls[1], [RawSample(f"b{i}", {"png": _img_bytes(), "cls": b"4"}) for i in range(3)])
+    os.utime(urls[1], (1e9, 1e9))
+    changed = build_plan([*urls, named], None, None, "cls", record_dir=records)
+    assert read == [urls[1]] and changed.shards[1].samples == 3 and changed.digest != first.digest
+    read.clear()
+    build_plan([*urls, named], 10, None, "cls", record_dir=records)
+    assert read == []  # --num-classes is applied after the records: nothing to read again
+    # A damaged record is not trusted: its shard is read again.
+    (tmp_path / "work" / "plan-shards" / "s-000000.json").write_text("{torn")
+    assert build_plan([*urls, named], None, None, "cls", record_dir=records).digest == changed.digest
+    assert read == [urls[0]]
+    read.clear()
+    with pytest.raises(PlanError):
+        build_plan([*urls, named], None, None, "json:label", record_dir=records)
+    assert read == [*urls, named]  # another label key: every shard read again (then refused: no json member)
+
+
 def test_build_plan_explicit_num_classes_wins(tmp_path):
     _two_shards(tmp_path)
     assert build_plan([str(tmp_path / "in")], 10, None, "cls").num_classes == 10
