@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
@@ -16,11 +18,13 @@ import pyarrow.parquet as pq
 
 from ops.image import ENCODE_FORMATS, LOSSY_FORMATS
 from pipeline.plan import Plan
-from pipeline.samples import REPEATED_KEY_ERROR
+from pipeline.samples import REPEATED_KEY_ERROR, ordered_map
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import Layout, default_work_dir
 from pipeline.storage.markers import read_marker
 from pipeline.storage.shards import split_member_name
+
+VERIFY_THREADS = 8  # shards checked at once by verify (and the export's check of earlier shards)
 
 
 def _json(url: str) -> dict | None:
@@ -146,8 +150,9 @@ def verify(output: str, shard_ids: list[str] | None = None) -> Verdict:
     # time: a million rows are never held at once.
     merge_check = _MergedCheck(merged) if merged is not None else None
     bad = []
-    for shard in shard_ids:
-        found, rows = _verify_shard(layout, shard, success["config_hash"], bound, ext, totals)
+    for shard, (found, rows, counts) in _each_shard(layout, shard_ids, success["config_hash"], bound, ext):
+        for k, v in counts.items():
+            totals[k] += v
         if found:
             bad.append(shard)
             problems += found
@@ -173,11 +178,14 @@ def verify_shards(output: str, shard_ids: list[str], chash: str, config: dict) -
     """The shards among ``shard_ids`` whose release files do not match their markers and manifests."""
     layout = Layout(fs.strip_url(output), "")
     bound, ext = release_rule(config)
-    return [
-        s
-        for s in shard_ids
-        if _verify_shard(layout, s, chash, bound, ext, {"input": 0, "protected": 0, "rejected": 0})[0]
-    ]
+    return [s for s, (found, _, _) in _each_shard(layout, shard_ids, chash, bound, ext) if found]
+
+
+def _each_shard(layout: Layout, shard_ids: list[str], chash: str, bound: int | None, ext: str) -> Iterator[tuple]:
+    """(shard, ``_verify_shard``'s result) for every shard, in order, checked on threads (reading, sha256 and
+    decompression release the GIL; an object store's latency overlaps), a few shards in flight at a time."""
+    threads = min(VERIFY_THREADS, os.cpu_count() or 1)
+    return ordered_map(lambda s: (s, _verify_shard(layout, s, chash, bound, ext)), shard_ids, threads, chunk=1)
 
 
 class _MergedCheck:
@@ -219,22 +227,23 @@ class _MergedCheck:
 
 
 def _verify_shard(
-    layout: Layout, shard: str, chash: str, bound: int | None, ext: str, totals: dict
-) -> tuple[list[str], list[dict]]:
-    """One shard's problems, and its manifest's rows once its manifest matches its marker (else none)."""
+    layout: Layout, shard: str, chash: str, bound: int | None, ext: str
+) -> tuple[list[str], list[dict], dict]:
+    """One shard's problems, its manifest's rows once its manifest matches its marker (else none), and its counts
+    once its tar was read (else none)."""
     problems = []
     marker = read_marker(layout.shard_marker(shard)) or {}
     if marker.get("config_hash") != chash:
-        return [f"{shard}: marker missing or from another run"], []
+        return [f"{shard}: marker missing or from another run"], [], {}
     try:
         tar_bytes = fs.read_bytes(layout.shard_tar(shard))
         man_bytes = fs.read_bytes(layout.shard_manifest(shard))
     except FileNotFoundError as exc:
-        return [f"{shard}: {exc}"], []
+        return [f"{shard}: {exc}"], [], {}
     if len(tar_bytes) != marker.get("tar_bytes") or hashlib.sha256(tar_bytes).hexdigest() != marker.get("tar_sha256"):
         problems.append(f"{shard}.tar does not match its marker (size or sha256)")
     if hashlib.sha256(man_bytes).hexdigest() != marker.get("manifest_sha256"):
-        return problems + [f"{shard}.parquet does not match its marker"], []
+        return problems + [f"{shard}.parquet does not match its marker"], [], {}
     rows = manifest.from_parquet(man_bytes).to_pylist()
     protected = {r["key"]: r for r in rows if r["status"] == "protected"}
     # A key may repeat only as a rejected repeat of an earlier sample; otherwise one row per key.
@@ -255,7 +264,7 @@ def _verify_shard(
                         problems.append(f"{shard}: {key}.{ext} appears twice")
                     images[key] = tar.extractfile(info).read()
     except tarfile.TarError as exc:
-        return problems + [f"{shard}.tar unreadable: {exc}"], rows
+        return problems + [f"{shard}.tar unreadable: {exc}"], rows, {}
     if set(images) != set(protected):
         problems.append(
             f"{shard}: tar keys and protected manifest rows differ "
@@ -273,5 +282,4 @@ def _verify_shard(
     for k, v in counts.items():
         if marker.get(k) != v:
             problems.append(f"{shard}: marker says {k}={marker.get(k)}, manifest {v}")
-        totals[k] += v
-    return problems, rows
+    return problems, rows, counts
