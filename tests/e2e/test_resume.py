@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,8 +52,15 @@ ARGS = [
 ]
 
 
-def _protect(train: str, out: str, fault: str | None = None, once: str | None = None, extra: list[str] = ()):
-    env = {}
+def _protect(
+    train: str,
+    out: str,
+    fault: str | None = None,
+    once: str | None = None,
+    extra: list[str] = (),
+    env: dict | None = None,
+):
+    env = dict(env or {})
     if fault:
         env["UNLEARNABLE_FAULT"] = fault
     if once:
@@ -336,18 +344,22 @@ def test_clean_up_deletes_only_the_files_a_run_wrote(reference, tmp_path):
 # ---------------------------------------------------------------------------------------------------- random kills
 
 
-def _ray_processes() -> set[int]:
-    """PIDs of Ray's own processes on this machine (head services, agents, workers)."""
+def _ray_processes(tmp: str) -> set[int]:
+    """PIDs of Ray's processes (head services, agents, workers) that runs with ``RAY_TMPDIR=tmp`` started: each
+    inherits that variable, so Ray processes of other tests running at the same time are not counted."""
     found = set()
+    mark = f"RAY_TMPDIR={tmp}".encode() + b"\0"
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
             with open(f"/proc/{pid}/stat") as f:
                 zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                ours = mark in f.read() + b"\0"
         except OSError:
             continue  # gone meanwhile
-        if not zombie and any(
+        ray = any(
             m in cmd
             for m in (
                 "ray::",
@@ -358,7 +370,8 @@ def _ray_processes() -> set[int]:
                 "log_monitor.py",
                 "ray/_private/workers",
             )
-        ):
+        )
+        if ours and ray and not zombie:
             found.add(int(pid))
     return found
 
@@ -368,7 +381,9 @@ def test_sigkill_at_ten_random_moments_then_the_rerun_releases_the_same_bytes(re
     wherever the kill fell (plan, Ray start, a stage, a commit, the export, the clean-up); every rerun that finishes
     releases the uninterrupted run's bytes and verifies (then the next attempts start a new run, so that all 10 kills
     land on unfinished work), and the kills leave no Ray process behind."""
-    before = _ray_processes()
+    # Ray's files under a folder of this test's own (short: Ray's socket paths must stay short), which also marks
+    # the Ray processes these runs start.
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     rng = random.Random(20261202)
     out = str(tmp_path / "release")
     # --cache none: every stop check decodes the digits again from the input; the release is the same.
@@ -385,7 +400,7 @@ def test_sigkill_at_ten_random_moments_then_the_rerun_releases_the_same_bytes(re
         "--cache",
         "none",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
     kills = []
     for _ in range(30):  # until 10 kills have landed
         if len(kills) == 10:
@@ -407,13 +422,14 @@ def test_sigkill_at_ten_random_moments_then_the_rerun_releases_the_same_bytes(re
         shutil.rmtree(out)
         shutil.rmtree(out + ".work")
     assert len(kills) == 10, kills
-    proc = _protect(reference["train"], out, extra=["--cache", "none"])
+    proc = _protect(reference["train"], out, extra=["--cache", "none"], env={"RAY_TMPDIR": ray_tmp})
     assert proc.returncode == reference["code"], (kills, proc.stderr[-3000:])
     assert _tars(out) == reference["tars"], kills
     _verify(out)
     # A killed coordinator's Ray processes notice that their raylet is gone and exit on their own (Ray's agents take
     # up to about a minute): none may be left.
     deadline = time.monotonic() + 150
-    while (left := _ray_processes() - before) and time.monotonic() < deadline:
+    while (left := _ray_processes(ray_tmp)) and time.monotonic() < deadline:
         time.sleep(2)
     assert not left, f"Ray processes left behind by the kills at {kills} s: {sorted(left)}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
