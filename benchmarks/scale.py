@@ -117,8 +117,8 @@ def _sha(data: bytes) -> str:
 
 def step(out: str, name: str) -> dict:
     from pipeline import inspection
-    from pipeline.coordinator import _merge_manifests
     from pipeline.plan import Plan, build_plan
+    from pipeline.stages.export import merge_manifests
     from pipeline.storage import fs
     from pipeline.storage.layout import Layout
 
@@ -136,7 +136,7 @@ def step(out: str, name: str) -> dict:
         result = {"stage": info.get("stage"), "shards": info.get("shards")}
     elif name == "merge":
         plan = Plan.from_parquet(fs.read_bytes(layout.plan))
-        result = {"counts": _merge_manifests(layout, plan, False)}
+        result = {"counts": merge_manifests(layout, plan, False)}
         success = {
             "config": built["config"],
             "config_hash": CHASH,
