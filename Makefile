@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/unlearnable demo --output demo-output
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=20
+	$(BIN)/python -m pytest tests --durations=20
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

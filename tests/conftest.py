@@ -18,30 +18,6 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# The slowest files first (measured: tens of seconds to minutes each), so that `make test`'s two pytest-xdist workers
-# (one file each at a time: module fixtures are built once) finish together instead of one waiting on the other.
-SLOWEST_FIRST = (
-    "e2e/test_resume.py",
-    "e2e/test_demo.py",
-    "e2e/test_protect_mnist.py",
-    "e2e/test_pool_protects_as_one.py",
-    "integration/test_ray_job_s3.py",
-    "e2e/test_fuzz.py",
-    "e2e/test_img2dataset.py",
-    "integration/test_pool.py",
-    "e2e/test_bad_input.py",
-    "e2e/test_report.py",
-)
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    def rank(item) -> int:
-        path = item.nodeid.split("::")[0].removeprefix("tests/")
-        return SLOWEST_FIRST.index(path) if path in SLOWEST_FIRST else len(SLOWEST_FIRST)
-
-    items.sort(key=rank)  # stable: each file's tests keep their order
-
-
 @pytest.fixture(scope="session")
 def mnist_small(tmp_path_factory) -> dict:
     """300 real MNIST training digits in 3 shards and 100 test digits: enough for mechanics, fast to protect."""
