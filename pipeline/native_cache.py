@@ -3,9 +3,10 @@
 The stop check needs every accepted image of a shard at native size once per round (the noise is added at native
 size, then the image is resized as a victim resizes it). ``memory`` keeps them decoded in RAM, ``none`` decodes the
 shard from the input again; ``disk`` writes them once, raw, at load and reads them back in order: no decode per
-round, and the worker's memory holds one image at a time. The file is an anonymous temporary file under the system's
-temporary directory (``TMPDIR``): it has no name, so it goes with the worker's process however that ends (a
-SIGKILL included) and nothing is left behind. It holds the input's own pixels, never noise.
+round, and the worker's memory holds the shard being loaded, then a few images at a time. The file is an anonymous
+temporary file under the system's temporary directory (``TMPDIR``): it has no name, so it goes with the worker's
+process however that ends (a SIGKILL included) and nothing is left behind. It holds the input's own pixels, never
+noise.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The in-process executor: the Ray pool's calls (``start_workers``, ``put``, ``get``, ``get_all``, ``wait``,
-``next_of``, ``kill``) over one ``RoundWorker`` in this process, so that ``bench`` and tests run the coordinator's
-own stages without Ray. A call runs when it is made; its result (or its exception) waits in a ``Ref`` until
-``get``. One worker only: a pool of several trains data-parallel in a process group, one process per worker.
+``next_of``, ``kill``) over one ``RoundWorker`` in this process, so that ``bench`` and the benchmark scripts run the
+coordinator's own stages without Ray. A call runs when it is made; its result (or its exception) waits in a ``Ref``
+until ``get``. One worker only: a pool of several trains data-parallel in a process group, one process per worker.
 """
 
 from __future__ import annotations
