@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,13 +17,11 @@ import pyarrow.parquet as pq
 
 from ops.image import ENCODE_FORMATS, LOSSY_FORMATS
 from pipeline.plan import Plan
-from pipeline.samples import REPEATED_KEY_ERROR, ordered_map
+from pipeline.samples import REPEATED_KEY_ERROR
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import Layout, default_work_dir
 from pipeline.storage.markers import read_marker
 from pipeline.storage.shards import split_member_name
-
-VERIFY_THREADS = 8  # shards checked at once by verify (and the export's check of earlier shards)
 
 
 def _json(url: str) -> dict | None:
@@ -182,10 +179,9 @@ def verify_shards(output: str, shard_ids: list[str], chash: str, config: dict) -
 
 
 def _each_shard(layout: Layout, shard_ids: list[str], chash: str, bound: int | None, ext: str) -> Iterator[tuple]:
-    """(shard, ``_verify_shard``'s result) for every shard, in order, checked on threads (reading, sha256 and
-    decompression release the GIL; an object store's latency overlaps), a few shards in flight at a time."""
-    threads = min(VERIFY_THREADS, os.cpu_count() or 1)
-    return ordered_map(lambda s: (s, _verify_shard(layout, s, chash, bound, ext)), shard_ids, threads, chunk=1)
+    """(shard, ``_verify_shard``'s result) for every shard, in order, one shard at a time. (Eight threads were tried:
+    on 10,000 local shards on 2 cores verify took 112 s against 101 s with one, its Python work holding the GIL.)"""
+    return ((s, _verify_shard(layout, s, chash, bound, ext)) for s in shard_ids)
 
 
 class _MergedCheck:
