@@ -8,10 +8,14 @@ Parquet manifest and marker (``pipeline.storage``), the run record, plan and a f
 (No noise is computed: the images are released as they are. What is measured is everything around the rounds.)
 Then each step runs in a fresh process, so that its peak RSS (``ru_maxrss``) is its own:
 
-- ``plan``: ``build_plan`` over the input shards (every sample read, as ``protect`` and ``--dry-run`` do);
+- ``plan``: ``build_plan`` over the input shards, every sample read in this process, one shard at a time;
+- ``plan-ray``: the same plan read as ``protect`` and ``--dry-run`` read it, one Ray task a shard on a local Ray
+  started for it (its start is in the time);
 - ``status``: ``unlearnable status`` of the run in its export stage (every shard's marker read);
 - ``merge``: ``manifest.parquet`` merged from the shards' manifests (what the export's last step does);
-- ``verify``: ``unlearnable verify`` of the finished release (every tar hashed, every row checked).
+- ``verify``: ``unlearnable verify`` of the finished release (every tar hashed, every row checked; on a process a
+  CPU);
+- ``verify-1``: the same on this process alone.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CHASH = "0123456789abcdef"
-STEPS = ("plan", "status", "merge", "verify")
+STEPS = ("plan", "plan-ray", "status", "merge", "verify", "verify-1")
 
 
 def build(out: str, shards: int, per_shard: int) -> None:
@@ -127,9 +131,14 @@ def step(out: str, name: str) -> dict:
         built = json.load(f)
     t0 = time.perf_counter()
     result: dict = {}
-    if name == "plan":
-        plan = build_plan([os.path.join(out, "inputs")], None, None, "cls")
+    if name in ("plan", "plan-ray"):
+        from pipeline.executor import ray_pool
+        from pipeline.plan import read_here
+
+        reader = ray_pool.PlanReader(None) if name == "plan-ray" else read_here
+        plan = build_plan([os.path.join(out, "inputs")], None, None, "cls", reader=reader)
         result = {"samples": plan.total_samples}
+        ray_pool.shutdown(getattr(reader, "started", False))
     elif name == "status":
         fs.remove(layout.success)
         info = inspection.status(layout.output, layout.work)
@@ -144,7 +153,9 @@ def step(out: str, name: str) -> dict:
             "shards": built["shards"],
         }
         fs.write_bytes(layout.success, json.dumps(success).encode())
-    elif name == "verify":
+    elif name in ("verify", "verify-1"):
+        if name == "verify-1":
+            inspection.PARALLEL_FROM = float("inf")
         verdict = inspection.verify(layout.output)
         result = {"ok": verdict.ok, "problems": verdict.problems[:3], "rows": verdict.summary.get("input")}
     return {
@@ -160,6 +171,7 @@ def main() -> int:
     p.add_argument("--shards", type=int, default=10_000)
     p.add_argument("--per-shard", type=int, default=100)
     p.add_argument("--out", default="/tmp/scale")
+    p.add_argument("--steps", default=",".join(STEPS), help="comma-separated steps to time (default: all)")
     p.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.step:
@@ -169,7 +181,7 @@ def main() -> int:
     build(args.out, args.shards, args.per_shard)
     print(f"corpus and release built in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
-    for name in STEPS:
+    for name in args.steps.split(","):
         proc = subprocess.run(
             [sys.executable, __file__, "--step", name, "--out", args.out], capture_output=True, text=True, check=True
         )

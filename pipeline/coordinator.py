@@ -24,7 +24,7 @@ from pipeline.config import ProtectConfig, config_hash, differing_fields
 from pipeline.executor import ray_pool
 from pipeline.inspection import verify
 from pipeline.lease import Lease
-from pipeline.plan import Plan, build_plan, expand_inputs
+from pipeline.plan import Plan, ShardReader, build_plan, expand_inputs, read_here
 from pipeline.progress import Heartbeat, eta
 from pipeline.schedule import assign_shards
 from pipeline.stages.check import CheckStage
@@ -94,9 +94,10 @@ class Prepared:
     success: dict | None  # the run record of a complete release with this config, else None
 
 
-def prepare_run(cfg: ProtectConfig) -> Prepared:
-    """Resolve paths, freeze (or reload) the plan, check the config against an existing run. A complete release
-    with this config gets nothing written (a rerun of a finished run leaves nothing behind)."""
+def prepare_run(cfg: ProtectConfig, reader: ShardReader = read_here) -> Prepared:
+    """Resolve paths, freeze (or reload) the plan (the shards not recorded yet read by ``reader``), check the config
+    against an existing run. A complete release with this config gets nothing written (a rerun of a finished run
+    leaves nothing behind)."""
     cfg.resolved()
     output = fs.strip_url(cfg.output)
     work = fs.strip_url(cfg.work_dir) if cfg.work_dir else default_work_dir(output)
@@ -124,6 +125,7 @@ def prepare_run(cfg: ProtectConfig) -> Prepared:
             cfg.label_key,  # listed once, above
             cfg.labels,
             record_dir=None if fs.exists(layout.success) else layout.plan_shards,
+            reader=reader,
         )
     if cfg.num_classes is None:
         cfg.num_classes = plan.num_classes
@@ -176,15 +178,22 @@ def _load_plan(layout: Layout, record: dict | None) -> Plan | None:
 def protect(cfg: ProtectConfig) -> RunResult:
     """Run (or resume) a protection; returns the exit status (0, 3, 4; see the CLI) and the ``_SUCCESS.json`` record."""
     t_start = time.perf_counter()
-    prepared = prepare_run(cfg)
-    layout, plan, chash = prepared.layout, prepared.plan, prepared.chash
-    if prepared.success is not None:
-        done = _finished_run(cfg, prepared)
-        if done is not None:
-            return done
-    lease = Lease(layout.lease)
-    lease.acquire()
-    started = ray_pool.connect(cfg.ray_address)
+    # A large corpus is read for the plan by Ray tasks; the Ray they start (if any) is the run's.
+    reader = ray_pool.PlanReader(cfg.ray_address)
+    try:
+        prepared = prepare_run(cfg, reader)
+        layout, plan, chash = prepared.layout, prepared.plan, prepared.chash
+        done = _finished_run(cfg, prepared) if prepared.success is not None else None
+        if done is None:
+            lease = Lease(layout.lease)
+            lease.acquire()
+    except BaseException:
+        ray_pool.shutdown(reader.started)
+        raise
+    if done is not None:
+        ray_pool.shutdown(reader.started)
+        return done
+    started = ray_pool.connect(cfg.ray_address) or reader.started
     run = Run(cfg, layout, plan, chash)
     try:
         # A line at least every 30 s in every phase, even inside one long unit of work (pipeline.progress).

@@ -20,7 +20,13 @@ TYPICAL_ROUNDS = 10  # the reference implementation needed about 10 rounds on CI
 
 def estimate(cfg: ProtectConfig, rate: float | None = None, workers: int | None = None) -> dict:
     cfg.resolved()
-    plan = build_plan(cfg.inputs, cfg.num_classes, cfg.image_key, cfg.label_key, cfg.labels)
+    from pipeline.executor import ray_pool
+
+    reader = ray_pool.PlanReader(cfg.ray_address)  # as protect reads the corpus: Ray tasks for a large one
+    try:
+        plan = build_plan(cfg.inputs, cfg.num_classes, cfg.image_key, cfg.label_key, cfg.labels, reader=reader)
+    finally:
+        ray_pool.shutdown(reader.started)
     samples = plan.total_samples
     noise_steps = samples * cfg.pgd_steps
     train_steps = cfg.train_steps * cfg.batch_size

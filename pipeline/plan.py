@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -22,13 +23,14 @@ from PIL import Image
 
 from pipeline.labels import LabelCensus, LabelSource, LabelsRefused
 from pipeline.progress import eta
-from pipeline.samples import find_image_member, screen, second_image_member
+from pipeline.samples import find_image_member, ordered_map, screen, second_image_member
 from pipeline.storage import fs
 from pipeline.storage.markers import read_record
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, shard_id
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0  # the plan's progress line while it reads the corpus
+METADATA_THREADS = 16  # size and ETag requests in flight at once
 
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
 
@@ -130,6 +132,34 @@ def _image_channels(data: bytes) -> int | None:
         return None  # undecodable: the worker rejects it with its reason
 
 
+# Reads the shards whose part of the plan is not recorded yet: given (what, record_url) jobs, yields (job index,
+# record) as each is done, in any order. ``read_here`` reads them one after another in this process; the Ray executor
+# reads them as parallel tasks (``pipeline.executor.ray_pool.plan_reader``).
+ShardReader = Callable[[list[tuple[dict, "str | None"]]], Iterator[tuple[int, dict]]]
+
+
+def read_shard_record(what: dict, record_url: str | None) -> dict:
+    """One shard's part of the plan (``what`` says which shard and how to read its labels), recorded at
+    ``record_url`` as soon as it is known: the body of a plan task."""
+    source = LabelSource.parse(what["label_key"])
+    record = {"shard": what, **_read_shard(what["url"], what["image_key"], source, what["cluster"])}
+    if record_url:
+        fs.write_bytes(record_url, json.dumps(record).encode())
+    return record
+
+
+def read_here(jobs: list[tuple[dict, str | None]]) -> Iterator[tuple[int, dict]]:
+    for i, (what, record_url) in enumerate(jobs):
+        yield i, read_shard_record(what, record_url)
+
+
+def _stamp(url: str) -> str:
+    try:  # one metadata request a shard: the fingerprint answers "is it there" too
+        return fs.fingerprint(url)
+    except FileNotFoundError:
+        raise PlanError(f"input shard not found: {url}") from None
+
+
 def build_plan(
     inputs: list[str],
     num_classes: int | None,
@@ -137,12 +167,14 @@ def build_plan(
     label_key: str,
     labels: str = "member",
     record_dir: str | None = None,
+    reader: ShardReader = read_here,
 ) -> Plan:
     """Count every shard's samples and read every label: PlanError (one line that says what to pass) when the
     corpus cannot be protected as asked. ``labels="cluster"``: no label is read; ``num_classes`` groups are formed
     later (``pipeline.clusters``). ``record_dir`` (the work dir's): each shard's reading is recorded there as soon as
     it is done, and a rerun reuses the record of a shard whose size and ETag (or modification time) have not changed
-    instead of reading it again (a coordinator killed while reading a large corpus loses no shard already read)."""
+    instead of reading it again (a coordinator killed while reading a large corpus loses no shard already read).
+    ``reader`` reads the shards not recorded yet (``read_here``: one at a time, in this process)."""
     cluster = labels == "cluster"
     if cluster and num_classes is None:
         raise PlanError("--labels cluster needs --num-classes K: the number of groups to form")
@@ -150,48 +182,44 @@ def build_plan(
         source = LabelSource.parse(label_key)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
-    census = LabelCensus(source)
     if num_classes is not None and num_classes < 2:
         raise PlanError(f"need at least 2 classes, got --num-classes {num_classes}")
     urls = expand_inputs(inputs)
-    shards = []
-    channels = 1
-    reused = 0
+    # The metadata (and the records of an earlier run) on threads: on an object store each is a round trip.
+    whats = [
+        {"url": url, "fingerprint": stamp, "image_key": image_key, "label_key": label_key, "cluster": cluster}
+        for url, stamp in zip(urls, ordered_map(_stamp, urls, METADATA_THREADS))
+    ]
+    record_urls = [fs.join(record_dir, f"{shard_id(url)}.json") if record_dir else None for url in urls]
+    records = list(ordered_map(lambda u: read_record(u) if u else None, record_urls, METADATA_THREADS))
+    todo = []
+    for i, (what, record) in enumerate(zip(whats, records)):
+        if record is None or record.get("shard") != what:
+            records[i] = None
+            todo.append(i)
+    if len(todo) < len(urls):
+        log.info("plan: %d of %d shards from the records of an earlier run", len(urls) - len(todo), len(urls))
     t0 = last_log = time.monotonic()
-    for i, url in enumerate(urls):
-        if not fs.exists(url):
-            raise PlanError(f"input shard not found: {url}")
-        what = {
-            "url": url,
-            "fingerprint": fs.fingerprint(url),
-            "image_key": image_key,
-            "label_key": label_key,
-            "cluster": cluster,
-        }
-        record_url = fs.join(record_dir, f"{shard_id(url)}.json") if record_dir else None
-        record = read_record(record_url) if record_url else None
-        if record is not None and record.get("shard") == what:
-            reused += 1
-        else:
-            record = {"shard": what, **_read_shard(url, image_key, source, cluster)}
-            if record_url:
-                fs.write_bytes(record_url, json.dumps(record).encode())
-        census.merge(record["census"])
-        channels = max(channels, record["channels"])
-        shards.append(ShardPlan(shard_id(url), url, record["samples"]))
+    read = 0
+    for done, (j, record) in enumerate(reader([(whats[i], record_urls[i]) for i in todo]), 1):
+        records[todo[j]] = record
+        read += record["samples"]
         now = time.monotonic()
-        if now - last_log >= PROGRESS_EVERY_S or i in (0, len(urls) - 1):  # a line while a large corpus is read
+        if now - last_log >= PROGRESS_EVERY_S or done in (1, len(todo)):  # a line while a large corpus is read
             last_log = now
-            read = sum(s.samples for s in shards)
             log.info(
-                "plan: %d/%d shards read, %d samples (%.0f samples/s)%s%s",
-                i + 1,
-                len(urls),
+                "plan: %d/%d shards read, %d samples (%.0f samples/s)%s",
+                done,
+                len(todo),
                 read,
                 read / max(now - t0, 1e-9),
-                eta(i + 1, len(urls), now - t0),
-                f"; {reused} from the records of an earlier run" if reused else "",
+                eta(done, len(todo), now - t0),
             )
+    census = LabelCensus(source)
+    for record in records:  # in the inputs' order, whichever order the shards were read in
+        census.merge(record["census"])
+    shards = [ShardPlan(shard_id(url), url, record["samples"]) for url, record in zip(urls, records)]
+    channels = max([1, *(record["channels"] for record in records)])
     try:
         num_classes, label_names = (num_classes, ()) if cluster else census.classes(num_classes)
     except LabelsRefused as exc:

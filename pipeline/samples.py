@@ -187,6 +187,25 @@ def prepare_each(
     return ordered_map(work, jobs, threads)
 
 
+def reread(
+    shard: str, items: Iterable[RawSample | ShardReadError], keys: list[str], rules: SampleRules, threads: int
+) -> Iterator[tuple[RawSample | ShardReadError, Accepted | Rejected | ShardReadError, int | None]]:
+    """A loaded shard read again (the stop check, the export): ``prepare_each``'s (item, outcome) pairs with each
+    accepted sample's index among ``keys``, the keys accepted when the shard was loaded (None for the others). Raises
+    RuntimeError when the shard changed since: an accepted key out of place, or too few of them at the end."""
+    index = 0
+    for item, result in prepare_each(items, rules, threads):
+        if isinstance(result, (ShardReadError, Rejected)):
+            yield item, result, None
+            continue
+        if index >= len(keys) or keys[index] != result.key:
+            raise RuntimeError(f"shard {shard} changed since it was loaded (sample {result.key})")
+        index += 1
+        yield item, result, index - 1
+    if index != len(keys):
+        raise RuntimeError(f"shard {shard} changed since it was loaded: {index} of {len(keys)} samples found")
+
+
 def ordered_map(fn: Callable, items: Iterable, threads: int, chunk: int = 16, depth: int = 4) -> Iterator:
     """``map(fn, items)`` on ``threads`` threads, results in input order. Items go to the threads ``chunk`` at a time
     (tiny images cost less than a task hand-off), with at most ``depth`` x ``threads`` chunks in flight. Pillow's

@@ -29,7 +29,7 @@ from ops.robust import robust_adversary, robust_spec
 from pipeline import clusters
 from pipeline.config import ProtectConfig
 from pipeline.native_cache import DiskCache, DiskShard
-from pipeline.samples import Rejected, SampleRules, prepare_each
+from pipeline.samples import Rejected, SampleRules, prepare_each, reread
 from pipeline.stages.check import CheckWork
 from pipeline.stages.export import ExportWork
 from pipeline.stages.noise import NoiseWork
@@ -274,16 +274,9 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         if sd.natives is not None:
             yield from sd.natives
             return
-        index = 0
-        for _, result in prepare_each(iter_samples(sd.url), self.rules, self.threads):
-            if isinstance(result, (ShardReadError, Rejected)):
-                continue
-            if index >= len(sd.keys) or sd.keys[index] != result.key:
-                raise RuntimeError(f"shard {sd.id} changed since it was loaded (sample {result.key})")
-            index += 1
-            yield result.image
-        if index != len(sd.keys):
-            raise RuntimeError(f"shard {sd.id} changed since it was loaded: {index} of {len(sd.keys)} samples found")
+        for _, result, index in reread(sd.id, iter_samples(sd.url), sd.keys, self.rules, self.threads):
+            if index is not None:
+                yield result.image
 
     def set_global_rows(self, offsets: dict[str, int], total: int) -> None:
         """Where this worker's owned shards sit in the whole corpus: ``offsets`` maps each shard of the plan to its

@@ -11,10 +11,6 @@ from collections.abc import Iterator
 from pipeline.worker import RoundWorker
 
 
-class WorkerDied(RuntimeError):
-    """Never raised here (an in-process worker dies with its caller); named for the coordinator's ``except``."""
-
-
 class Ref:
     """A finished call's result, or the exception it raised (raised again by ``get``)."""
 

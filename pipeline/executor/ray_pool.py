@@ -5,14 +5,19 @@ This module and the coordinator are the only places that import ray.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections.abc import Iterator
 
 import ray
 
+from pipeline.plan import read_here, read_shard_record
 from pipeline.worker import RoundWorker
 
 log = logging.getLogger(__name__)
+PLAN_TASKS_FROM = 16  # shards to read before the plan is worth Ray tasks
+PLAN_TASKS_IN_FLIGHT = 256  # plan tasks submitted and not yet returned
 
 
 def connect(address: str | None) -> bool:
@@ -36,6 +41,37 @@ def connect(address: str | None) -> bool:
         log_to_driver=True,
     )
     return True
+
+
+class PlanReader:
+    """The plan's shard reader (``pipeline.plan.ShardReader``) on Ray: one task a shard, each writing its shard's
+    record as it finishes, at most ``PLAN_TASKS_IN_FLIGHT`` at a time. Fewer than ``from_shards`` shards to read are
+    read in this process instead (a local Ray takes seconds to start). Connects to ``address`` (``connect``) the first
+    time it needs Ray; ``started`` is True when that started a local Ray, which the caller shuts down."""
+
+    def __init__(self, address: str | None, from_shards: int = PLAN_TASKS_FROM):
+        self.address, self.from_shards, self.started = address, from_shards, False
+
+    def __call__(self, jobs: list[tuple[dict, str | None]]) -> Iterator[tuple[int, dict]]:
+        if len(jobs) < self.from_shards:
+            yield from read_here(jobs)
+            return
+        self.started = connect(self.address) or self.started
+        log.info("plan: reading %d shards as Ray tasks (%d at a time)", len(jobs), PLAN_TASKS_IN_FLIGHT)
+        task = ray.remote(num_cpus=1, max_retries=2)(read_shard_record)
+        which: dict = {}
+        pending = iter(enumerate(jobs))
+        while True:
+            for i, (what, record_url) in itertools.islice(pending, PLAN_TASKS_IN_FLIGHT - len(which)):
+                which[task.remote(what, record_url)] = i
+            if not which:
+                return
+            done, _ = ray.wait(list(which), num_returns=1)
+            try:
+                record = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:  # the task's own error, as read_here would have raised it
+                raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
+            yield which.pop(done[0]), record
 
 
 def cluster_gpus() -> int:

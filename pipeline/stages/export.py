@@ -20,7 +20,7 @@ from pipeline import faults
 from pipeline.inspection import verify_shards
 from pipeline.plan import Plan
 from pipeline.progress import eta
-from pipeline.samples import Rejected, ordered_map, prepare_each, released_members
+from pipeline.samples import Rejected, ordered_map, released_members, reread
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import Layout
 from pipeline.storage.markers import commit_files, drop, is_done, read_marker
@@ -40,7 +40,6 @@ class ExportWork:
         sd = self.shards[shard]
         noise = self._noise_rows(slice(sd.start, sd.end)).cpu()
         labels = self.y[sd.start : sd.end].tolist()  # the labels trained on (with --labels cluster, the clusters)
-        index = 0
         read_error = None
         # The export decodes the photos' metadata too: the ICC profile always goes with the pixels; EXIF and XMP
         # (GPS position, camera, time) only with --keep-metadata.
@@ -51,8 +50,8 @@ class ExportWork:
 
         def released() -> Iterator[tuple]:
             """In shard order: a finished manifest row (rejections), or a released image still to encode."""
-            nonlocal index, read_error
-            for item, result in prepare_each(iter_samples(sd.url), rules, self.threads):
+            nonlocal read_error
+            for item, result, index in reread(shard, iter_samples(sd.url), sd.keys, rules, self.threads):
                 if isinstance(result, ShardReadError):
                     read_error = result.message
                     continue
@@ -69,8 +68,6 @@ class ExportWork:
                         None,
                     )
                     continue
-                if index >= len(sd.keys) or sd.keys[index] != result.key:
-                    raise RuntimeError(f"shard {shard} changed since it was loaded (sample {result.key})")
                 image = release_native(result.image.color, noise[index])
                 row = {
                     "label": labels[index],
@@ -79,7 +76,6 @@ class ExportWork:
                     "source_sha256": result.source_sha256,
                     "output_member": f"{result.key}.{ext}",
                 }
-                index += 1
                 yield row, (item, result, image)
 
         def encode(job: tuple) -> tuple[dict, RawSample | None]:
@@ -115,8 +111,6 @@ class ExportWork:
             rows.append(row)
             if sample is not None:
                 out_samples.append(sample)
-        if index != len(sd.keys):
-            raise RuntimeError(f"shard {shard} changed since it was loaded: {index} of {len(sd.keys)} samples found")
         tar_bytes = write_tar(out_samples)
         manifest_bytes = manifest.to_parquet(rows, source_hash=self.cfg.manifest_source_hash)
         protected = sum(1 for r in rows if r["status"] == "protected")

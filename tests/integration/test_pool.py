@@ -190,3 +190,21 @@ def test_a_pool_of_two_releases_the_same_bytes_with_every_cache_mode(local_ray, 
         assert all(torch.equal(checked[s], reference[s]) for s in reference), cache
     for cache in ("disk", "none"):
         assert seen[cache][:2] == seen["memory"][:2], cache
+
+
+def test_the_plan_read_by_ray_tasks_is_the_plan_read_here_and_records_every_shard(local_ray, mnist_small, tmp_path):
+    """``protect`` reads a large corpus for its plan as Ray tasks (``PlanReader``; here from one shard on): the same
+    plan, each shard's record written by its task; a task's error reaches the caller as itself, not wrapped."""
+    train = os.path.join(mnist_small["root"], "train")
+    here = build_plan([train], None, None, "cls", record_dir=str(tmp_path / "here"))
+    reader = pool.PlanReader(None, from_shards=1)
+    tasks = build_plan([train], None, None, "cls", record_dir=str(tmp_path / "tasks"), reader=reader)
+    assert tasks == here and tasks.digest == here.digest and reader.started is False  # Ray was already up
+    names = sorted(os.listdir(tmp_path / "tasks"))
+    assert names == sorted(f"{s.id}.json" for s in here.shards) == sorted(os.listdir(tmp_path / "here"))
+    for name in names:
+        assert (tmp_path / "tasks" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(OSError) as raised:
+        build_plan([train], None, None, "cls", record_dir=str(tmp_path / "a-file" / "records"), reader=reader)
+    assert not isinstance(raised.value, ray.exceptions.RayTaskError), type(raised.value)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,16 @@ from PIL import Image
 
 from pipeline.config import HASH_FIELDS, ProtectConfig, config_hash, differing_fields
 from pipeline.plan import Plan, PlanError, ShardPlan, build_plan, expand_inputs
-from pipeline.samples import Accepted, Rejected, SampleRules, ordered_map, prepare, prepare_each, released_members
+from pipeline.samples import (
+    Accepted,
+    Rejected,
+    SampleRules,
+    ordered_map,
+    prepare,
+    prepare_each,
+    released_members,
+    reread,
+)
 from pipeline.storage import fs
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, write_tar
 from tools import mnist
@@ -68,6 +78,39 @@ def test_prepare_each_on_threads_is_prepare_in_shard_order(threads):
             x, y = getattr(a, name), getattr(b, name)
             assert x.color.equal(y.color) if name == "image" else x == y, (name, x, y)
     assert sum(isinstance(o, Accepted) for o in got) > 10 and sum(isinstance(o, Rejected) for o in got) > 10
+
+
+def _reread_items() -> list:
+    items = [RawSample(f"k{i}", {"png": _img_bytes(value=i), "cls": b"3"}) for i in range(6)]
+    items[2].members["png"] = b"not an image"  # rejected: passes with no index
+    items.insert(4, ShardReadError("cut"))
+    return items
+
+
+def test_reread_numbers_the_accepted_samples_and_passes_the_rest():
+    got = list(reread("s", iter(_reread_items()), ["k0", "k1", "k3", "k4", "k5"], _rules(), 2))
+    assert [(type(r).__name__, i) for _, r, i in got] == [
+        ("Accepted", 0),
+        ("Accepted", 1),
+        ("Rejected", None),
+        ("Accepted", 2),
+        ("ShardReadError", None),
+        ("Accepted", 3),
+        ("Accepted", 4),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (["k0", "k1", "k3", "k5", "k4"], "changed since it was loaded (sample k4)"),  # out of place
+        (["k0", "k1", "k3", "k4"], "changed since it was loaded (sample k5)"),  # one more than loaded
+        (["k0", "k1", "k3", "k4", "k5", "k6"], "changed since it was loaded: 5 of 6 samples found"),  # one fewer
+    ],
+)
+def test_reread_refuses_a_shard_that_changed_since_it_was_loaded(keys, message):
+    with pytest.raises(RuntimeError, match=re.escape(f"shard s {message}")):
+        list(reread("s", iter(_reread_items()), keys, _rules(), 1))
 
 
 def test_ordered_map_keeps_order_bounds_in_flight_and_raises():

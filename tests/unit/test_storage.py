@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from pipeline.storage import fs, manifest, markers, shards
@@ -622,3 +623,31 @@ def test_verify_compares_the_merged_manifest_a_batch_at_a_time():
     check = _MergedCheck(pq.ParquetFile(io.BytesIO(bytes(damaged))))
     check.expect(merged)
     assert check.finish()[0].startswith("manifest.parquet unreadable (")
+
+
+def test_verify_on_processes_gives_the_verdict_of_one_process(tmp_path, monkeypatch):
+    """A release of 40 shards (benchmarks/scale.py's, written with the pipeline's own writers) checked on two spawned
+    processes, a chunk of shards each: the same results in the same order as in this process, and a tampered shard
+    is found the same way."""
+    import importlib.util
+
+    from pipeline import inspection
+
+    spec = importlib.util.spec_from_file_location("scale", os.path.join(REPO, "benchmarks", "scale.py"))
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    scale.build(str(tmp_path), 40, 3)
+    layout = Layout(str(tmp_path / "release"), str(tmp_path / "work"))
+    ids = [f"s{i:06d}" for i in range(40)]
+    tar = layout.shard_tar("s000017")
+    with open(tar, "r+b") as f:  # one byte of a released image's data
+        f.seek(600)
+        byte = f.read(1)
+        f.seek(600)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    here = list(inspection._each_shard(layout, ids, scale.CHASH, 8, "png", processes=1))
+    monkeypatch.setattr(inspection, "PARALLEL_FROM", 1)
+    spawned = list(inspection._each_shard(layout, ids, scale.CHASH, 8, "png", processes=2))
+    assert spawned == here and [s for s, _ in here] == ids
+    assert [s for s, (found, _, _) in here if found] == ["s000017"]
+    assert here[17][1][0][0] == "s000017.tar does not match its marker (size or sha256)"
