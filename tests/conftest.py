@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 import pytest
@@ -41,10 +43,16 @@ def raw_tar(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``unlearnable ARGS`` in a fresh process (as a user runs it); Ray is started and stopped by the command."""
+def run_cli(
+    *args: str, timeout: float = 900, env: dict | None = None, ray_address: str | None = None
+) -> subprocess.CompletedProcess:
+    """``unlearnable ARGS`` in a fresh process (as a user runs it). Ray is started and stopped by the command, or, with
+    ``ray_address`` (the ``ray_cluster`` fixture's), the command joins that running cluster as a job on a cluster
+    does (``RAY_ADDRESS``)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        full_env.update(RAY_ADDRESS=ray_address, RAY_AUTH_MODE="disabled")
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
         capture_output=True,
@@ -54,6 +62,59 @@ def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subpro
         cwd=REPO,
         check=False,
     )  # the caller checks the exit status
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A running Ray cluster on this machine (``ray start --head --block`` on loopback, token auth off, no dashboard)
+    that ``protect`` runs join with ``run_cli(..., ray_address=...)``, as the coordinator of a job on a cluster does:
+    such a run skips starting a Ray of its own (seconds of every run). Its workers have the cluster's environment, not
+    the run's: runs whose workers need theirs (fault hooks in the workers, S3 credentials) start their own Ray. The
+    head is stopped by its PID (its process group) at the end of the session."""
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # Ray's socket paths must stay short
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    args = [
+        ray,
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--include-dashboard=false",
+        "--num-cpus=8",
+        "--num-gpus=0",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--ray-client-server-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--temp-dir={temp}",
+    ]
+    log_path = os.path.join(temp, "head.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the head's node is up (ray status exits 0 once a node has registered)
+            status = subprocess.run(
+                [ray, "status", "--address", address], capture_output=True, text=True, env=env, timeout=60, check=False
+            )  # polled: non-zero while the head is starting
+            if status.returncode == 0:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not come up: {_log_tail(log_path)}")
+            time.sleep(1)
+        yield address
+    finally:
+        stop_server(proc, timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 ACCESS_KEY, SECRET_KEY = "unlearnable-test", "unlearnable-test-secret"

@@ -160,7 +160,7 @@ def _truncated_shard(good: list[RawSample]) -> tuple[bytes, list[str], str]:
 
 
 @pytest.fixture(scope="module")
-def wild_run(mnist_small, tmp_path_factory):
+def wild_run(mnist_small, tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("wild")
     corpus = root / "corpus"
     corpus.mkdir()
@@ -182,7 +182,7 @@ def wild_run(mnist_small, tmp_path_factory):
     (corpus / "zero-000000.tar").write_bytes(b"")
     (corpus / "empty-000000.tar").write_bytes(write_tar([]))
     out = str(root / "release")
-    proc = run_cli("protect", "--input", str(corpus), "--output", out, *ARGS)
+    proc = run_cli("protect", "--input", str(corpus), "--output", out, *ARGS, ray_address=ray_cluster)
     rows = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist() if proc.returncode in (0, 4) else []
     return {
         "proc": proc,

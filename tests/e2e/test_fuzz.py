@@ -142,12 +142,14 @@ def digits(mnist_small) -> list[tuple[bytes, bytes]]:
 
 
 @pytest.mark.parametrize("seed", [11, 12, 13])
-def test_a_random_hostile_corpus_ends_cleanly_with_one_row_per_sample_and_nothing_unprotected(seed, digits, tmp_path):
+def test_a_random_hostile_corpus_ends_cleanly_with_one_row_per_sample_and_nothing_unprotected(
+    seed, digits, tmp_path, ray_cluster
+):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     paths, counts, originals = _corpus(corpus, seed, digits)
     out = str(tmp_path / "release")
-    proc = run_cli("protect", "--input", str(corpus), "--output", out, *ARGS)
+    proc = run_cli("protect", "--input", str(corpus), "--output", out, *ARGS, ray_address=ray_cluster)
     assert proc.returncode in (0, 2, 3, 4), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     if proc.returncode:

@@ -87,7 +87,7 @@ def _img2dataset_folder(mnist_small, folder, labelled: bool = True) -> dict[str,
 
 
 @pytest.fixture(scope="module")
-def i2d_run(mnist_small, tmp_path_factory):
+def i2d_run(mnist_small, tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("img2dataset")
     folder = str(root / "i2d")
     samples = _img2dataset_folder(mnist_small, folder)
@@ -105,6 +105,7 @@ def i2d_run(mnist_small, tmp_path_factory):
         "--encode-quality",
         "92",
         *ARGS,
+        ray_address=ray_cluster,
     )
     rows = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist() if proc.returncode in (0, 4) else []
     return {"proc": proc, "out": out, "folder": folder, "samples": samples, "rows": rows}
@@ -168,7 +169,7 @@ def test_a_corpus_without_a_usable_label_is_refused_in_one_line_before_ray_start
         assert not os.path.exists(out)  # nothing written
 
 
-def test_the_same_shards_unlabelled_are_protected_with_labels_cluster(mnist_small, tmp_path):
+def test_the_same_shards_unlabelled_are_protected_with_labels_cluster(mnist_small, tmp_path, ray_cluster):
     """No label anywhere (the JSON without its class): ``--labels cluster --num-classes 10`` groups the digits by
     k-means and protects every sample; the captions and JSON are released byte for byte; the manifest's label is the
     sample's cluster. The run never reports the release protected: its probe learns the clusters, not the classes
@@ -176,7 +177,8 @@ def test_the_same_shards_unlabelled_are_protected_with_labels_cluster(mnist_smal
     folder = str(tmp_path / "unlabelled")
     samples = _img2dataset_folder(mnist_small, folder, labelled=False)
     out = str(tmp_path / "release")
-    proc = run_cli("protect", "--input", folder, "--output", out, "--labels", "cluster", "--num-classes", "10", *ARGS)
+    args = ["--input", folder, "--output", out, "--labels", "cluster", "--num-classes", "10", *ARGS]
+    proc = run_cli("protect", *args, ray_address=ray_cluster)
     assert proc.returncode == 4, proc.stderr[-4000:]
     assert "--labels cluster: 10 groups (k-means" in proc.stderr and "PROTECTION NOT CERTIFIED" in proc.stderr
     rows = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()

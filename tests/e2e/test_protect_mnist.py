@@ -1,6 +1,7 @@
-"""End to end with real components: ``unlearnable protect`` on real MNIST shards, on a real local Ray.
+"""End to end with real components: ``unlearnable protect`` on real MNIST shards, on real Ray.
 
-Mechanics are checked on a small corpus with shrunk work (few rounds and PGD steps); the learning thresholds of the
+Mechanics are checked on a small corpus with shrunk work (few rounds and PGD steps), the runs joining a running Ray
+cluster (conftest's ``ray_cluster``) as a job on a cluster does; the learning thresholds of the
 full demo are checked by ``test_demo_protects_mnist``.
 """
 
@@ -70,10 +71,11 @@ def _originals(shard_dir: str) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def protected_run(mnist_small, tmp_path_factory):
+def protected_run(mnist_small, tmp_path_factory, ray_cluster):
     out = str(tmp_path_factory.mktemp("release") / "release")
     train = os.path.join(mnist_small["root"], "train")
-    proc = run_cli("protect", "--input", train, "--output", out, "--max-rounds", "3", "--stop-error", "1.0", *FAST)
+    args = ["--input", train, "--output", out, "--max-rounds", "3", "--stop-error", "1.0", *FAST]
+    proc = run_cli("protect", *args, ray_address=ray_cluster)
     return {"proc": proc, "out": out, "train": train}
 
 
@@ -220,7 +222,7 @@ def test_changed_config_against_the_same_output_is_refused(protected_run):
     assert "eps" in last and "probe_steps" in last and "--overwrite" in last
 
 
-def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, tmp_path):
+def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, tmp_path, ray_cluster):
     """A 1/255 budget and one round: the error rule is met at once (stop-error 1.0) but a fresh model still learns
     the digits from the release, so the probe must say so: exit 4, holds false, stop_reason max_rounds; and so
     must every countermeasure of the battery (here the plain probe early-stopped, and mixup)."""
@@ -251,6 +253,7 @@ def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, t
         "small-cnn",
         "--probe-countermeasures",
         "mixup",
+        ray_address=ray_cluster,
     )
     assert proc.returncode == 4, proc.stderr[-3000:]
     success = _load_json(os.path.join(out, "_SUCCESS.json"))

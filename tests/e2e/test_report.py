@@ -37,11 +37,11 @@ SHORT = [
 
 
 @pytest.fixture(scope="module")
-def finished_run(mnist_small, tmp_path_factory):
+def finished_run(mnist_small, tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("report")
     out = str(root / "release")
     train = os.path.join(mnist_small["root"], "train")
-    proc = run_cli("protect", "--input", train, "--output", out, *SHORT)
+    proc = run_cli("protect", "--input", train, "--output", out, *SHORT, ray_address=ray_cluster)
     assert proc.returncode in (0, 4), proc.stderr[-3000:]
     with open(os.path.join(out, "_SUCCESS.json")) as f:
         success = json.load(f)

@@ -1,7 +1,9 @@
 """Resume after SIGKILL of the coordinator, replacement of a dead worker, config refusal, status and verify.
 
-Every run here is ``unlearnable protect`` in its own process on a real local Ray. Kill points come from the fault
-hook (``UNLEARNABLE_FAULT``), so they land exactly inside a training stage, a noise stage and the export.
+Every run here is ``unlearnable protect`` in its own process on real Ray: most join a running Ray cluster (as a job
+on a cluster does); the reference, the dead worker and the random kills start a local Ray of their own. Kill points
+come from the fault hook (``UNLEARNABLE_FAULT``), so they land exactly inside a training stage, a noise stage and the
+export.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ ARGS = [
 ]
 
 
+# The session's running Ray cluster (conftest's ``ray_cluster``), which the runs here join unless they start their own.
+CLUSTER: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cluster(ray_cluster):
+    CLUSTER["address"] = ray_cluster
+
+
 def _protect(
     train: str,
     out: str,
@@ -59,13 +70,17 @@ def _protect(
     once: str | None = None,
     extra: list[str] = (),
     env: dict | None = None,
+    private: bool = False,
 ):
+    """``protect`` joining the running cluster; ``private``: on a Ray of its own, as a user without a cluster runs it
+    (and as a fault hook in a worker needs: a cluster's workers do not have the run's environment)."""
     env = dict(env or {})
     if fault:
         env["UNLEARNABLE_FAULT"] = fault
     if once:
         env["UNLEARNABLE_FAULT_ONCE"] = once
-    return run_cli("protect", "--input", train, "--output", out, *ARGS, *extra, env=env)
+    cluster = None if private else CLUSTER["address"]
+    return run_cli("protect", "--input", train, "--output", out, *ARGS, *extra, env=env, ray_address=cluster)
 
 
 def _load_json(path: str) -> dict:
@@ -95,7 +110,7 @@ def reference(mnist_small, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("reference") / "release")
     train = os.path.join(mnist_small["root"], "train")
     t0 = time.monotonic()
-    proc = _protect(train, out)
+    proc = _protect(train, out, private=True)  # private: its time sets the random-kill test's kill times
     assert proc.returncode in (0, 4), proc.stderr[-3000:]
     return {"out": out, "train": train, "code": proc.returncode, "tars": _tars(out), "seconds": time.monotonic() - t0}
 
@@ -189,7 +204,9 @@ def _status_and_verify_say_in_progress(out: str, done: int) -> None:
 def test_a_worker_that_dies_mid_noise_stage_is_replaced_and_the_run_completes(reference, tmp_path):
     out = str(tmp_path / "release")
     once = str(tmp_path / "worker-died-once")
-    proc = _protect(reference["train"], out, fault="worker:noise:1:train-000001", once=once, extra=["--cache", "none"])
+    proc = _protect(
+        reference["train"], out, fault="worker:noise:1:train-000001", once=once, extra=["--cache", "none"], private=True
+    )
     assert os.path.exists(once), "the fault hook never fired"
     assert proc.returncode == reference["code"], proc.stderr[-3000:]
     assert "worker died" in proc.stderr
@@ -422,7 +439,7 @@ def test_sigkill_at_ten_random_moments_then_the_rerun_releases_the_same_bytes(re
         shutil.rmtree(out)
         shutil.rmtree(out + ".work")
     assert len(kills) == 10, kills
-    proc = _protect(reference["train"], out, extra=["--cache", "none"], env={"RAY_TMPDIR": ray_tmp})
+    proc = _protect(reference["train"], out, extra=["--cache", "none"], env={"RAY_TMPDIR": ray_tmp}, private=True)
     assert proc.returncode == reference["code"], (kills, proc.stderr[-3000:])
     assert _tars(out) == reference["tars"], kills
     _verify(out)
