@@ -25,6 +25,7 @@ from ops.image import (
     DecodedImage,
     to_working,
 )
+from ops.noise import decode_noise, encode_noise
 from ops.robust import robust_adversary, robust_spec
 from pipeline import clusters
 from pipeline.config import ProtectConfig
@@ -119,7 +120,10 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         r = self.cfg.resolution
         self.x = torch.empty(0, channels, r, r, dtype=torch.uint8, device=self.device)
         self.y = torch.empty(0, dtype=torch.long, device=self.device)
-        self.delta = torch.empty(0, channels, r, r, device=self.device)  # sample-wise noise, one row per sample
+        # Sample-wise noise, one row per sample, as the int8 levels the work dir keeps (ops.noise.encode_noise: units
+        # of eps/127): a quarter of float32's memory, and exactly the noise every stage uses (rounds keep it
+        # quantised so that a resumed run equals an uninterrupted one). ``noise_rows`` decodes rows as needed.
+        self.noise_q = torch.empty(0, channels, r, r, dtype=torch.int8, device=self.device)
         self.class_delta = torch.zeros(num_classes, channels, r, r, device=self.device)
         self._class_sums = torch.zeros_like(self.class_delta)
         self._class_counts = torch.zeros(num_classes, device=self.device)
@@ -169,8 +173,8 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         held = self.x.shape[0] > 0
         self.x = torch.cat([self.x, x]) if held else x
         self.y = torch.cat([self.y, y]) if held else y
-        zeros = torch.zeros(x.shape, device=self.device)
-        self.delta = torch.cat([self.delta, zeros]) if held else zeros
+        zeros = torch.zeros(x.shape, dtype=torch.int8, device=self.device)
+        self.noise_q = torch.cat([self.noise_q, zeros]) if held else zeros
 
     def _decode(self, shard: str, url: str, items, start: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """Decode one shard whose rows will start at ``start``; registers it and returns its result, working images
@@ -313,10 +317,15 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
                 dist.broadcast(t, src=0)
         return backend
 
-    def _noise_rows(self, sl: slice) -> torch.Tensor:
+    def noise_rows(self, sl) -> torch.Tensor:
+        """The float noise of rows ``sl`` (a slice or an index tensor)."""
         if self.cfg.mode == "samplewise":
-            return self.delta[sl]
+            return decode_noise(self.noise_q[sl], self.cfg.eps)
         return self.class_delta[self.y[sl]]
+
+    def set_noise_rows(self, sl: slice, delta: torch.Tensor) -> None:
+        """Keep ``delta`` (float, |delta| <= eps) as the sample-wise noise of rows ``sl``, quantised."""
+        self.noise_q[sl] = encode_noise(delta, self.cfg.eps)
 
     # ---- stage 1: surrogate training ------------------------------------------------------------------------
 

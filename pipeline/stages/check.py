@@ -42,7 +42,7 @@ class CheckWork:
         per-image ``release_native`` on the same device (tested)."""
         sd = self.shards[shard]
         sl = slice(sd.start, sd.end)
-        noise = self._noise_rows(sl)
+        noise = self.noise_rows(sl)
         if self.cfg.encode_format in LOSSY_FORMATS:
             return self._released_lossy(sd, noise)
         if sd.native_is_working:

@@ -38,7 +38,7 @@ class ExportWork:
         t0 = time.perf_counter()
         layout = Layout(output, work)
         sd = self.shards[shard]
-        noise = self._noise_rows(slice(sd.start, sd.end)).cpu()
+        noise = self.noise_rows(slice(sd.start, sd.end)).cpu()
         labels = self.y[sd.start : sd.end].tolist()  # the labels trained on (with --labels cluster, the clusters)
         read_error = None
         # The export decodes the photos' metadata too: the ICC profile always goes with the pixels; EXIF and XMP

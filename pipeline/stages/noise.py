@@ -45,12 +45,12 @@ class NoiseWork:
             delta, done = self.engine.update_samplewise(
                 self.x[sl],
                 self.y[sl],
-                self.delta[sl],
+                self.noise_rows(sl),
                 batch_size=cfg.noise_batch_size,
                 skip_below=CONVERGED_LOSS if cfg.skip_converged else None,
             )
             # The state a rerun resumes from is the quantised one: keep exactly that, so resumed == uninterrupted.
-            self.delta[sl] = decode_noise(encode_noise(delta, cfg.eps), cfg.eps)
+            self.set_noise_rows(sl, delta)
             updated, image_steps = done.updated, done.image_steps
         else:
             for start in range(sd.start, sd.end, cfg.noise_batch_size):
@@ -81,7 +81,7 @@ class NoiseWork:
             if state is not None:
                 self.load_noise_state(shard, state)
             else:
-                self.delta[sd.start : sd.end] = 0.0
+                self.noise_q[sd.start : sd.end] = 0
         return {**self.noise_stage(shard, round_), "guest": True}
 
     def class_update_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +103,7 @@ class NoiseWork:
             keys = None
         else:
             sd = self.shards[shard]
-            q = encode_noise(self.delta[sd.start : sd.end], self.cfg.eps).cpu()
+            q = self.noise_q[sd.start : sd.end].to("cpu", copy=True)  # a copy: a view would save the whole storage
             keys = sd.keys
         buf = io.BytesIO()
         torch.save({"q": q, "keys": keys}, buf)
@@ -111,14 +111,13 @@ class NoiseWork:
 
     def load_noise_state(self, shard: str | None, data: bytes) -> None:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        delta = decode_noise(state["q"], self.cfg.eps).to(self.device)
         if shard is None:
-            self.class_delta = delta
+            self.class_delta = decode_noise(state["q"], self.cfg.eps).to(self.device)
             return
         sd = self.shards[shard]
         if state["keys"] != sd.keys:
             raise ValueError(f"noise state of shard {shard} does not match its samples (input changed?)")
-        self.delta[sd.start : sd.end] = delta
+        self.noise_q[sd.start : sd.end] = state["q"].to(self.device)
 
 
 class NoiseStage:

@@ -46,7 +46,7 @@ class TrainWork:
         for _ in range(steps):
             local = rows[torch.randperm(total, generator=self.generator)[:batch]]
             idx = local[local >= 0].to(self.device)
-            xb = (self.x[idx].to(torch.float32) / 255.0 + self._noise_rows(idx)).clamp_(0.0, 1.0)
+            xb = (self.x[idx].to(torch.float32) / 255.0 + self.noise_rows(idx)).clamp_(0.0, 1.0)
             # In the engine's precision and memory format (bf16 autocast, channels_last on a GPU; fp32 on a CPU).
             loss_sum += train_step(
                 self.model,

@@ -212,7 +212,7 @@ def test_worker_noise_stage_reports_the_image_steps_it_did(mnist_small, monkeypa
     out = worker.noise_stage(shard, 0)
     active = n - len(range(0, n, 3))
     assert out["updated"] == active and out["image_steps"] == active * 2 and out["samples"] == n
-    assert worker.delta[::3].abs().sum() == 0 and worker.delta[1::3].abs().sum() > 0
+    assert worker.noise_q[::3].abs().sum() == 0 and worker.noise_q[1::3].abs().sum() > 0
 
 
 def test_precision_and_skip_converged_are_hashed_and_validated():

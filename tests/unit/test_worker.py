@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import torch
 
 from ops.image import encode_png, release_native, to_working
+from ops.noise import decode_noise
 from pipeline.config import ProtectConfig
 from pipeline.storage.shards import RawSample, write_tar
 from pipeline.worker import RoundWorker
 from surrogates.training import predict
+
+
+def _random_noise(worker: RoundWorker, eps: float, generator: torch.Generator | None = None) -> None:
+    """Uniform noise in [-eps, eps] on every held row, kept (quantised) as the noise stage keeps its own."""
+    worker.set_noise_rows(slice(None), torch.empty(worker.noise_q.shape).uniform_(-eps, eps, generator=generator))
 
 
 def _worker(mnist_small, mode: str) -> tuple[RoundWorker, list[str]]:
@@ -56,7 +63,7 @@ def test_samplewise_noise_stage_moves_background_and_stroke_pixels(mnist_small):
     worker.train_stage()
     worker.noise_stage(shards[0], 0)
     sd = worker.shards[shards[0]]
-    x, d = worker.x[sd.start : sd.end], worker.delta[sd.start : sd.end]
+    x, d = worker.x[sd.start : sd.end], worker.noise_rows(slice(sd.start, sd.end))
     assert (d[x == 0] > 0).float().mean() > 0.1 and (d[x == 255] < 0).float().mean() > 0.1
     assert d.abs().max() <= worker.cfg.eps + 1e-6
 
@@ -78,10 +85,10 @@ def test_stop_check_on_photos_of_mixed_sizes_is_the_per_image_release(tmp_path):
     worker.load_shard("photos-000000", str(tmp_path / "photos-000000.tar"))
     sd = worker.shards["photos-000000"]
     assert not sd.native_is_working and len(sd.keys) == len(shapes)
-    worker.delta.uniform_(-cfg.eps, cfg.eps, generator=g)
+    _random_noise(worker, cfg.eps, g)
     released = worker.released_working("photos-000000")
     expected = torch.stack(
-        [to_working(release_native(nat.color, worker.delta[i]), 32, 3) for i, nat in enumerate(sd.natives)]
+        [to_working(release_native(nat.color, worker.noise_rows(i)), 32, 3) for i, nat in enumerate(sd.natives)]
     )
     assert torch.equal(released, expected)
     assert (released.to(torch.int32) - worker.x.to(torch.int32)).abs().sum() > 0  # the noise is in it
@@ -180,14 +187,15 @@ def test_robust_on_trains_against_the_adversary_and_its_noise_depends_only_on_ro
     assert plain.train_stage(0)["loss"] != robust.train_stage(0)["loss"]
     robust.noise_stage(shards[0], 0)
     sd = robust.shards[shards[0]]
-    first = robust.delta[sd.start : sd.end].clone()
+    rows = slice(sd.start, sd.end)
+    first = robust.noise_rows(rows).clone()
     assert 0 < first.abs().max() <= robust.cfg.eps + 1e-6
-    robust.delta[sd.start : sd.end] = 0
+    robust.noise_q[rows] = 0
     robust.noise_stage(shards[0], 0)
-    assert torch.equal(robust.delta[sd.start : sd.end], first)
+    assert torch.equal(robust.noise_rows(rows), first)
     plain.model.load_state_dict(robust.model.state_dict())  # the same surrogate, both from zero noise
     plain.noise_stage(shards[0], 0)
-    assert not torch.equal(plain.delta[sd.start : sd.end], first)
+    assert not torch.equal(plain.noise_rows(rows), first)
 
 
 def test_the_export_keeps_the_icc_profile_and_releases_exif_and_xmp_only_when_asked(tmp_path):
@@ -303,7 +311,7 @@ def test_a_lossy_release_is_judged_on_the_decoded_bytes_it_releases(tmp_path):
         worker.load_shard("photos-000000", url)
         sd = worker.shards["photos-000000"]
         assert ("with-alpha" in sd.keys) == (fmt == "webp")
-        worker.delta.uniform_(-cfg.eps, cfg.eps, generator=g)
+        _random_noise(worker, cfg.eps, g)
         checked = worker.released_working("photos-000000")
         worker.export_shard("photos-000000", str(out), str(tmp_path / f"work-{fmt}"), "0" * 64)
         released = {s.key: s for s in iter_samples(str(out / "photos-000000.tar"))}
@@ -379,7 +387,7 @@ def test_the_stop_check_and_the_release_are_the_same_in_every_cache_mode(tmp_pat
                     "auto": ["list", "NoneType"],
                 }[cache]
             ), cache
-            worker.delta.copy_(noise)
+            worker.set_noise_rows(slice(None), noise)
             checked = torch.cat([worker.released_working(s) for s, _ in shards])
             out = tmp_path / f"out-{fmt}-{cache}"
             for s, _ in shards:
@@ -401,7 +409,7 @@ def test_probe_data_is_the_probe_sample_of_each_shard_released_and_clean(mnist_s
     from pipeline.probe import probe_sample
 
     worker, shards = _worker(mnist_small, "samplewise")
-    worker.delta.uniform_(-8 / 255, 8 / 255)
+    _random_noise(worker, 8 / 255)
     whole = worker.probe_data()
     assert whole["keys"] == [k for s in shards for k in worker.shards[s].keys] and len(whole["keys"]) == 300
     part = worker.probe_data(0.4)
@@ -411,3 +419,23 @@ def test_probe_data_is_the_probe_sample_of_each_shard_released_and_clean(mnist_s
         assert torch.equal(part[name], whole[name][chosen]), name
     assert part["shards"] == [(s, int(probe_sample(worker.shards[s].keys, 0.4).sum())) for s in shards]
     assert torch.equal(whole["released"], torch.cat([worker.released_working(s) for s in shards]))
+
+
+def test_the_noise_is_held_as_the_int8_levels_of_its_state_and_survives_a_round_trip(mnist_small):
+    """Sample-wise noise is held as int8 levels (a quarter of float32's memory): the rows every stage reads are the
+    decoded levels, a shard's state is exactly its rows' levels (a compact copy, not the whole worker's storage), and
+    loading it back gives the same noise."""
+    worker, shards = _worker(mnist_small, "samplewise")
+    worker.train_stage()
+    worker.noise_stage(shards[0], 0)
+    sd = worker.shards[shards[0]]
+    rows = slice(sd.start, sd.end)
+    assert worker.noise_q.dtype == torch.int8 and worker.noise_q.shape == worker.x.shape
+    assert torch.equal(worker.noise_rows(rows), decode_noise(worker.noise_q[rows], worker.cfg.eps))
+    state = worker.noise_state(shards[0])
+    q = torch.load(io.BytesIO(state), weights_only=True)["q"]
+    assert torch.equal(q, worker.noise_q[rows]) and q.untyped_storage().nbytes() == q.numel()
+    before = worker.noise_rows(rows).clone()
+    worker.noise_q[rows] = 0
+    worker.load_noise_state(shards[0], state)
+    assert torch.equal(worker.noise_rows(rows), before) and before.abs().max() > 0
