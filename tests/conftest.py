@@ -64,26 +64,18 @@ def run_cli(
     )  # the caller checks the exit status
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A running Ray cluster on this machine (``ray start --head --block`` on loopback, token auth off, no dashboard)
-    that ``protect`` runs join with ``run_cli(..., ray_address=...)``, as the coordinator of a job on a cluster does:
-    such a run skips starting a Ray of its own (seconds of every run). Its workers have the cluster's environment, not
-    the run's: runs whose workers need theirs (fault hooks in the workers, S3 credentials) start their own Ray. The
-    head is stopped by its PID (its process group) at the end of the session."""
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    temp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # Ray's socket paths must stay short
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
-    args = [
-        ray,
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def ray_head_command(temp: str, port: int, cpus: int, *extra: str) -> list[str]:
+    """``ray start --head --block`` on loopback, every port its own free one, files under ``temp``."""
+    return [
+        RAY,
         "start",
         "--head",
         "--block",
         "--disable-usage-stats",
-        "--include-dashboard=false",
-        "--num-cpus=8",
+        f"--num-cpus={cpus}",
         "--num-gpus=0",
         "--node-ip-address=127.0.0.1",
         f"--port={port}",
@@ -95,7 +87,22 @@ def ray_cluster():
         f"--runtime-env-agent-port={free_port()}",
         f"--metrics-export-port={free_port()}",
         f"--temp-dir={temp}",
+        *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A running Ray cluster on this machine (``ray start --head --block`` on loopback, token auth off, no dashboard)
+    that ``protect`` runs join with ``run_cli(..., ray_address=...)``, as the coordinator of a job on a cluster does:
+    such a run skips starting a Ray of its own (seconds of every run). Its workers have the cluster's environment, not
+    the run's: runs whose workers need theirs (fault hooks in the workers, S3 credentials) start their own Ray. The
+    head is stopped by its PID (its process group) at the end of the session."""
+    temp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # Ray's socket paths must stay short
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    args = ray_head_command(temp, port, 8, "--include-dashboard=false")
     log_path = os.path.join(temp, "head.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -104,7 +111,7 @@ def ray_cluster():
         deadline = time.monotonic() + 120
         while True:  # until the head's node is up (ray status exits 0 once a node has registered)
             status = subprocess.run(
-                [ray, "status", "--address", address], capture_output=True, text=True, env=env, timeout=60, check=False
+                [RAY, "status", "--address", address], capture_output=True, text=True, env=env, timeout=60, check=False
             )  # polled: non-zero while the head is starting
             if status.returncode == 0:
                 break

@@ -24,10 +24,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import REPO, free_port, make_bucket, stop_server, upload_dir
+from conftest import RAY, REPO, free_port, make_bucket, ray_head_command, stop_server, upload_dir
 from PIL import Image
 
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 # Sample-wise small-cnn on 1,000 real digits: the demo's PGD settings, 20 train steps a round (measured here: the stop
 # rule after 4 rounds, probe 26.0% against a 33.9% threshold, 83 s with 2 CPU workers).
 PROTECT = [
@@ -73,27 +72,7 @@ def ray_head(s3_server):
     dashboard = free_port()
     env = {**os.environ, **s3_server, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    args = [
-        RAY,
-        "start",
-        "--head",
-        "--block",
-        "--disable-usage-stats",
-        "--num-cpus=4",
-        "--num-gpus=0",
-        "--node-ip-address=127.0.0.1",
-        f"--port={free_port()}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={free_port()}",
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--temp-dir={temp}",
-    ]
+    args = ray_head_command(temp, free_port(), 4, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}")
     log_path = os.path.join(temp, "head.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
