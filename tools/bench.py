@@ -398,7 +398,7 @@ def _check_release(worker, shard: str, limit: int = 64) -> dict:
     sd = worker.shards[shard]
     n = min(limit, sd.end - sd.start)
     on_device = worker.released_working(shard)[:n].cpu().to(torch.int32)
-    noise = worker._noise_rows(slice(sd.start, sd.start + n)).cpu()
+    noise = worker.noise_rows(slice(sd.start, sd.start + n)).cpu()
     natives = itertools.islice(worker._natives(sd), n)  # kept, or decoded again (--cache)
     reference = torch.stack(
         [
