@@ -134,7 +134,7 @@ def _image_channels(data: bytes) -> int | None:
 
 # Reads the shards whose part of the plan is not recorded yet: given (what, record_url) jobs, yields (job index,
 # record) as each is done, in any order. ``read_here`` reads them one after another in this process; the Ray executor
-# reads them as parallel tasks (``pipeline.executor.ray_pool.plan_reader``).
+# reads them as parallel tasks (``pipeline.executor.ray_pool.PlanReader``).
 ShardReader = Callable[[list[tuple[dict, "str | None"]]], Iterator[tuple[int, dict]]]
 
 
