@@ -129,9 +129,19 @@ READER_KEY, READER_SECRET = "unlearnable-reader", "unlearnable-reader-secret"  #
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on loopback now (all held open until each is known, so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _log_tail(log_path: str) -> str:
@@ -192,7 +202,11 @@ def s3_server(tmp_path_factory):
             }
         )
     )
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+    # Every port is named, gRPC ones too: SeaweedFS's default gRPC port is its HTTP port + 10000, past 65535 for a
+    # port from the top of the ephemeral range (the admin then dials an invalid port and S3 requests stall).
+    names = ("master", "volume", "filer", "s3", "admin")
+    every = free_ports(2 * len(names))
+    ports, grpc = dict(zip(names, every)), dict(zip(names, every[len(names) :]))
     log_path = str(root / "weed.log")
     args = [
         weed,
@@ -207,10 +221,15 @@ def s3_server(tmp_path_factory):
         f"-filer.port={ports['filer']}",
         f"-s3.port={ports['s3']}",
         f"-admin.port={ports['admin']}",
+        *(f"-{name}.port.grpc={grpc[name]}" for name in names),
         "-admin.ui=false",
         "-webdav=false",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
+        # A fixed number of small volumes: left to itself SeaweedFS sizes them by the disk's free space, and with
+        # under a volume's worth free it registers none, so that every write waits, then fails.
+        "-volume.max=8",
+        "-master.volumeSizeLimitMB=64",
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -222,14 +241,17 @@ def s3_server(tmp_path_factory):
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
-        _wait_until_s3_answers(env)
+        _wait_until_s3_answers(env, log_path)
         yield env
     finally:
         stop_server(proc)
 
 
-def _wait_until_s3_answers(env: dict, timeout: float = 60) -> None:
+def _wait_until_s3_answers(env: dict, log_path: str, timeout: float = 60) -> None:
+    """Until the server lists buckets, then one object written and read back: a server that answers but cannot
+    store stops the session here with its log, not in every S3 test after minutes of retries."""
     import boto3
+    import botocore.config
 
     client = boto3.client(
         "s3",
@@ -237,16 +259,25 @@ def _wait_until_s3_answers(env: dict, timeout: float = 60) -> None:
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=env["AWS_DEFAULT_REGION"],
+        config=botocore.config.Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 1}),
     )
     deadline = time.monotonic() + timeout
     while True:
         try:
             client.list_buckets()
-            return
+            break
         except Exception:  # the server is still starting its filer (re-raised once past the deadline)
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+    try:
+        client.create_bucket(Bucket="server-check")
+        client.put_object(Bucket="server-check", Key="check", Body=b"check")
+        assert client.get_object(Bucket="server-check", Key="check")["Body"].read() == b"check"
+        client.delete_object(Bucket="server-check", Key="check")
+        client.delete_bucket(Bucket="server-check")
+    except Exception as exc:
+        raise RuntimeError(f"the S3 server answers but cannot store an object ({exc}): {_log_tail(log_path)}") from exc
 
 
 @pytest.fixture()

@@ -55,9 +55,12 @@ PROTECT = [
 
 
 def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [RAY, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
-    )  # callers judge the exit status (the head is polled until it answers)
+    """The ``ray`` CLI; callers judge the exit status (the head is polled until it answers). A command past its
+    timeout reads as a failed one (exit 124) rather than raising."""
+    try:
+        return subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired as exc:
+        return subprocess.CompletedProcess(exc.cmd, 124, str(exc.stdout or ""), f"timed out after {timeout} s")
 
 
 def _log_tail(log_path: str) -> str:
