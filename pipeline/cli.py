@@ -95,10 +95,12 @@ def _add_protect_args(p: argparse.ArgumentParser) -> None:
         "--cache",
         choices=list(CACHE_CHOICES),
         default=config_default("cache"),
-        help="where the stop check finds each photo at native size: memory (kept from the load), disk "
-        "(written raw to the worker's local disk, under TMPDIR, at load and read back), none "
-        "(decoded from the input again every round: bounded memory), auto (memory up to "
-        "--cache-memory-gb per worker, the rest streamed). The release is the same in every mode",
+        help="where a worker keeps its share: memory (photos at native size for the stop check, working images "
+        "and noise, all in memory), disk (photos written raw to the worker's local disk under TMPDIR at load and "
+        "read back; working images and noise in files there too), none (photos decoded from the input again "
+        "every round; working images and noise on local disk: bounded memory), auto (photos in memory up to "
+        "--cache-memory-gb per worker, the rest streamed; working images and noise in memory when the share "
+        "fits that budget, else on local disk). The release is the same in every mode",
     )
     p.add_argument(
         "--cache-memory-gb",

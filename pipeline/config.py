@@ -137,7 +137,9 @@ class ProtectConfig:
     # Where the stop check finds the photos at native size (not hashed: the release is the same in every mode):
     # memory: kept from the load; disk: written raw to the worker's local disk at load (pipeline.native_cache) and
     # read back each round; none: decoded from the input again each round; auto: memory up to
-    # cache_memory_gb (default a fifth of the node's memory) per worker, the shards beyond it streamed.
+    # cache_memory_gb (default a fifth of the node's memory) per worker, the shards beyond it streamed. The working
+    # images and noise levels stay in memory with memory, go to a file on local disk (pipeline.rows) with disk and
+    # none, and with auto when a worker's share of them would be over the same budget.
     cache: str = "auto"
     cache_memory_gb: float | None = None
 

@@ -30,6 +30,7 @@ from ops.robust import robust_adversary, robust_spec
 from pipeline import clusters
 from pipeline.config import ProtectConfig
 from pipeline.native_cache import DiskCache, DiskShard
+from pipeline.rows import RowFile
 from pipeline.samples import Rejected, SampleRules, prepare_each, reread
 from pipeline.stages.check import CheckWork
 from pipeline.stages.export import ExportWork
@@ -118,12 +119,17 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         self.cache_budget = cache_budget(self.cfg.cache_memory_gb)
         self.disk_cache = DiskCache() if self.cfg.cache == "disk" else None
         r = self.cfg.resolution
-        self.x = torch.empty(0, channels, r, r, dtype=torch.uint8, device=self.device)
+        # The working images (uint8) and the sample-wise noise, one row per sample, as the int8 levels the work dir
+        # keeps (ops.noise.encode_noise: units of eps/127): a quarter of float32's memory, and exactly the noise every
+        # stage uses (rounds keep it quantised so that a resumed run equals an uninterrupted one); ``noise_rows``
+        # decodes rows as needed. On the device, or in a file on local disk (``pipeline.rows``): with --cache disk
+        # or none, and with auto when the share would not fit the budget (decided at the first shard loaded).
+        self.rows_on_disk: bool | None = {"disk": True, "none": True, "memory": False}.get(self.cfg.cache)
+        self.x: torch.Tensor | RowFile = torch.empty(0, channels, r, r, dtype=torch.uint8, device=self.device)
+        self.noise_q: torch.Tensor | RowFile = torch.empty(0, channels, r, r, dtype=torch.int8, device=self.device)
+        if self.rows_on_disk:
+            self._rows_to_disk()
         self.y = torch.empty(0, dtype=torch.long, device=self.device)
-        # Sample-wise noise, one row per sample, as the int8 levels the work dir keeps (ops.noise.encode_noise: units
-        # of eps/127): a quarter of float32's memory, and exactly the noise every stage uses (rounds keep it
-        # quantised so that a resumed run equals an uninterrupted one). ``noise_rows`` decodes rows as needed.
-        self.noise_q = torch.empty(0, channels, r, r, dtype=torch.int8, device=self.device)
         self.class_delta = torch.zeros(num_classes, channels, r, r, device=self.device)
         self._class_sums = torch.zeros_like(self.class_delta)
         self._class_counts = torch.zeros(num_classes, device=self.device)
@@ -148,11 +154,20 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         coordinator logs the load's progress shard by shard)."""
         if self.n_owned != self.x.shape[0]:
             raise RuntimeError("owned shards are loaded before any guest shard")
-        # The shards' rows join the worker's tensors once, after the last shard: growing them shard by shard would
-        # copy them again for every shard and hold two copies at each step.
+        # In memory, the shards' rows join the worker's tensors once, after the last shard: growing them shard by
+        # shard would copy them again for every shard and hold two copies at each step. On disk, each shard's rows
+        # are written as it is decoded (its labels join at the end).
         rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        start = self.x.shape[0]
         for (shard, url), items in zip(shards, read_ahead([u for _, u in shards])):
-            result, x, y = self._decode(shard, url, items, self.x.shape[0] + sum(len(r[1]) for r in rows))
+            result, x, y = self._decode(shard, url, items, start)
+            start += len(y)
+            if self.rows_on_disk is None:
+                self._choose_rows_place(len(y), len(shards))
+            if isinstance(self.x, RowFile):
+                self.x.append(x)
+                self.noise_q.append(torch.zeros(x.shape, dtype=torch.int8))
+                x = None
             rows.append((x, y))
             self.owned.append(shard)
             yield result
@@ -163,18 +178,51 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         """One shard (see ``load_shards``)."""
         return self.load_shards([(shard, url)])[0]
 
-    def _append_rows(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _append_rows(self, rows: list[tuple[torch.Tensor | None, torch.Tensor]]) -> None:
         """Decoded shards' working images and labels after the rows held, with zero noise: uploaded once, through
-        pinned host memory on a GPU (ops.engine.to_device)."""
+        pinned host memory on a GPU (ops.engine.to_device). An image tensor of None: those rows are already in the
+        rows file (their labels are added here)."""
         if not rows:
             return
-        x = to_device(torch.cat([r[0] for r in rows]), self.device)
         y = to_device(torch.cat([r[1] for r in rows]), self.device)
+        self.y = torch.cat([self.y, y]) if self.y.shape[0] else y
+        images = [r[0] for r in rows if r[0] is not None]
+        if not images:
+            return
+        if isinstance(self.x, RowFile):
+            for x in images:
+                self.x.append(x)
+                self.noise_q.append(torch.zeros(x.shape, dtype=torch.int8))
+            return
+        x = to_device(torch.cat(images), self.device)
         held = self.x.shape[0] > 0
         self.x = torch.cat([self.x, x]) if held else x
-        self.y = torch.cat([self.y, y]) if held else y
         zeros = torch.zeros(x.shape, dtype=torch.int8, device=self.device)
         self.noise_q = torch.cat([self.noise_q, zeros]) if held else zeros
+
+    def _choose_rows_place(self, first_shard_rows: int, shards: int) -> None:
+        """--cache auto, at the first shard loaded: the working rows stay on the device while the share (estimated as
+        ``shards`` of the first one's size) fits the cache budget, else they go to a rows file on local disk."""
+        row_bytes = 2 * self.x[0:0].element_size() * self.channels * self.cfg.resolution**2  # image and noise levels
+        estimate = first_shard_rows * shards * row_bytes
+        self.rows_on_disk = estimate > self.cache_budget
+        if self.rows_on_disk:
+            log.info(
+                "worker %d: about %.1f GB of working images and noise, over the --cache budget of %.1f GB: kept in a "
+                "file on local disk",
+                self.index,
+                estimate / 1e9,
+                self.cache_budget / 1e9,
+            )
+            self._rows_to_disk()
+
+    def _rows_to_disk(self) -> None:
+        """From here on the working images and noise levels live in rows files (``pipeline.rows``)."""
+        if self.x.shape[0]:
+            raise RuntimeError("the rows move to disk before any is held")
+        shape = tuple(self.x.shape[1:])
+        self.x = RowFile(shape, torch.uint8, self.device)
+        self.noise_q = RowFile(shape, torch.int8, self.device)
 
     def _decode(self, shard: str, url: str, items, start: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """Decode one shard whose rows will start at ``start``; registers it and returns its result, working images

@@ -48,7 +48,7 @@ class CheckWork:
         if sd.native_is_working:
             return release_uint8(self.x[sl], noise)
         r = self.cfg.resolution
-        out = torch.empty_like(self.x[sl])
+        out = torch.empty(sd.end - sd.start, self.channels, r, r, dtype=torch.uint8, device=self.device)
         # A GPU takes a batch's worth at once; a CPU is fastest a few images at a time (a 128-image chunk of 256-px
         # photos ran at half the per-image speed here: the float intermediates overflow the caches).
         chunk = self.cfg.noise_batch_size if self.device.type == "cuda" else 4

@@ -8,8 +8,9 @@ import os
 import torch
 
 from ops.image import encode_png, release_native, to_working
-from ops.noise import decode_noise
+from ops.noise import decode_noise, encode_noise
 from pipeline.config import ProtectConfig
+from pipeline.rows import RowFile
 from pipeline.storage.shards import RawSample, write_tar
 from pipeline.worker import RoundWorker
 from surrogates.training import predict
@@ -394,7 +395,14 @@ def test_the_stop_check_and_the_release_are_the_same_in_every_cache_mode(tmp_pat
                 worker.export_shard(s, str(out), str(tmp_path / f"work-{fmt}-{cache}"), "0" * 64)
             released = [(x.key, x.members) for s, _ in shards for x in iter_samples(str(out / f"{s}.tar"))]
             seen[cache] = (checked, released, (out / "photos-000001.parquet").read_bytes())
-            assert (checked.to(torch.int32) - worker.x.to(torch.int32)).abs().sum() > 0
+            assert (checked.to(torch.int32) - worker.x[:].to(torch.int32)).abs().sum() > 0
+            # The working images and noise levels: in memory, or in unnamed files on local disk (pipeline.rows); auto's
+            # budget here (100 KB) is under the share's 295 KB of them.
+            on_disk = cache != "memory"
+            assert isinstance(worker.x, RowFile) == on_disk and isinstance(worker.noise_q, RowFile) == on_disk
+            assert torch.equal(worker.noise_q[:], encode_noise(noise, cfg.eps)) and worker.x.shape[0] == len(noise)
+            if on_disk:  # no name: nothing left by a kill
+                assert os.fstat(worker.x.file.fileno()).st_nlink == 0 == os.fstat(worker.noise_q.file.fileno()).st_nlink
             if cache == "disk":  # the raw pixels in the worker's one unnamed temporary file
                 assert worker.disk_cache.bytes == sum(
                     image.color.numel() for s, _ in shards for image in worker.shards[s].natives
