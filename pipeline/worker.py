@@ -3,7 +3,8 @@
 
 This is plain Python: ``pipeline.executor.ray_pool`` wraps it as a Ray actor; ``pipeline.executor.local`` holds one
 in this process. Images are decoded once, at load, to uint8 tensors at the working resolution (plus the native
-pixels where the stop check needs them: ``--cache``); the noise state stays on the worker's device across rounds.
+pixels where the stop check needs them: ``--cache``); the working images and the noise stay on the worker's device
+across rounds, or in files on its local disk (``pipeline.rows``: ``--cache disk`` and ``none``, ``auto`` over budget).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class ShardData:
 
 
 class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
-    """A worker's data (its shards' working images, labels and noise on its device; the natives as ``--cache``
-    says), its surrogate, and its place in the pool. The stages' work on them is in ``pipeline.stages``, one module
+    """A worker's data (its shards' working images and noise on its device or local disk, labels on its device; the
+    natives as ``--cache`` says), its surrogate, and its place in the pool. The stages' work on them is in ``pipeline.stages``, one module
     per stage; Ray calls them as this actor's methods."""
 
     def __init__(self, cfg: dict, num_classes: int, channels: int, index: int = 0, threads: int | None = None):
