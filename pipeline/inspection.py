@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -217,33 +218,52 @@ def _verify_chunk(layout: Layout, shards: list[str], chash: str, bound: int | No
 
 class _MergedCheck:
     """Every row of the merged manifest equals its shard's row, field for field, in the shards' order: ``expect``
-    each shard's rows in turn, then ``finish``. The merged rows are read a batch at a time."""
+    each shard's rows (an Arrow table) in turn, then ``finish``. The merged rows are read a batch at a time and
+    compared a shard's slice at a time as Arrow tables; only a slice that differs is compared row by row, to name
+    the row and its fields."""
 
     def __init__(self, merged: pq.ParquetFile) -> None:
         self.total = merged.metadata.num_rows
-        self.rows = (row for batch in merged.iter_batches(batch_size=65536) for row in batch.to_pylist())
+        self.batches = merged.iter_batches(batch_size=65536)
+        self.pending: pa.Table | None = None  # merged rows read and not yet compared
         self.index = 0  # rows compared
         self.expected = 0
         self.problem: str | None = None
         self.unreadable: str | None = None  # a row group that does not decode (its footer did)
 
-    def expect(self, rows: list[dict]) -> None:
-        self.expected += len(rows)
-        for want in rows:
-            if self.problem is not None or self.index >= self.total:
-                return
-            try:
-                got = next(self.rows)
-            except Exception as exc:  # noqa: BLE001 - a damaged row group: pyarrow raises several kinds
-                self.problem = self.unreadable = f"manifest.parquet unreadable ({type(exc).__name__})"
-                return
-            if got != want:
-                fields = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    def expect(self, rows: pa.Table | None) -> None:
+        n = 0 if rows is None else rows.num_rows
+        self.expected += n
+        if self.problem is not None or n == 0 or self.index >= self.total:
+            return
+        got = self._take(min(n, self.total - self.index))
+        if got is None:
+            return
+        want = rows.slice(0, got.num_rows)
+        if got.schema.names == want.schema.names and got.equals(want):
+            self.index += got.num_rows
+            return
+        for a, b in zip(got.to_pylist(), want.to_pylist()):
+            if a != b:
+                fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 self.problem = (
-                    f"manifest.parquet row {self.index} (key {want.get('key')!r}, shard "
-                    f"{want.get('shard')}) differs from its shard's manifest in: {', '.join(fields)}"
+                    f"manifest.parquet row {self.index} (key {b.get('key')!r}, shard "
+                    f"{b.get('shard')}) differs from its shard's manifest in: {', '.join(fields)}"
                 )
+                return
             self.index += 1
+
+    def _take(self, n: int) -> pa.Table | None:
+        """The next ``n`` merged rows (None, with the problem recorded, when a row group does not decode)."""
+        try:
+            while self.pending is None or self.pending.num_rows < n:
+                batch = pa.Table.from_batches([next(self.batches)])
+                self.pending = batch if self.pending is None else pa.concat_tables([self.pending, batch])
+        except Exception as exc:  # noqa: BLE001 - a damaged row group: pyarrow raises several kinds
+            self.problem = self.unreadable = f"manifest.parquet unreadable ({type(exc).__name__})"
+            return None
+        got, self.pending = self.pending.slice(0, n), self.pending.slice(n)
+        return got
 
     def finish(self) -> list[str]:
         if self.unreadable:
@@ -255,23 +275,24 @@ class _MergedCheck:
 
 def _verify_shard(
     layout: Layout, shard: str, chash: str, bound: int | None, ext: str
-) -> tuple[list[str], list[dict], dict]:
-    """One shard's problems, its manifest's rows once its manifest matches its marker (else none), and its counts
-    once its tar was read (else none)."""
+) -> tuple[list[str], pa.Table | None, dict]:
+    """One shard's problems, its manifest's rows (an Arrow table) once its manifest matches its marker (else None),
+    and its counts once its tar was read (else none)."""
     problems = []
     marker = read_marker(layout.shard_marker(shard)) or {}
     if marker.get("config_hash") != chash:
-        return [f"{shard}: marker missing or from another run"], [], {}
+        return [f"{shard}: marker missing or from another run"], None, {}
     try:
         tar_bytes = fs.read_bytes(layout.shard_tar(shard))
         man_bytes = fs.read_bytes(layout.shard_manifest(shard))
     except FileNotFoundError as exc:
-        return [f"{shard}: {exc}"], [], {}
+        return [f"{shard}: {exc}"], None, {}
     if len(tar_bytes) != marker.get("tar_bytes") or hashlib.sha256(tar_bytes).hexdigest() != marker.get("tar_sha256"):
         problems.append(f"{shard}.tar does not match its marker (size or sha256)")
     if hashlib.sha256(man_bytes).hexdigest() != marker.get("manifest_sha256"):
-        return problems + [f"{shard}.parquet does not match its marker"], [], {}
-    rows = manifest.from_parquet(man_bytes).to_pylist()
+        return problems + [f"{shard}.parquet does not match its marker"], None, {}
+    table = manifest.from_parquet(man_bytes)
+    rows = table.to_pylist()
     protected = {r["key"]: r for r in rows if r["status"] == "protected"}
     # A key may repeat only as a rejected repeat of an earlier sample; otherwise one row per key.
     first_rows = [r["key"] for r in rows if not (r["status"] == "rejected" and r["error"] == REPEATED_KEY_ERROR)]
@@ -291,7 +312,7 @@ def _verify_shard(
                         problems.append(f"{shard}: {key}.{ext} appears twice")
                     images[key] = tar.extractfile(info).read()
     except tarfile.TarError as exc:
-        return problems + [f"{shard}.tar unreadable: {exc}"], rows, {}
+        return problems + [f"{shard}.tar unreadable: {exc}"], table, {}
     if set(images) != set(protected):
         problems.append(
             f"{shard}: tar keys and protected manifest rows differ "
@@ -309,4 +330,4 @@ def _verify_shard(
     for k, v in counts.items():
         if marker.get(k) != v:
             problems.append(f"{shard}: marker says {k}={marker.get(k)}, manifest {v}")
-    return problems, rows, counts
+    return problems, table, counts

@@ -47,7 +47,7 @@ class RowFile:
     def append(self, rows: torch.Tensor) -> None:
         """Rows after the last one (moved to the host)."""
         self._check(rows)
-        os.pwrite(self.file.fileno(), self._bytes(rows), self.rows * self.row_bytes)
+        self._write(self._bytes(rows), self.rows * self.row_bytes)
         self.rows += rows.shape[0]
 
     def __getitem__(self, index) -> torch.Tensor:
@@ -55,14 +55,15 @@ class RowFile:
             start, stop, step = index.indices(self.rows)
             if step != 1:
                 raise IndexError("RowFile reads slices of step 1")
-            out = self._read(start, max(0, stop - start))
+            out = torch.empty(max(0, stop - start), *self.row_shape, dtype=self.dtype)
+            self._read_into(out, start)
         else:
             rows = torch.as_tensor(index, dtype=torch.long).reshape(-1).tolist()
             out = torch.empty(len(rows), *self.row_shape, dtype=self.dtype)
             for i, row in enumerate(rows):
                 if not -self.rows <= row < self.rows:
                     raise IndexError(f"row {row} of {self.rows}")
-                out[i] = self._read(row % self.rows, 1)[0]
+                self._read_into(out[i : i + 1], row % self.rows)
         return to_device(out, self.target)
 
     def __setitem__(self, index: slice, value) -> None:
@@ -79,24 +80,33 @@ class RowFile:
             data = self._bytes(value)
         else:
             data = self._bytes(torch.full((n, *self.row_shape), value, dtype=self.dtype))
-        os.pwrite(self.file.fileno(), data, start * self.row_bytes)
+        self._write(data, start * self.row_bytes)
 
     def close(self) -> None:
         self.file.close()
 
-    def _read(self, start: int, n: int) -> torch.Tensor:
-        size = n * self.row_bytes
-        data = os.pread(self.file.fileno(), size, start * self.row_bytes) if size else b""
-        if len(data) != size:
-            raise RuntimeError(f"the rows file ends at byte {start * self.row_bytes + len(data)}, {size} expected")
-        return torch.frombuffer(bytearray(data), dtype=self.dtype).view(n, *self.row_shape) if n else self._empty()
+    def _read_into(self, out: torch.Tensor, start: int) -> None:
+        """Rows from ``start`` on, straight into ``out`` (contiguous, on the host)."""
+        if not out.numel():
+            return
+        view, offset = memoryview(out.numpy()).cast("B"), start * self.row_bytes
+        while len(view):  # one call reads at most about 2 GB
+            got = os.preadv(self.file.fileno(), [view], offset)
+            if got == 0:
+                raise RuntimeError(f"the rows file ends at byte {offset}, {len(view)} more expected")
+            view, offset = view[got:], offset + got
 
-    def _empty(self) -> torch.Tensor:
-        return torch.empty(0, *self.row_shape, dtype=self.dtype)
+    def _write(self, data: memoryview | bytes, offset: int) -> None:
+        view = memoryview(data)
+        while len(view):  # one call writes at most about 2 GB
+            done = os.pwrite(self.file.fileno(), view, offset)
+            view, offset = view[done:], offset + done
 
     def _check(self, rows: torch.Tensor) -> None:
         if tuple(rows.shape[1:]) != self.row_shape or rows.dtype != self.dtype:
             raise ValueError(f"rows of {tuple(rows.shape[1:])} {rows.dtype}, not {self.row_shape} {self.dtype}")
 
-    def _bytes(self, rows: torch.Tensor) -> bytes:
-        return rows.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    def _bytes(self, rows: torch.Tensor) -> memoryview | bytes:
+        if not rows.numel():
+            return b""
+        return memoryview(rows.detach().to("cpu").contiguous().numpy()).cast("B")

@@ -602,20 +602,26 @@ def test_verify_compares_the_merged_manifest_a_batch_at_a_time():
 
     rows = [manifest.row(f"k{i}", f"s{i // 70_000}", "protected", label=i % 10) for i in range(140_001)]
     data = _merged([manifest.to_parquet(rows[:70_000]), manifest.to_parquet(rows[70_000:])])
-    merged = manifest.from_parquet(data).to_pylist()
+    merged = manifest.from_parquet(data)
     check = _MergedCheck(pq.ParquetFile(io.BytesIO(data)))  # batches of 65,536 rows: the shards cross them
-    check.expect(merged[:70_000])
-    check.expect(merged[70_000:])
+    check.expect(merged.slice(0, 70_000))
+    check.expect(merged.slice(70_000))
     assert check.finish() == []
     check = _MergedCheck(pq.ParquetFile(io.BytesIO(data)))
-    check.expect(merged[:70_000])
-    check.expect([*merged[70_000:100_000], {**merged[100_000], "label": 99}, *merged[100_001:]])
+    check.expect(merged.slice(0, 70_000))
+    changed = merged.slice(70_000).to_pylist()
+    changed[30_000]["label"] = 99
+    check.expect(pa.Table.from_pylist(changed, schema=merged.schema))
     assert check.finish() == [
         ("manifest.parquet row 100000 (key 'k100000', shard s1) differs from its shard's manifest in: label")
     ]
     check = _MergedCheck(pq.ParquetFile(io.BytesIO(data)))
-    check.expect(merged[:-1])
+    check.expect(merged.slice(0, merged.num_rows - 1))
     assert check.finish() == ["manifest.parquet has 140001 rows, the shards 140000"]
+    # A column the shard's rows have and the merged ones lack is a difference too (named), not a mismatch of schemas.
+    check = _MergedCheck(pq.ParquetFile(io.BytesIO(data)))
+    check.expect(merged.append_column("extra", pa.array([1] * merged.num_rows)))
+    assert check.finish() == ["manifest.parquet row 0 (key 'k0', shard s0) differs from its shard's manifest in: extra"]
     # A row group that does not decode behind a footer that does: a problem, not an exception out of verify.
     damaged = bytearray(data)
     for i in range(200, 4000):
