@@ -67,8 +67,8 @@ class ShardData:
 
 class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
     """A worker's data (its shards' working images and noise on its device or local disk, labels on its device; the
-    natives as ``--cache`` says), its surrogate, and its place in the pool. The stages' work on them is in ``pipeline.stages``, one module
-    per stage; Ray calls them as this actor's methods."""
+    natives as ``--cache`` says), its surrogate, and its place in the pool. The stages' work on them is in
+    ``pipeline.stages``, one module per stage; Ray calls them as this actor's methods."""
 
     def __init__(self, cfg: dict, num_classes: int, channels: int, index: int = 0, threads: int | None = None):
         self.cfg = ProtectConfig(**cfg)
