@@ -166,8 +166,7 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
             if self.rows_on_disk is None:
                 self._choose_rows_place(len(y), len(shards))
             if isinstance(self.x, RowFile):
-                self.x.append(x)
-                self.noise_q.append(torch.zeros(x.shape, dtype=torch.int8))
+                self._write_rows(x)
                 x = None
             rows.append((x, y))
             self.owned.append(shard)
@@ -192,8 +191,7 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
             return
         if isinstance(self.x, RowFile):
             for x in images:
-                self.x.append(x)
-                self.noise_q.append(torch.zeros(x.shape, dtype=torch.int8))
+                self._write_rows(x)
             return
         x = to_device(torch.cat(images), self.device)
         held = self.x.shape[0] > 0
@@ -201,10 +199,15 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         zeros = torch.zeros(x.shape, dtype=torch.int8, device=self.device)
         self.noise_q = torch.cat([self.noise_q, zeros]) if held else zeros
 
+    def _write_rows(self, x: torch.Tensor) -> None:
+        """Working images after the rows held in the rows files, with zero noise."""
+        self.x.append(x)
+        self.noise_q.append(torch.zeros(x.shape, dtype=torch.int8))
+
     def _choose_rows_place(self, first_shard_rows: int, shards: int) -> None:
         """--cache auto, at the first shard loaded: the working rows stay on the device while the share (estimated as
         ``shards`` of the first one's size) fits the cache budget, else they go to a rows file on local disk."""
-        row_bytes = 2 * self.x[0:0].element_size() * self.channels * self.cfg.resolution**2  # image and noise levels
+        row_bytes = 2 * self.channels * self.cfg.resolution**2  # a uint8 image and its int8 noise levels
         estimate = first_shard_rows * shards * row_bytes
         self.rows_on_disk = estimate > self.cache_budget
         if self.rows_on_disk:

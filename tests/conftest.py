@@ -203,7 +203,8 @@ def s3_server(tmp_path_factory):
         )
     )
     # Every port is named, gRPC ones too: SeaweedFS's default gRPC port is its HTTP port + 10000, past 65535 for a
-    # port from the top of the ephemeral range (the admin then dials an invalid port and S3 requests stall).
+    # port from the top of the ephemeral range (weed mini then looks for another, and its admin worker keeps dialing
+    # the invalid one).
     names = ("master", "volume", "filer", "s3", "admin")
     every = free_ports(2 * len(names))
     ports, grpc = dict(zip(names, every)), dict(zip(names, every[len(names) :]))

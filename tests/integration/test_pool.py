@@ -157,7 +157,8 @@ def test_classwise_updates_are_summed_over_the_pool(local_ray, mnist_small):
 def test_a_pool_of_two_releases_the_same_bytes_with_every_cache_mode(local_ray, mnist_small, tmp_path):
     """Two workers, working resolution 24 on 28-px digits (so the stop check needs the images at native size): a
     round's training, noise, stop check and export with the natives kept in memory, in the workers' disk files, or
-    decoded from the input again (and with disk and none, the working images and noise in the workers' rows files). The stop check's count and every released byte are the same in the three modes."""
+    decoded from the input again (and with disk and none, the working images and noise in the workers' rows files).
+    The stop check's count and every released byte are the same in the three modes."""
     seen = {}
     for cache in ("memory", "disk", "none"):
         actors, shares, plan = _pool(mnist_small, "samplewise", resolution=24, cache=cache)
