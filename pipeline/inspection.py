@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ops.image import ENCODE_FORMATS, LOSSY_FORMATS
-from pipeline.plan import Plan
-from pipeline.samples import REPEATED_KEY_ERROR
+from pipeline.plan import METADATA_THREADS, Plan
+from pipeline.samples import REPEATED_KEY_ERROR, ordered_map
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import Layout, default_work_dir
 from pipeline.storage.markers import read_marker
@@ -73,7 +73,9 @@ def status(output: str, work_dir: str | None = None) -> dict:
     out.update(_pace(rounds, plan.total_samples if plan else 0, max_rounds))
     out["last_error_on_released_data"] = rounds[-1]["error"] if rounds else None
     out["last_probe"] = rounds[-1].get("probe") if rounds else None
-    exported = [s for s in shards if (read_marker(layout.shard_marker(s)) or {}).get("config_hash") == chash]
+    # One read of each shard's marker, many in flight (on S3 each is a GET): what is exported and what failed.
+    markers = _markers([layout.shard_marker(s) for s in shards])
+    exported = [s for s, m in zip(shards, markers) if m.get("config_hash") == chash]
     if stopped or (max_rounds and len(rounds) >= max_rounds):
         out["stage"] = "export"
         out["shards"] = {"total": len(shards), "done": len(exported), "left": len(shards) - len(exported)}
@@ -81,15 +83,20 @@ def status(output: str, work_dir: str | None = None) -> dict:
         current = len(rounds)
         trained = (read_marker(layout.train_marker(current)) or {}).get("config_hash") == chash
         units = ["_classes"] if run["config"]["mode"] == "classwise" else shards
-        noised = [u for u in units if (read_marker(layout.noise_marker(current, u)) or {}).get("config_hash") == chash]
+        noise_markers = _markers([layout.noise_marker(current, u) for u in units])
+        noised = [u for u, m in zip(units, noise_markers) if m.get("config_hash") == chash]
         out["round"] = current
         out["stage"] = "noise" if trained else "train"
         out["shards"] = {"total": len(units), "done": len(noised), "left": len(units) - len(noised)}
-    failed = [s for s in shards if (read_marker(layout.shard_marker(s)) or {}).get("read_error")]
-    out["shards"]["failed"] = len(failed)
+    out["shards"]["failed"] = sum(1 for m in markers if m.get("read_error"))
     out["state"] = "in progress"
     out["last_run_error"] = (_json(layout.last_error) or {}).get("error")
     return out
+
+
+def _markers(urls: list[str]) -> list[dict]:
+    """The markers at ``urls`` in order ({} where there is none), read on the plan's metadata threads."""
+    return list(ordered_map(lambda u: read_marker(u) or {}, urls, METADATA_THREADS))
 
 
 @dataclass

@@ -657,3 +657,32 @@ def test_verify_on_processes_gives_the_verdict_of_one_process(tmp_path, monkeypa
     assert spawned == here and [s for s, _ in here] == ids
     assert [s for s, (found, _, _) in here if found] == ["s000017"]
     assert here[17][1][0][0] == "s000017.tar does not match its marker (size or sha256)"
+
+
+def test_status_counts_each_stage_from_its_markers(tmp_path):
+    """``status`` of a run in round 1's noise stage (2 of 3 shards done), then in its export stage (1 shard exported,
+    1 released with a read error); markers of another run's config hash count as absent."""
+    from pipeline.inspection import status
+    from pipeline.plan import Plan, ShardPlan
+
+    layout = Layout(str(tmp_path / "out"), str(tmp_path / "out.work"))
+    ids = ["a", "b", "c"]
+    plan = Plan(tuple(ShardPlan(s, f"/in/{s}.tar", 10) for s in ids), 10, 1)
+    fs.write_bytes(layout.plan, plan.to_parquet())
+    config = {"mode": "samplewise", "max_rounds": 5}
+    fs.write_bytes(layout.run_record, json.dumps({"config": config, "config_hash": "h"}).encode())
+    markers.write_marker(layout.round_marker(0), "h", round=0, error=0.5, stop=False, seconds={"noise": 2.0})
+    markers.write_marker(layout.train_marker(1), "h")
+    markers.write_marker(layout.noise_marker(1, "a"), "h")
+    markers.write_marker(layout.noise_marker(1, "b"), "h")
+    markers.write_marker(layout.noise_marker(1, "c"), "another run")
+    info = status(layout.output, layout.work)
+    assert (info["state"], info["rounds_done"], info["round"], info["stage"]) == ("in progress", 1, 1, "noise")
+    assert info["shards"] == {"total": 3, "done": 2, "left": 1, "failed": 0}
+    assert info["last_error_on_released_data"] == 0.5
+
+    markers.write_marker(layout.round_marker(1), "h", round=1, error=0.0, stop=True, seconds={"noise": 2.0})
+    markers.write_marker(layout.shard_marker("b"), "h", read_error=None)
+    markers.write_marker(layout.shard_marker("c"), "h", read_error="c.tar: truncated")
+    info = status(layout.output, layout.work)
+    assert info["stage"] == "export" and info["shards"] == {"total": 3, "done": 2, "left": 1, "failed": 1}
