@@ -13,7 +13,7 @@ import json
 import multiprocessing
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -27,7 +27,7 @@ from pipeline.samples import REPEATED_KEY_ERROR, ordered_map
 from pipeline.storage import fs, manifest
 from pipeline.storage.layout import Layout, default_work_dir
 from pipeline.storage.markers import read_marker
-from pipeline.storage.shards import split_member_name
+from pipeline.storage.shards import plain_tar_members, split_member_name
 
 PARALLEL_FROM = 64  # shards to check before verify is worth starting processes (each imports the pipeline)
 SHARDS_A_TASK = 16  # shards a process checks at a time
@@ -283,6 +283,19 @@ class _MergedCheck:
         return [self.problem] if self.problem else []
 
 
+def _tar_members(tar_bytes: bytes) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, a function that returns its data) of every member of a shard's tar: read directly when the tar is a plain
+    one (``plain_tar_members``), else by ``tarfile`` (which raises ``TarError`` for a damaged one)."""
+    plain = plain_tar_members(tar_bytes)
+    if plain is not None:
+        view = memoryview(tar_bytes)
+        yield from ((name, lambda o=offset, n=size: bytes(view[o : o + n])) for name, offset, size in plain)
+        return
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        for info in tar:
+            yield info.name, lambda i=info: tar.extractfile(i).read()
+
+
 def _verify_shard(
     layout: Layout, shard: str, chash: str, bound: int | None, ext: str
 ) -> tuple[list[str], pa.Table | None, dict]:
@@ -312,15 +325,14 @@ def _verify_shard(
         problems.append(f"{shard}: a manifest row names another shard")
     images: dict[str, bytes] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
-            for info in tar:
-                key, member = split_member_name(info.name)
-                if info.name.startswith("/") or ".." in info.name:
-                    problems.append(f"{shard}: member name {info.name!r} is absolute or holds '..'")
-                if member == ext:
-                    if key in images:
-                        problems.append(f"{shard}: {key}.{ext} appears twice")
-                    images[key] = tar.extractfile(info).read()
+        for name, data in _tar_members(tar_bytes):
+            key, member = split_member_name(name)
+            if name.startswith("/") or ".." in name:
+                problems.append(f"{shard}: member name {name!r} is absolute or holds '..'")
+            if member == ext:
+                if key in images:
+                    problems.append(f"{shard}: {key}.{ext} appears twice")
+                images[key] = data()
     except tarfile.TarError as exc:
         return problems + [f"{shard}.tar unreadable: {exc}"], table, {}
     if set(images) != set(protected):

@@ -176,6 +176,41 @@ class _TailTracker(io.RawIOBase):
         return len(self.tail) == 1024 and not any(self.tail)
 
 
+_POSIX_MAGIC = b"ustar\x0000"  # magic and version of a POSIX (ustar / pax) header, as write_tar's are
+
+
+def plain_tar_members(data: bytes) -> list[tuple[str, int, int]] | None:
+    """(name, offset, size) of every member of the tar ``data``, in order, when it is a plain POSIX tar of regular
+    files with ASCII names (what ``write_tar`` writes): each header's checksum holds, its size is octal, its data is
+    within ``data``, and the archive ends with a zero block, as ``tarfile`` reads the same bytes. None for anything
+    else (a pax or GNU extension header, a link or folder, another format, a damaged or cut header): the caller then
+    reads ``data`` with ``tarfile``, which judges it. About five times faster than ``tarfile``'s iteration, whose
+    header parsing was most of ``verify``'s time."""
+    members, pos, end = [], 0, len(data)
+    while pos + 512 <= end:
+        block = data[pos : pos + 512]
+        if not any(block):
+            return members  # end of archive (tarfile stops at the first zero block too)
+        if block[257:265] != _POSIX_MAGIC or block[156:157] not in (b"0", b"\0") or block[124] & 0x80:
+            return None
+        try:
+            checksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"x", 8)
+            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return None
+        if sum(block[:148]) + 256 + sum(block[156:]) != checksum:
+            return None
+        name, prefix = block[:100].split(b"\0", 1)[0], block[345:500].split(b"\0", 1)[0]
+        if not name.isascii() or not prefix.isascii() or name.endswith(b"/"):
+            return None
+        full = (prefix + b"/" + name if prefix else name).decode("ascii")
+        if pos + 512 + size > end:
+            return None
+        members.append((full, pos + 512, size))
+        pos += 512 + (size + 511) // 512 * 512
+    return None  # no end-of-archive block
+
+
 def write_tar(samples: list[RawSample]) -> bytes:
     """A tar of the given samples, members sorted within each sample, with fixed metadata: reproducible bytes."""
     buf = io.BytesIO()

@@ -244,6 +244,48 @@ def test_write_tar_members_are_key_dot_ext_with_fixed_metadata():
         assert tar.extractfile("s0000.png").read() == _samples(1)[0].members["png"]
 
 
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(i.name, tar.extractfile(i).read()) for i in tar]
+
+
+def plain_first(data: bytes) -> list[tuple[str, bytes]]:
+    name, offset, size = shards.plain_tar_members(data)[0]
+    return [(name, data[offset : offset + size])]
+
+
+def test_plain_tar_members_read_what_tarfile_reads_and_leave_the_rest_to_it():
+    from pipeline.inspection import _tar_members
+
+    data = write_tar(_samples(3) + [RawSample("folder/key", {"png": b"x" * 700, "cls": b"3"})])
+    plain = shards.plain_tar_members(data)
+    assert [(n, data[o : o + size]) for n, o, size in plain] == _tarfile_members(data)
+    assert [(n, read()) for n, read in _tar_members(data)] == _tarfile_members(data)
+    # A ustar writer splits a name over 100 characters into the header's prefix and name fields.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("folder-" + "f" * 60 + "/" + "k" * 80 + ".png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    split = buf.getvalue()
+    assert [(n, split[o : o + size]) for n, o, size in shards.plain_tar_members(split)] == _tarfile_members(split)
+    # write_tar gives a longer name a pax header: tarfile reads that one, with the same result.
+    long_name = write_tar([RawSample("k" * 300, {"png": b"y"})])
+    assert shards.plain_tar_members(long_name) is None
+    assert [(n, read()) for n, read in _tar_members(long_name)] == [("k" * 300 + ".png", b"y")]
+    # A header whose checksum fails, a member cut short, no end-of-archive block: left to tarfile.
+    bad = bytearray(data)
+    bad[512 * 2 + 5] ^= 1  # the second member's header (the first member's data is one block)
+    assert shards.plain_tar_members(bytes(bad)) is None
+    # (tarfile takes a bad header after the first for the end of the archive: verify then finds members missing.)
+    assert [(n, read()) for n, read in _tar_members(bytes(bad))] == _tarfile_members(bytes(bad)) == plain_first(data)
+    assert shards.plain_tar_members(data[: 512 + 100]) is None
+    end = len(data) - 1024
+    while not any(data[end - 512 : end]):
+        end -= 512
+    assert shards.plain_tar_members(data[:end]) is None and shards.plain_tar_members(data[: end + 512]) is not None
+
+
 def test_write_tar_is_readable_by_webdataset(tmp_path):
     import webdataset as wds
 
