@@ -11,7 +11,7 @@ import os
 import queue
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from webdataset import TarWriter
@@ -60,24 +60,18 @@ def iter_samples(url: str) -> Iterator[RawSample | ShardReadError]:
     try:
         with fs.open_read(url) as raw_file:
             raw = _TailTracker(raw_file)
-            with tarfile.open(fileobj=raw, mode="r|*") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    key, ext = split_member_name(info.name)
-                    # A new key closes the previous sample before this member's data is read, so a cut inside this
-                    # member marks only this sample as truncated.
-                    if current is not None and key != current.key:
-                        yield current
-                        current = None
-                    if current is None:
-                        current = RawSample(key)
-                    f = tar.extractfile(info)
-                    data = f.read() if f is not None else b""
-                    if f is not None and len(data) != info.size:
-                        raise tarfile.ReadError(f"member {info.name} cut off after {len(data)} of {info.size} bytes")
-                    # A member repeated within one sample: keep the first, as the tar's order says.
-                    current.members.setdefault(ext, data)
+            for name, read in _regular_files(raw):
+                key, ext = split_member_name(name)
+                # A new key closes the previous sample before this member's data is read, so a cut inside this
+                # member marks only this sample as truncated.
+                if current is not None and key != current.key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = RawSample(key)
+                data = read()
+                # A member repeated within one sample: keep the first, as the tar's order says.
+                current.members.setdefault(ext, data)
             raw.drain()
             if raw.plain_tar and not raw.ends_with_zero_blocks():
                 # Stream-mode tarfile takes end-of-data at a header boundary for a normal end; a real tar ends
@@ -93,6 +87,114 @@ def iter_samples(url: str) -> Iterator[RawSample | ShardReadError]:
         return
     if current is not None:
         yield current
+
+
+def _regular_files(raw) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, a function that reads its data) of each regular file of the tar stream ``raw``, in order, as
+    ``tarfile.open(fileobj=raw, mode="r|*")`` gives them (the data raises ``tarfile.ReadError`` when cut off). Plain
+    POSIX headers of regular files with ASCII names (``write_tar``'s) are read here, about five times faster; from
+    the first other header on (a pax or GNU extension, a folder or link, another format, a compressed stream),
+    ``tarfile`` reads the stream from that header, as it would have. Where ``tarfile`` takes a block for the end of
+    the archive (a zero block, a short one, a header that does not check out after the first), so does this."""
+    first, left = (
+        True,
+        [0],
+    )  # left[0]: bytes of the last member (its data if unread, its padding) before the next header
+    while True:
+        if left[0] and len(_read_exact(raw, left[0])) != left[0]:
+            raise tarfile.ReadError("unexpected end of data")  # as tarfile: the last member's blocks are cut short
+        block = _read_exact(raw, 512)
+        if len(block) < 512 or not any(block):
+            if first:
+                break  # an empty or short stream, or an empty archive: tarfile says what it is
+            return
+        parsed = _plain_header(block)
+        if parsed is None:
+            if not first and not _header_checks_out(block):
+                return  # tarfile ends the archive at a bad header after the first
+            break
+        first = False
+        name, size = parsed
+        left[0] = size + -size % 512
+
+        def read(size=size) -> bytes:
+            data = _read_exact(raw, size)
+            left[0] -= len(data)
+            if len(data) != size:
+                raise tarfile.ReadError("unexpected end of data")  # tarfile's words for a member cut short
+            return data
+
+        yield name, read
+    # From this header on, tarfile reads the stream: the block it starts with, then the rest.
+    with tarfile.open(fileobj=_Replay(block, raw), mode="r|*") as tar:
+        for info in tar:
+            if info.isfile():
+                yield info.name, lambda info=info: _member_data(tar, info)
+
+
+def _member_data(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(info)
+    data = f.read() if f is not None else b""
+    if f is not None and len(data) != info.size:
+        raise tarfile.ReadError(f"member {info.name} cut off after {len(data)} of {info.size} bytes")
+    return data
+
+
+def _plain_header(block: bytes) -> tuple[str, int] | None:
+    """(name, size) of a plain POSIX header of a regular file with an ASCII name whose checksum holds, else None."""
+    if block[257:265] != _POSIX_MAGIC or block[156:157] not in (b"0", b"\0") or block[124] & 0x80:
+        return None
+    try:
+        checksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if sum(block[:148]) + 256 + sum(block[156:]) != checksum:
+        return None
+    name, prefix = block[:100].split(b"\0", 1)[0], block[345:500].split(b"\0", 1)[0]
+    if not name.isascii() or not prefix.isascii() or name.endswith(b"/"):
+        return None
+    return (prefix + b"/" + name if prefix else name).decode("ascii"), size
+
+
+def _header_checks_out(block: bytes) -> bool:
+    """Whether tarfile would parse ``block`` as a header (its checksum, signed or unsigned, holds)."""
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def _read_exact(f, n: int) -> bytes:
+    """``n`` bytes of ``f``, fewer only at its end."""
+    parts, left = [], n
+    while left > 0:
+        data = f.read(left)
+        if not data:
+            break
+        parts.append(data)
+        left -= len(data)
+    return b"".join(parts)
+
+
+class _Replay(io.RawIOBase):
+    """``first``, then the rest of the stream ``f``: a block already read, handed back to tarfile."""
+
+    def __init__(self, first: bytes, f) -> None:
+        self.first, self.f = first, f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.first:
+            n = min(len(b), len(self.first))
+            b[:n], self.first = self.first[:n], self.first[n:]
+            return n
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
 
 
 _END = object()

@@ -318,6 +318,74 @@ def test_iter_samples_handles_keys_with_folders_and_multi_dot_extensions(tmp_pat
     assert sorted(got[0].members) == ["cls", "png", "seg.png"]
 
 
+def _members_by_tarfile(data: bytes) -> list:
+    """What tarfile's stream reader makes of ``data``: each regular file's (name, bytes), or the error it raises."""
+    out: list = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
+            for info in tar:
+                if info.isfile():
+                    out.append((info.name, tar.extractfile(info).read()))
+    except (tarfile.TarError, EOFError) as exc:
+        return [*out, f"error {type(exc).__name__}: {exc}"]
+    return out
+
+
+def _members_read_here(data: bytes) -> list:
+    out: list = []
+    try:
+        for name, read in shards._regular_files(io.BytesIO(data)):
+            out.append((name, read()))
+    except (tarfile.TarError, EOFError) as exc:
+        return [*out, f"error {type(exc).__name__}: {exc}"]
+    return out
+
+
+def test_shards_stream_as_tarfile_streams_them_whole_cut_damaged_or_in_other_formats():
+    """iter_samples reads plain POSIX headers itself and hands anything else to tarfile: member for member and
+    error for error, the same as tarfile's stream reader on every kind of tar, cut at every block."""
+    import gzip
+
+    plain = write_tar(_samples(3))
+    pax_inside = write_tar([*_samples(2), RawSample("k" * 300, {"png": b"y" * 600}), *_samples(1)])
+    other = {}
+    for fmt in (tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            folder = tarfile.TarInfo("d")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            info = tarfile.TarInfo("d/0001.png")
+            info.size = 700
+            tar.addfile(info, io.BytesIO(b"p" * 700))
+        other[fmt] = buf.getvalue()
+    damaged = bytearray(plain)
+    damaged[512 * 2 + 5] ^= 1  # the second header's checksum fails: tarfile ends the archive there
+    cases = {
+        "plain": plain,
+        "pax inside": pax_inside,
+        "gnu": other[tarfile.GNU_FORMAT],
+        "ustar with a folder": other[tarfile.USTAR_FORMAT],
+        "gzip": gzip.compress(plain, mtime=0),
+        "damaged": bytes(damaged),
+        "empty": b"",
+        "zero blocks only": bytes(1024),
+        "not a tar": b"x" * 600,
+    }
+    for cut in range(0, len(plain), 256):
+        cases[f"plain cut at {cut}"] = plain[:cut]
+    for cut in range(0, len(pax_inside), 512):
+        cases[f"pax inside cut at {cut}"] = pax_inside[:cut]
+    for name, data in cases.items():
+        assert _members_read_here(data) == _members_by_tarfile(data), name
+    assert [n for n, _ in _members_read_here(pax_inside)][-4:] == [
+        "k" * 300 + ".png",
+        "s0000.cls",
+        "s0000.json",
+        "s0000.png",
+    ]
+
+
 def test_split_member_name():
     assert split_member_name("a/b/0001.seg.png") == ("a/b/0001", "seg.png")
     assert split_member_name("0001.png") == ("0001", "png")
