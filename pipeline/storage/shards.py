@@ -293,23 +293,11 @@ def plain_tar_members(data: bytes) -> list[tuple[str, int, int]] | None:
         block = data[pos : pos + 512]
         if not any(block):
             return members  # end of archive (tarfile stops at the first zero block too)
-        if block[257:265] != _POSIX_MAGIC or block[156:157] not in (b"0", b"\0") or block[124] & 0x80:
+        parsed = _plain_header(block)
+        if parsed is None or pos + 512 + parsed[1] > end:
             return None
-        try:
-            checksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"x", 8)
-            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            return None
-        if sum(block[:148]) + 256 + sum(block[156:]) != checksum:
-            return None
-        name, prefix = block[:100].split(b"\0", 1)[0], block[345:500].split(b"\0", 1)[0]
-        if not name.isascii() or not prefix.isascii() or name.endswith(b"/"):
-            return None
-        full = (prefix + b"/" + name if prefix else name).decode("ascii")
-        if pos + 512 + size > end:
-            return None
-        members.append((full, pos + 512, size))
-        pos += 512 + (size + 511) // 512 * 512
+        members.append((parsed[0], pos + 512, parsed[1]))
+        pos += 512 + (parsed[1] + 511) // 512 * 512
     return None  # no end-of-archive block
 
 
