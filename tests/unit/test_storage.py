@@ -249,7 +249,7 @@ def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
         return [(i.name, tar.extractfile(i).read()) for i in tar]
 
 
-def plain_first(data: bytes) -> list[tuple[str, bytes]]:
+def _plain_first(data: bytes) -> list[tuple[str, bytes]]:
     name, offset, size = shards.plain_tar_members(data)[0]
     return [(name, data[offset : offset + size])]
 
@@ -278,7 +278,7 @@ def test_plain_tar_members_read_what_tarfile_reads_and_leave_the_rest_to_it():
     bad[512 * 2 + 5] ^= 1  # the second member's header (the first member's data is one block)
     assert shards.plain_tar_members(bytes(bad)) is None
     # (tarfile takes a bad header after the first for the end of the archive: verify then finds members missing.)
-    assert [(n, read()) for n, read in _tar_members(bytes(bad))] == _tarfile_members(bytes(bad)) == plain_first(data)
+    assert [(n, read()) for n, read in _tar_members(bytes(bad))] == _tarfile_members(bytes(bad)) == _plain_first(data)
     assert shards.plain_tar_members(data[: 512 + 100]) is None
     end = len(data) - 1024
     while not any(data[end - 512 : end]):
