@@ -73,7 +73,7 @@ def status(output: str, work_dir: str | None = None) -> dict:
     out.update(_pace(rounds, plan.total_samples if plan else 0, max_rounds))
     out["last_error_on_released_data"] = rounds[-1]["error"] if rounds else None
     out["last_probe"] = rounds[-1].get("probe") if rounds else None
-    # One read of each shard's marker, many in flight (on S3 each is a GET): what is exported and what failed.
+    # One read of each shard's marker (``_markers``): what is exported and what failed.
     markers = _markers([layout.shard_marker(s) for s in shards])
     exported = [s for s, m in zip(shards, markers) if m.get("config_hash") == chash]
     if stopped or (max_rounds and len(rounds) >= max_rounds):

@@ -101,9 +101,9 @@ def _regular_files(raw) -> Iterator[tuple[str, Callable[[], bytes]]]:
     Where ``tarfile`` takes a block for the end of the archive (a zero block, a short one, a header that does not
     check out after the first), so does this."""
     first = True
-    left = [0]  # bytes of the last member (its data if unread, its padding) before the next header
+    left = 0  # bytes of the last member (its data if unread, its padding) before the next header
     while True:
-        if left[0] and len(_read_exact(raw, left[0])) != left[0]:
+        if left and len(_read_exact(raw, left)) != left:
             raise tarfile.ReadError("unexpected end of data")  # as tarfile: the last member's blocks are cut short
         block = _read_exact(raw, 512)
         if len(block) < 512 or not any(block):
@@ -117,11 +117,12 @@ def _regular_files(raw) -> Iterator[tuple[str, Callable[[], bytes]]]:
             break
         first = False
         name, size = parsed
-        left[0] = size + -size % 512
+        left = size + -size % 512
 
         def read(size=size) -> bytes:
+            nonlocal left
             data = _read_exact(raw, size)
-            left[0] -= len(data)
+            left -= len(data)
             if len(data) != size:
                 raise tarfile.ReadError("unexpected end of data")  # tarfile's words for a member cut short
             return data
