@@ -61,7 +61,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="channels_last memory format (default: on a GPU only)",
+        help="channels_last memory format (default: on)",
     )
     p.add_argument(
         "--baseline",

@@ -47,7 +47,7 @@ class TrainWork:
             local = rows[torch.randperm(total, generator=self.generator)[:batch]]
             idx = local[local >= 0].to(self.device)
             xb = (self.x[idx].to(torch.float32) / 255.0 + self.noise_rows(idx)).clamp_(0.0, 1.0)
-            # In the engine's precision and memory format (bf16 autocast, channels_last on a GPU; fp32 on a CPU).
+            # In the engine's precision and memory format (channels_last; bf16 autocast on a GPU, fp32 on a CPU).
             loss_sum += train_step(
                 self.model,
                 self.optimizer,

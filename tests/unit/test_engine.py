@@ -78,10 +78,13 @@ def test_bf16_autocast_noise_is_as_strong_as_fp32_and_within_bounds(fitted, chan
     assert delta.dtype == torch.float32
 
 
-def test_auto_precision_is_fp32_on_cpu(fitted):
-    engine = NoiseEngine(_model(fitted[0]), **PGD)
+def test_cpu_defaults_are_fp32_eager_channels_last(fitted):
+    model = _model(fitted[0])
+    engine = NoiseEngine(model, **PGD)
     assert engine.describe()["device"] == "cpu"
-    assert (engine.precision, engine.channels_last, engine.compiled) == ("fp32", False, False)
+    assert (engine.precision, engine.channels_last, engine.compiled) == ("fp32", True, False)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_compile_failing_at_first_call_falls_back_to_eager_and_says_why_once(fitted, monkeypatch, caplog):

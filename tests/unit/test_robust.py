@@ -257,7 +257,9 @@ def test_engine_without_robust_is_still_pgd_minimize_bit_for_bit(fitted):
 def test_engine_with_robust_runs_robust_minimize_seeded_and_within_bounds(fitted):
     state, x, y = fitted
     pgd = {"eps": EPS, "step_size": EPS / 5, "steps": 3}
-    engine = NoiseEngine(_model(state), precision="fp32", compile=False, robust=SPEC, seed=7, **pgd)
+    engine = NoiseEngine(
+        _model(state), precision="fp32", channels_last=False, compile=False, robust=SPEC, seed=7, **pgd
+    )
     assert engine.describe()["robust"]["rho"] == SPEC.rho
     first = engine.minimize(x, y, torch.zeros_like(x))
     model = _model(state)
