@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline.labels import LabelCensus, LabelSource, LabelsRefused
 from pipeline.progress import eta
 from pipeline.samples import find_image_member, ordered_map, screen, second_image_member
-from pipeline.storage import fs
+from pipeline.storage import fs, manifest
 from pipeline.storage.markers import read_record
 from pipeline.storage.shards import RawSample, ShardReadError, iter_samples, shard_id
 
@@ -88,7 +88,7 @@ class Plan:
 
     @classmethod
     def from_parquet(cls, data: bytes) -> Plan:
-        table = pq.read_table(io.BytesIO(data))
+        table = manifest.from_parquet(data)
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         rows = table.to_pylist()
         shards = tuple(ShardPlan(r["shard"], r["url"], r["samples"]) for r in rows)
