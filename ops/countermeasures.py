@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ops.choices import parse_fraction
 from ops.image import to_gray
-from ops.noise import parse_fraction, project
+from ops.noise import project
 
 # Adversarial training: Madry et al.'s L-inf PGD with a random start, a few steps of eps/4 (enough to reach any
 # corner of the ball from the start), the usual cheap setting for the victim's inner maximisation.

@@ -27,28 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops.choices import COMPILE_CHOICES, PRECISIONS
 from ops.noise import project
 from ops.robust import RobustSpec, robust_minimize
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp32", "bf16")
-# How the surrogate is compiled: auto = torch.compile's default mode on a CUDA GPU, eager elsewhere; off = eager;
-# the others are torch.compile modes (reduce-overhead adds CUDA graphs).
-COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
-
-# A sample counts as converged when the surrogate gives its released image the right class with probability >= 0.99
-# (cross-entropy below -ln 0.99 ~= 0.01): a long way from the decision boundary that the error stop rule counts at
-# (p < 0.5 at best), so another round of steps would only push an already near-zero loss lower. The sample is
-# checked again every round, so one the retrained surrogate has drifted away from gets its steps back.
-CONVERGED_LOSS = -math.log(0.99)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, PngImagePlugin
 
+from ops.choices import DEFAULT_ENCODE_QUALITY, DEFAULT_MAX_PIXELS, ENCODE_FORMATS, LOSSY_FORMATS
 from ops.noise import release_uint8
-
-DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class ImageRejected(ValueError):
@@ -198,10 +197,6 @@ def release_native_batch(colors: torch.Tensor, deltas: torch.Tensor) -> torch.Te
     return release_uint8(colors, noise)
 
 
-# The release's encodings: --encode-format -> the member extension the release gives the protected image.
-ENCODE_FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-LOSSY_FORMATS = ("jpeg", "webp")
-DEFAULT_ENCODE_QUALITY = 90
 # What each lossy format can hold: JPEG has no alpha; both cap the side length.
 MAX_SIDE = {"jpeg": 65_535, "webp": 16_383}
 

@@ -7,23 +7,11 @@ per-sample Python loop and no host round trip (the reference implementation's sl
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import torch
 import torch.nn.functional as F
 
 # Noise state is stored as int8 in units of eps/NOISE_LEVELS, so |q| <= NOISE_LEVELS keeps |delta| <= eps exactly.
 NOISE_LEVELS = 127
-
-
-def parse_fraction(text: str | float) -> float:
-    """Parse ``8/255`` or ``0.0313`` into a float; raises ValueError with the offending text."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    try:
-        return float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError) as exc:
-        raise ValueError(f"not a number or fraction: {text!r}") from exc
 
 
 def project(delta: torch.Tensor, x: torch.Tensor | None, eps: float) -> torch.Tensor:

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops.choices import robust_choice
 from ops.countermeasures import blur, cutout, pgd_perturbation, quantize_levels
 from ops.image import to_gray
 from ops.noise import project
 
-ROBUST_CHOICES = ("off", "on")
 # REM's CIFAR-10 setting defends against adversarial training at 4/255 with eps = 8/255; 4/255 is also the battery's
 # default adversary (``at:4/255``). The inner radius must stay below eps (an adversary with the noise's own budget
 # can cancel it outright), so a smaller eps gets rho = eps / 2, REM's ratio.
@@ -90,10 +90,7 @@ class RobustSpec:
 def robust_spec(cfg_value: str, eps: float) -> RobustSpec | None:
     """``--robust``'s value to the recipe: None for ``off`` (the paper's min-min noise), the defaults for ``on`` with
     rho = min(4/255, eps / 2). Raises ValueError (one line) for anything else."""
-    value = str(cfg_value).strip().lower()
-    if value not in ROBUST_CHOICES:
-        raise ValueError(f"--robust must be one of {', '.join(ROBUST_CHOICES)}, not {cfg_value!r}")
-    if value == "off":
+    if robust_choice(cfg_value) == "off":
         return None
     return RobustSpec(rho=min(DEFAULT_RHO, eps / 2))
 

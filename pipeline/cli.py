@@ -12,18 +12,17 @@ import logging
 import os
 import sys
 
-from ops.engine import COMPILE_CHOICES, CONVERGED_LOSS, PRECISIONS
-from ops.image import DEFAULT_ENCODE_QUALITY, ENCODE_FORMATS
-from ops.robust import ROBUST_CHOICES
-from pipeline.config import (
-    CACHE_CHOICES,
-    PROBE_MARGIN,
-    ProtectConfig,
+from ops.choices import (
+    COMPILE_CHOICES,
+    CONVERGED_LOSS,
+    DEFAULT_ENCODE_QUALITY,
+    ENCODE_FORMATS,
+    PRECISIONS,
+    ROBUST_CHOICES,
 )
-from pipeline.coordinator import EXIT_BAD_ARGS, EXIT_INCOMPLETE, ConfigRefused
+from pipeline.config import CACHE_CHOICES, PROBE_MARGIN, ProtectConfig
+from pipeline.exits import EXIT_BAD_ARGS, EXIT_INCOMPLETE, EXIT_VERIFY_FAILED
 from pipeline.lease import LeaseHeld
-
-EXIT_VERIFY_FAILED = 1  # verify: the release does not hold what it claims (its problems are printed)
 
 log = logging.getLogger("unlearnable")
 
@@ -246,7 +245,9 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
     return ProtectConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. Given the ``command`` about to run, the ``evaluate`` and ``bench`` parsers get their arguments
+    only when it is theirs: their modules import torch, which ``status``, ``verify`` and ``make-shards`` never need."""
     parser = argparse.ArgumentParser(prog="unlearnable", description=__doc__, formatter_class=_Formatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,9 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a victim from scratch on shards and score it on clean test shards",
         formatter_class=_Formatter,
     )
-    from pipeline.evaluate import add_evaluate_args
+    if command in (None, "evaluate"):
+        from pipeline.evaluate import add_evaluate_args
 
-    add_evaluate_args(p)
+        add_evaluate_args(p)
 
     p = sub.add_parser(
         "demo",
@@ -322,9 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="time the noise step (engine against the paper-style fp32 baseline) and a whole round in-process",
         formatter_class=_Formatter,
     )
-    from tools.bench import add_bench_args
+    if command in (None, "bench"):
+        from tools.bench import add_bench_args
 
-    add_bench_args(p)
+        add_bench_args(p)
 
     p = sub.add_parser(
         "status", help="rounds, stages, shards done/failed/left, last error, complete?", formatter_class=_Formatter
@@ -416,14 +419,19 @@ def _one_line(exc: BaseException) -> str:
     cause = _cause(exc)
     lines = str(cause).strip().splitlines()
     text = lines[0] if lines else ""
-    if not isinstance(cause, (ConfigRefused, LeaseHeld, ValueError)):
+    if not isinstance(cause, (LeaseHeld, ValueError)):  # ConfigRefused is a ValueError
         text = f"{type(cause).__name__}: {text}" if text else type(cause).__name__
     return redact(text)
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command in ``argv``: its first word that is not an option (the only top-level option takes no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -535,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             written = make_shards(args.src, args.out, args.per_shard, labels=args.labels)
             print(json.dumps(written, indent=2))
             return 0
-    except (ConfigRefused, ValueError) as exc:
+    except ValueError as exc:  # ConfigRefused among them
         print(f"unlearnable: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_ARGS
     except LeaseHeld as exc:

@@ -6,10 +6,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
-from ops.engine import COMPILE_CHOICES, PRECISIONS
-from ops.image import DEFAULT_ENCODE_QUALITY, DEFAULT_MAX_PIXELS, ENCODE_FORMATS, LOSSY_FORMATS
-from ops.noise import parse_fraction
-from ops.robust import robust_spec
+from ops.choices import (
+    COMPILE_CHOICES,
+    DEFAULT_ENCODE_QUALITY,
+    DEFAULT_MAX_PIXELS,
+    ENCODE_FORMATS,
+    LOSSY_FORMATS,
+    PRECISIONS,
+    parse_fraction,
+    robust_choice,
+)
 
 # Chosen from measurements on MNIST-5k (README, "Defaults"): a weak surrogate makes a strong shortcut.
 DEFAULT_SURROGATE = "small-cnn"
@@ -30,7 +36,7 @@ PROBE_MARGIN = 0.25
 # countermeasures that broke plain min-min noise on the demo's release (mixup 60%, adversarial training at 4/255 96%
 # against 17.5% plain), each also early-stopped on a clean validation half. "none": the plain probe only.
 DEFAULT_PROBE_COUNTERMEASURES = "mixup,at:4/255"
-# Skip the PGD steps of samples the surrogate already fits on their released image (ops.engine.CONVERGED_LOSS).
+# Skip the PGD steps of samples the surrogate already fits on their released image (ops.choices.CONVERGED_LOSS).
 # Measured on the MNIST demo with and without it (docs/benchmarks.md, "Skipping converged samples").
 SKIP_CONVERGED_DEFAULT = False
 
@@ -131,7 +137,7 @@ class ProtectConfig:
     # The release's image encoding. JPEG and WebP are lossy: the stop check, the probe and the manifest's linf then
     # measure the decoded bytes, as a victim gets them (ops.image.encoded_roundtrip).
     encode_format: str = "png"
-    encode_quality: int | None = None  # jpeg and webp only; default ops.image.DEFAULT_ENCODE_QUALITY
+    encode_quality: int | None = None  # jpeg and webp only; default ops.choices.DEFAULT_ENCODE_QUALITY
     keep_work: bool = False
     overwrite: bool = False
     # Where the stop check finds the photos at native size (not hashed: the release is the same in every mode):
@@ -153,8 +159,7 @@ class ProtectConfig:
         self.step_size = self.eps / 10 if self.step_size is None else parse_fraction(self.step_size)
         if not 0 < self.step_size <= self.eps:
             raise ValueError(f"--step-size must be in (0, eps], got {self.step_size}")
-        robust_spec(self.robust, self.eps)  # raises ValueError for a value other than off / on
-        self.robust = str(self.robust).strip().lower()
+        self.robust = robust_choice(self.robust)  # raises ValueError for a value other than off / on
         self.encode_format = str(self.encode_format).strip().lower()
         if self.encode_format not in ENCODE_FORMATS:
             raise ValueError(f"--encode-format must be one of {', '.join(ENCODE_FORMATS)}, not {self.encode_format!r}")

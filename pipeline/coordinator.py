@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline import clusters, faults
 from pipeline.config import ProtectConfig, config_hash, differing_fields
 from pipeline.executor import ray_pool
+from pipeline.exits import EXIT_OK, EXIT_UNPROTECTED
 from pipeline.inspection import verify
 from pipeline.lease import Lease
 from pipeline.plan import Plan, ShardReader, build_plan, expand_inputs, read_here
@@ -39,7 +40,6 @@ from pipeline.storage.shards import shard_id
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_BAD_ARGS, EXIT_INCOMPLETE, EXIT_UNPROTECTED = 0, 2, 3, 4
 KEEP_ROUNDS = 2  # noise state and checkpoints of the last two rounds are kept; older ones are deleted
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ops.image import ENCODE_FORMATS, LOSSY_FORMATS
+from ops.choices import ENCODE_FORMATS, LOSSY_FORMATS
 from pipeline.plan import METADATA_THREADS, Plan
 from pipeline.samples import REPEATED_KEY_ERROR, ordered_map
 from pipeline.storage import fs, manifest

@@ -13,13 +13,16 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
-from ops.image import DecodedImage, ImageRejected, decode_image, unencodable
 from pipeline.labels import LabelSource, label_id, parse_label  # noqa: F401 - parse_label: the rules' old home
 from pipeline.storage.shards import RawSample, ShardReadError
+
+if TYPE_CHECKING:  # ops.image imports torch: decode_sample imports it when it first decodes (status, verify and the
+    # plan's screening use this module without torch)
+    from ops.image import DecodedImage
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # The manifest error of a repeated key; ``verify`` recognises these rows by it.
@@ -143,6 +146,8 @@ def screen(sample: RawSample, seen_keys: set[str]) -> Rejected | None:
 
 def decode_sample(sample: RawSample, rules: SampleRules) -> Accepted | Rejected:
     """The part of ``prepare`` that depends on this sample alone (any thread may run it)."""
+    from ops.image import ImageRejected, decode_image, unencodable
+
     member = find_image_member(sample.members, rules.image_key)
     if member is None:
         wanted = f"'.{rules.image_key}'" if rules.image_key else "png|jpg|jpeg|webp"
@@ -238,7 +243,3 @@ def released_members(sample: RawSample, encoded: bytes, image_member: str, ext: 
     out = {name: data for name, data in sample.members.items() if not is_image_member(name) and name != image_member}
     out[ext] = encoded
     return out
-
-
-def working_batch(images: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)

@@ -31,7 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ops.engine import PRECISIONS, NoiseEngine, reference_noise_pass, to_device
+from ops.choices import PRECISIONS
+from ops.engine import NoiseEngine, reference_noise_pass, to_device
 from ops.noise import project
 
 log = logging.getLogger(__name__)

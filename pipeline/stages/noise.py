@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ops.engine import CONVERGED_LOSS
+from ops.choices import CONVERGED_LOSS
 from ops.noise import apply_classwise_update, decode_noise, encode_noise
 from pipeline import faults
 from pipeline.progress import eta
@@ -29,7 +29,7 @@ class NoiseWork:
         """Update the noise of one shard's samples (sample-wise), or add its class updates to the sums (class-wise).
 
         Sample-wise with ``skip_converged``, samples whose surrogate loss on their released image is already below
-        ``ops.engine.CONVERGED_LOSS`` keep their noise this round; ``image_steps`` counts the steps actually done.
+        ``ops.choices.CONVERGED_LOSS`` keep their noise this round; ``image_steps`` counts the steps actually done.
         ``round_`` only names the unit for logs and fault hooks."""
         faults.at_unit("worker", "noise", round_, shard)
         t0 = time.perf_counter()

@@ -14,8 +14,6 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from webdataset import TarWriter
-
 from pipeline.storage import fs
 
 # Fixed tar metadata so that the same samples always give the same bytes (resume must be byte-identical).
@@ -303,6 +301,8 @@ def plain_tar_members(data: bytes) -> list[tuple[str, int, int]] | None:
 
 def write_tar(samples: list[RawSample]) -> bytes:
     """A tar of the given samples, members sorted within each sample, with fixed metadata: reproducible bytes."""
+    from webdataset import TarWriter  # webdataset imports torch: status and verify read shards without it
+
     buf = io.BytesIO()
     writer = TarWriter(buf, encoder=False, mtime=TAR_MTIME, user="unlearnable", group="unlearnable")
     for sample in samples:

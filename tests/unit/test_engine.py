@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops.engine import CONVERGED_LOSS, NoiseEngine, compile_args, reference_noise_pass
+from ops.choices import CONVERGED_LOSS
+from ops.engine import NoiseEngine, compile_args, reference_noise_pass
 from ops.noise import classwise_update_sums, pgd_minimize
 from pipeline.config import HASH_FIELDS, ProtectConfig
 from surrogates import build

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import surrogates
+from ops.choices import parse_fraction
 from ops.metrics import l2, linf, psnr
 from ops.noise import (
     NOISE_LEVELS,
@@ -16,7 +17,6 @@ from ops.noise import (
     classwise_update_sums,
     decode_noise,
     encode_noise,
-    parse_fraction,
     pgd_minimize,
     project,
     release_uint8,

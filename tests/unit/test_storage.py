@@ -788,6 +788,39 @@ def test_verify_on_processes_gives_the_verdict_of_one_process(tmp_path, monkeypa
     assert here[17][1][0][0] == "s000017.tar does not match its marker (size or sha256)"
 
 
+def test_status_and_verify_run_without_importing_torch_or_ray(tmp_path):
+    """``unlearnable status`` and ``verify`` of a finished release (benchmarks/scale.py's, 3 shards) in a fresh
+    process: exit 0, and neither torch nor Ray (nor webdataset, which imports torch) is imported on the way."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("scale", os.path.join(REPO, "benchmarks", "scale.py"))
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    scale.build(str(tmp_path), 3, 4)
+    scale.step(str(tmp_path), "merge")  # the merged manifest and _SUCCESS.json: a finished release
+    success_path = tmp_path / "release" / "_SUCCESS.json"
+    success = json.loads(success_path.read_text())  # with the run's record that status reports
+    protection = {"holds": True, "probe_accuracy": 0.1, "threshold": 0.3}
+    success.update(rounds=1, stop_reason="stop_rule", surrogate_error=0.0, protection=protection)
+    success_path.write_text(json.dumps(success))
+    script = (
+        "import json, sys\n"
+        "from pipeline.cli import main\n"
+        f"codes = [main(['status', {str(tmp_path / 'release')!r}, '--work-dir', {str(tmp_path / 'work')!r}]),"
+        f" main(['verify', {str(tmp_path / 'release')!r}])]\n"
+        "print(json.dumps({'codes': codes, 'imported': [m for m in ('torch', 'ray', 'webdataset') if m in sys.modules]}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120, check=False
+    )  # the exit status is checked below
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [0, 0], "imported": []}, (result, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert ": complete" in proc.stdout and "OK: " in proc.stdout
+
+
 def test_status_counts_each_stage_from_its_markers(tmp_path):
     """``status`` of a run in round 1's noise stage (2 of 3 shards done), then in its export stage (1 shard exported,
     1 released with a read error); markers of another run's config hash count as absent."""
