@@ -158,6 +158,7 @@ def main() -> int:
     p.add_argument("--countermeasures", default="all", help="the victims' battery (evaluate --countermeasures)")
     p.add_argument("--per-class", type=int, default=400, help="train images per class (fashion, photos)")
     p.add_argument("--max-rounds", type=int, default=None, help="protect --max-rounds (default: the demo's)")
+    p.add_argument("--train-steps", type=int, default=None, help="protect --train-steps (default: the demo's)")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="protect --cpus-per-worker (and threads)")
     p.add_argument(
         "--labels",
@@ -187,6 +188,10 @@ def main() -> int:
     base = settings(args.dataset, args.mode)
     if args.max_rounds:
         base["max_rounds"] = args.max_rounds
+    # A release made with other train steps than the demo's is named for them (it is another release).
+    steps = "" if args.train_steps in (None, base["train_steps"]) else f"{args.train_steps}"
+    if args.train_steps:
+        base["train_steps"] = args.train_steps
     resolution = base["resolution"]
     pad = 2 if resolution <= 28 else 4
     results: dict = {"dataset": args.dataset, "settings": base, "releases": {}, "victims": {}}
@@ -199,13 +204,15 @@ def main() -> int:
                 + f"robust {robust}"
                 + ("" if fmt == "png" else f", {fmt} {quality}")
                 + ("" if labels == "member" else f", labels {labels}")
+                + (f", {steps} train steps" if steps else "")
             )
             release = os.path.join(
                 out,
                 ("release-classwise-" if args.mode == "classwise" else "release-")
                 + f"robust-{robust}"
                 + ("" if fmt == "png" else f"-{fmt}{quality}")
-                + ("" if labels == "member" else f"-{labels}"),
+                + ("" if labels == "member" else f"-{labels}")
+                + (f"-train{steps}" if steps else ""),
             )
             releases[name] = release
             t0 = time.perf_counter()
