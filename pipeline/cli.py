@@ -192,7 +192,12 @@ def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None
         default=config_default("stop_error"),
         help="stop when the error on released data is at most this",
     )
-    p.add_argument("--probe-arch", default=config_default("probe_arch"), help="the protection probe's model")
+    p.add_argument(
+        "--probe-arch",
+        default=config_default("probe_arch"),
+        help="the protection probe's model; A,B,...: the first probes every round, and on the final release the "
+        "others run the whole battery too (NAME@ARCH in the record): the release holds only if every one does",
+    )
     p.add_argument("--probe-steps", type=int, default=d["probe_steps"], help="the probe's training steps")
     p.add_argument(
         "--probe-samples",

@@ -221,7 +221,8 @@ class ProtectConfig:
             check_no_credentials(url, flag)
         from surrogates import available
 
-        for name in (self.surrogate, self.probe_arch):
+        self.probe_arch = ",".join(probe_archs(self.probe_arch))
+        for name in (self.surrogate, *probe_archs(self.probe_arch)):
             if name not in available():
                 raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(available()))}")
         return self
@@ -247,6 +248,15 @@ def probe_battery(text: str) -> list[str]:
     if text.strip().lower() == "none":
         return []
     return [cm.text for cm in parse_battery([text])]
+
+
+def probe_archs(text: str) -> list[str]:
+    """``--probe-arch``'s models, first the one the plain probe of every round trains, then those that probe the final
+    release beside it, each under the whole battery (``A,B``; repeats dropped)."""
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if not names:
+        raise ValueError("--probe-arch names no model")
+    return list(dict.fromkeys(names))
 
 
 def config_hash(cfg: ProtectConfig, plan_digest: str) -> str:

@@ -652,12 +652,13 @@ class Run(TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage):
             )
             return RunResult(EXIT_UNPROTECTED, success)
         worst = protection.get("worst_case") or {"countermeasure": "none", "accuracy": protection["probe_accuracy"]}
+        countermeasure, _, arch = worst["countermeasure"].partition("@")  # NAME@ARCH: another --probe-arch's score
         log.error(
             "!!! PROTECTION DOES NOT HOLD: a fresh %s trained on the release reaches %.1f%% on clean held-out "
             "images (under %s; threshold %.1f%%, chance %.1f%%). The release is written but is NOT protected.",
-            protection["arch"],
+            arch or protection["arch"],
             100 * max(worst["accuracy"], protection["probe_accuracy"]),
-            worst["countermeasure"],
+            countermeasure,
             100 * protection["threshold"],
             100 * protection["chance"],
         )

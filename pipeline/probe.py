@@ -109,6 +109,7 @@ def probe_score(
     best = max(range(len(curves["a"])), key=lambda i: (curves["a"][i], -i)) if curves["a"] else None
     return {
         "countermeasure": cm.text,
+        "arch": arch,
         "accuracy": final,
         "early_stopped_accuracy": curves["b"][best] if best is not None else final,
         "best_epoch": best + 1 if best is not None else epochs,
@@ -157,13 +158,16 @@ def judge(
 def judge_battery(probe: dict, results: list[dict]) -> dict:
     """The countermeasure battery's record from the final probe (``judge``'s) and each countermeasure's released-
     trained score: every countermeasure holds when both its final and its early-stopped accuracy are at most the
-    probe's threshold (and the probe can see protection at all); the battery holds when every one does."""
+    probe's threshold (and the probe can see protection at all); the battery holds when every one does. A score of
+    another model than the probe's (``arch``) is recorded as ``COUNTERMEASURE@ARCH`` and judged by the same
+    threshold."""
     threshold = probe["threshold"]
     discriminates = probe["probe_clean_accuracy"] > threshold
     record = {}
     for r in results:
         worst = max(r["accuracy"], r["early_stopped_accuracy"])
-        record[r["countermeasure"]] = {
+        arch = r.get("arch") or probe["arch"]
+        record[r["countermeasure"] + ("" if arch == probe["arch"] else f"@{arch}")] = {
             "accuracy": round(r["accuracy"], 4),
             "early_stopped_accuracy": round(r["early_stopped_accuracy"], 4),
             "best_epoch": r["best_epoch"],

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from pipeline.config import PROBE_MARGIN, probe_battery
+from pipeline.config import PROBE_MARGIN, probe_archs, probe_battery
 from pipeline.probe import judge, judge_battery, probe_sample, probe_score
 from pipeline.storage import fs
 from pipeline.storage.markers import read_record
@@ -46,12 +46,18 @@ class ProbeWork:
         }
 
     def probe_score(
-        self, source: str, *parts: dict, countermeasure: str = "none", order: list[str] | None = None
+        self,
+        source: str,
+        *parts: dict,
+        countermeasure: str = "none",
+        order: list[str] | None = None,
+        arch: str | None = None,
     ) -> dict:
         """Train the protection probe on ``source`` ("released" or "clean") images of the whole corpus: ``parts``
         are every worker's ``probe_data`` (this one's included), their shards put in ``order`` (the plan's: a pool
         probes the same rows in the same order as one worker; default: as the parts come); ``countermeasure`` as an
-        informed adversary trains (``pipeline.probe.probe_score``)."""
+        informed adversary trains (``pipeline.probe.probe_score``), with the model ``arch`` (default: the first of
+        ``--probe-arch``)."""
         pieces = {}
         for part in parts:
             start = 0
@@ -65,7 +71,7 @@ class ProbeWork:
         return probe_score(
             data,
             source,
-            arch=cfg.probe_arch,
+            arch=arch or probe_archs(cfg.probe_arch)[0],
             steps=cfg.probe_steps,
             num_classes=self.num_classes,
             seed=cfg.seed,
@@ -95,7 +101,7 @@ class ProbeStage:
         probe = judge(
             self.pool.get(released),
             clean_ref,
-            arch=cfg.probe_arch,
+            arch=probe_archs(cfg.probe_arch)[0],
             steps=cfg.probe_steps,
             threshold=cfg.probe_threshold,
             margin=PROBE_MARGIN,
@@ -110,11 +116,13 @@ class ProbeStage:
 
     def probe_battery(self) -> None:
         """The probe's countermeasure battery on the final release: the plain probe early-stopped, and each of
-        --probe-countermeasures (final and early-stopped), spread over the workers. Judged once, after the rounds
-        (the stop rule uses the plain probe, which costs one training); its record in the work dir is reused by a
-        resumed run."""
+        --probe-countermeasures (final and early-stopped), spread over the workers; with more than one
+        ``--probe-arch``, the whole battery again for each of the others (recorded as ``NAME@ARCH``). Judged once,
+        after the rounds (the stop rule uses the plain probe, which costs one training); its record in the work dir
+        is reused by a resumed run."""
         names = probe_battery(self.cfg.probe_countermeasures)
-        if not names:
+        others = probe_archs(self.cfg.probe_arch)[1:]
+        if not names and not others:
             return
         names = ["none"] + [n for n in names if n != "none"]
         final = self.history[-1]
@@ -138,14 +146,14 @@ class ProbeStage:
             if probe.get("probe_best_epoch")
             else []
         )
-        names = names[len(plain) :]
-        self.heartbeat.phase(f"probe battery ({', '.join(names)})")
-        parts = self._probe_parts() if names else []
+        runs = [(name, None) for name in names[len(plain) :]] + [(name, a) for a in others for name in names]
+        self.heartbeat.phase(f"probe battery ({', '.join(name + (f'@{a}' if a else '') for name, a in runs)})")
+        parts = self._probe_parts() if runs else []
         refs = [
             self.workers[i % len(self.workers)].probe_score.remote(
-                "released", *parts, countermeasure=name, order=self.plan_order
+                "released", *parts, countermeasure=name, order=self.plan_order, arch=a
             )
-            for i, name in enumerate(names)
+            for i, (name, a) in enumerate(runs)
         ]
         self.battery = judge_battery(probe, plain + self.pool.get_all(refs))
         seconds = time.perf_counter() - t0

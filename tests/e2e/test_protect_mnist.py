@@ -104,7 +104,8 @@ def test_stop_rule_is_met_on_released_data_and_recorded(protected_run):
     assert (success["stop_reason"] == "stop_rule") == p["probe_holds"]
     assert p["holds"] == (p["probe_holds"] and all(c["holds"] for c in p["countermeasures"].values()))
     # The battery: the plain probe early-stopped and mixup, each final and early-stopped.
-    assert list(p["countermeasures"]) == ["none", "mixup:1.0"]
+    assert p["arch"] == "small-cnn" and success["config"]["probe_arch"] == "small-cnn,resnet-mini"
+    assert list(p["countermeasures"]) == ["none", "mixup:1.0", "none@resnet-mini", "mixup:1.0@resnet-mini"]
     for c in p["countermeasures"].values():
         assert 0 <= c["accuracy"] <= 1 and 0 <= c["early_stopped_accuracy"] <= 1
         assert c["worst"] == max(c["accuracy"], c["early_stopped_accuracy"]) and 1 <= c["best_epoch"]
@@ -228,7 +229,8 @@ def test_changed_config_against_the_same_output_is_refused(protected_run):
 def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, tmp_path, ray_cluster):
     """A 1/255 budget and one round: the error rule is met at once (stop-error 1.0) but a fresh model still learns
     the digits from the release, so the probe must say so: exit 4, holds false, stop_reason max_rounds; and so
-    must every countermeasure of the battery (here the plain probe early-stopped, and mixup)."""
+    must every countermeasure of the battery (here the plain probe early-stopped, and mixup), for each model of
+    ``--probe-arch`` (small-cnn probes every round; resnet-mini runs the battery on the final release)."""
     out = str(tmp_path / "weak")
     proc = run_cli(
         "protect",
@@ -253,7 +255,7 @@ def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, t
         "--probe-steps",
         "120",
         "--probe-arch",
-        "small-cnn",
+        "small-cnn,resnet-mini",
         "--probe-countermeasures",
         "mixup",
         ray_address=ray_cluster,
@@ -263,7 +265,8 @@ def test_noise_that_does_not_protect_is_not_reported_as_protected(mnist_small, t
     p = success["protection"]
     assert p["holds"] is False and success["stop_reason"] == "max_rounds"
     assert p["probe_accuracy"] > p["threshold"] and p["probe_clean_accuracy"] > 0.5
-    assert list(p["countermeasures"]) == ["none", "mixup:1.0"]
+    assert p["arch"] == "small-cnn" and success["config"]["probe_arch"] == "small-cnn,resnet-mini"
+    assert list(p["countermeasures"]) == ["none", "mixup:1.0", "none@resnet-mini", "mixup:1.0@resnet-mini"]
     assert not any(c["holds"] for c in p["countermeasures"].values())
     assert all(c["worst"] > p["threshold"] for c in p["countermeasures"].values())
     assert "PROTECTION DOES NOT HOLD" in proc.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ProtectConfig, probe_battery
+from pipeline.config import ProtectConfig, probe_archs, probe_battery
 from pipeline.probe import holdout_mask, judge, judge_battery, probe_sample, probe_score
 
 
@@ -70,6 +70,32 @@ def test_the_battery_holds_only_when_every_countermeasure_holds_final_and_early_
     assert early["worst_case"] == {"countermeasure": "none", "accuracy": 0.45}
     at = judge_battery(probe, [_result("none", 0.15, 0.2), _result("at:4/255", 0.96, 0.97)])
     assert not at["holds"] and at["countermeasures"]["at:4/255"]["worst"] == 0.97
+
+
+def test_another_probe_arch_is_recorded_as_name_at_arch_and_judged_by_the_same_threshold():
+    """With ``--probe-arch resnet-mini,small-cnn`` the battery holds only when small-cnn's scores hold too: a release
+    that fools the first model and not the second does not hold, and its worst case names the second."""
+    probe = _probe()  # resnet-mini; threshold 0.3
+    other = [
+        {**_result("none", 0.58, 0.7), "arch": "small-cnn"},
+        {**_result("mixup:1.0", 0.2, 0.2), "arch": "small-cnn"},
+    ]
+    battery = judge_battery(
+        probe, [_result("none", 0.18, 0.2), {**_result("mixup:1.0", 0.2, 0.25), "arch": "resnet-mini"}, *other]
+    )
+    assert list(battery["countermeasures"]) == ["none", "mixup:1.0", "none@small-cnn", "mixup:1.0@small-cnn"]
+    assert [c["holds"] for c in battery["countermeasures"].values()] == [True, True, False, True]
+    assert not battery["holds"] and battery["worst_case"] == {"countermeasure": "none@small-cnn", "accuracy": 0.7}
+
+
+def test_probe_arch_lists_are_validated_and_canonical():
+    cfg = ProtectConfig(inputs=["x"], output="o", probe_arch=" resnet-mini, small-cnn,resnet-mini").resolved()
+    assert cfg.probe_arch == "resnet-mini,small-cnn" and probe_archs(cfg.probe_arch) == ["resnet-mini", "small-cnn"]
+    assert ProtectConfig(inputs=["x"], output="o").resolved().hashed_fields()["probe_arch"] == "resnet-mini"
+    with pytest.raises(ValueError, match="unknown model 'no-such'"):
+        ProtectConfig(inputs=["x"], output="o", probe_arch="resnet-mini,no-such").resolved()
+    with pytest.raises(ValueError, match="--probe-arch names no model"):
+        ProtectConfig(inputs=["x"], output="o", probe_arch=" , ").resolved()
 
 
 def test_a_probe_that_cannot_learn_clean_data_never_certifies_a_countermeasure():
