@@ -196,7 +196,8 @@ def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None
         "--probe-arch",
         default=config_default("probe_arch"),
         help="the protection probe's model; A,B,...: the first probes every round, and on the final release the "
-        "others run the whole battery too (NAME@ARCH in the record): the release holds only if every one does",
+        "others run the whole battery too (NAME@ARCH in the record; none with --probe-countermeasures none): the "
+        "release holds only if every one does",
     )
     p.add_argument("--probe-steps", type=int, default=d["probe_steps"], help="the probe's training steps")
     p.add_argument(

@@ -121,9 +121,9 @@ class ProbeStage:
         after the rounds (the stop rule uses the plain probe, which costs one training); its record in the work dir
         is reused by a resumed run."""
         names = probe_battery(self.cfg.probe_countermeasures)
-        others = probe_archs(self.cfg.probe_arch)[1:]
-        if not names and not others:
+        if not names:  # --probe-countermeasures none: the plain probe of the first --probe-arch alone
             return
+        others = probe_archs(self.cfg.probe_arch)[1:]
         names = ["none"] + [n for n in names if n != "none"]
         final = self.history[-1]
         record = read_record(self.layout.battery_record)

@@ -91,7 +91,7 @@ def test_another_probe_arch_is_recorded_as_name_at_arch_and_judged_by_the_same_t
 def test_probe_arch_lists_are_validated_and_canonical():
     cfg = ProtectConfig(inputs=["x"], output="o", probe_arch=" resnet-mini, small-cnn,resnet-mini").resolved()
     assert cfg.probe_arch == "resnet-mini,small-cnn" and probe_archs(cfg.probe_arch) == ["resnet-mini", "small-cnn"]
-    assert ProtectConfig(inputs=["x"], output="o").resolved().hashed_fields()["probe_arch"] == "resnet-mini"
+    assert ProtectConfig(inputs=["x"], output="o").resolved().hashed_fields()["probe_arch"] == "resnet-mini,small-cnn"
     with pytest.raises(ValueError, match="unknown model 'no-such'"):
         ProtectConfig(inputs=["x"], output="o", probe_arch="resnet-mini,no-such").resolved()
     with pytest.raises(ValueError, match="--probe-arch names no model"):
