@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import clusters, faults
-from pipeline.config import ProtectConfig, config_hash, differing_fields
+from pipeline.config import ADDED_FIELDS, ProtectConfig, config_hash, differing_fields
 from pipeline.executor import ray_pool
 from pipeline.exits import EXIT_OK, EXIT_UNPROTECTED
 from pipeline.inspection import verify
@@ -138,9 +138,14 @@ def prepare_run(cfg: ProtectConfig, reader: ShardReader = read_here) -> Prepared
         recorded = dict(previous.get("hashed_config") or {}, plan=previous.get("plan_digest"))
         current = dict(cfg.hashed_fields(), plan=digest)
         fields = differing_fields(recorded, current) or ["(input plan)"]
+        # What the run was started with: a rerun with the same arguments differs too when a default changed since.
+        started = ", ".join(
+            f"{k}={recorded.get(k, ADDED_FIELDS.get(k))!r}" for k in fields if k not in ("plan", "(input plan)")
+        )
         raise ConfigRefused(
             f"{output} belongs to a run with a different config (differs in: {', '.join(fields)}); "
-            "rerun with the same arguments to resume, or pass --overwrite to start over"
+            + (f"it was started with {started}: " if started else "")
+            + "rerun with the arguments it was started with to resume, or pass --overwrite to start over"
         )
     complete = success is not None and success.get("config_hash") == chash
     if not complete and (record is None or record.get("plan_sha256") is None or not fs.exists(layout.plan)):

@@ -229,6 +229,7 @@ def test_changed_config_is_refused_naming_fields_and_overwrite_starts_over(refer
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "train_steps" in last and "mode" in last and "--overwrite" in last
+    assert "it was started with mode='samplewise', train_steps=3:" in last  # how to resume it
     assert _tars(out) == reference["tars"]  # the refused run touched nothing
     proc = _protect(reference["train"], out, extra=["--train-steps", "4", "--overwrite"])
     assert proc.returncode in (0, 4), proc.stderr[-3000:]
