@@ -159,6 +159,7 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=400, help="train images per class (fashion, photos)")
     p.add_argument("--max-rounds", type=int, default=None, help="protect --max-rounds (default: the demo's)")
     p.add_argument("--train-steps", type=int, default=None, help="protect --train-steps (default: the demo's)")
+    p.add_argument("--robust-rho", default=None, help="protect --robust-rho, for the --robust on releases")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="protect --cpus-per-worker (and threads)")
     p.add_argument(
         "--labels",
@@ -205,6 +206,7 @@ def main() -> int:
                 + ("" if fmt == "png" else f", {fmt} {quality}")
                 + ("" if labels == "member" else f", labels {labels}")
                 + (f", {steps} train steps" if steps else "")
+                + (f", rho {args.robust_rho}" if args.robust_rho and robust == "on" else "")
             )
             release = os.path.join(
                 out,
@@ -212,7 +214,8 @@ def main() -> int:
                 + f"robust-{robust}"
                 + ("" if fmt == "png" else f"-{fmt}{quality}")
                 + ("" if labels == "member" else f"-{labels}")
-                + (f"-train{steps}" if steps else ""),
+                + (f"-train{steps}" if steps else "")
+                + (f"-rho{args.robust_rho.replace('/', 'over')}" if args.robust_rho and robust == "on" else ""),
             )
             releases[name] = release
             t0 = time.perf_counter()
@@ -224,6 +227,7 @@ def main() -> int:
                     output=release,
                     probe_countermeasures="none",
                     robust=robust,
+                    robust_rho=args.robust_rho if robust == "on" else None,
                     cpus_per_worker=args.cpus_per_worker,
                     encode_format=fmt,
                     labels=labels,

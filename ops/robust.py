@@ -87,12 +87,13 @@ class RobustSpec:
         return {**asdict(self), "transforms": list(self.transforms)}
 
 
-def robust_spec(cfg_value: str, eps: float) -> RobustSpec | None:
+def robust_spec(cfg_value: str, eps: float, rho: float | None = None) -> RobustSpec | None:
     """``--robust``'s value to the recipe: None for ``off`` (the paper's min-min noise), the defaults for ``on`` with
-    rho = min(4/255, eps / 2). Raises ValueError (one line) for anything else."""
+    rho = ``rho`` (``--robust-rho``), by default min(4/255, eps / 2). Raises ValueError (one line) for anything
+    else."""
     if robust_choice(cfg_value) == "off":
         return None
-    return RobustSpec(rho=min(DEFAULT_RHO, eps / 2))
+    return RobustSpec(rho=min(DEFAULT_RHO, eps / 2) if rho is None else rho)
 
 
 # --------------------------------------------------------------------------------------------- transforms

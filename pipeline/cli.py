@@ -177,6 +177,12 @@ def add_generation_args(p: argparse.ArgumentParser, defaults: dict | None = None
         "transformations like the countermeasure battery's; each PGD step costs about 4 plain ones); "
         "off: the paper's min-min noise",
     )
+    p.add_argument(
+        "--robust-rho",
+        default=None,
+        help="--robust on's adversary radius, a fraction or a float in [0, eps] (0: transformations only); "
+        "default min(4/255, eps/2)",
+    )
     p.add_argument("--train-steps", type=int, default=d["train_steps"], help="surrogate SGD steps per round")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="surrogate training batch")
     p.add_argument(

@@ -70,6 +70,7 @@ HASH_FIELDS = (
     "manifest_source_hash",
     "probe_countermeasures",
     "robust",
+    "robust_rho",
     "keep_metadata",
     "encode_format",
     "encode_quality",
@@ -79,6 +80,7 @@ HASH_FIELDS = (
 # Hashed fields added later, with the value that does what runs did before them: hashed only when set otherwise.
 ADDED_FIELDS = {
     "robust": "off",
+    "robust_rho": None,
     "keep_metadata": False,
     "encode_format": "png",
     "encode_quality": None,
@@ -103,6 +105,8 @@ class ProtectConfig:
     # "on": REM-style min-min-max noise with an expectation over the battery's transformations (ops.robust), against
     # informed victims; "off": the paper's min-min noise.
     robust: str = "off"
+    # --robust on's adversary radius (ops.robust); None: min(4/255, eps / 2).
+    robust_rho: float | None = None
     train_steps: int = 10
     batch_size: int = 512
     # Images per PGD batch in the noise stage (and the stop check): default the training batch. The noise stage runs
@@ -163,6 +167,12 @@ class ProtectConfig:
         if not 0 < self.step_size <= self.eps:
             raise ValueError(f"--step-size must be in (0, eps], got {self.step_size}")
         self.robust = robust_choice(self.robust)  # raises ValueError for a value other than off / on
+        if self.robust_rho is not None:
+            self.robust_rho = parse_fraction(self.robust_rho)
+            if self.robust != "on":
+                raise ValueError("--robust-rho applies to --robust on only")
+            if not 0 <= self.robust_rho <= self.eps:
+                raise ValueError(f"--robust-rho must be in [0, eps], got {self.robust_rho}")
         self.encode_format = str(self.encode_format).strip().lower()
         if self.encode_format not in ENCODE_FORMATS:
             raise ValueError(f"--encode-format must be one of {', '.join(ENCODE_FORMATS)}, not {self.encode_format!r}")

@@ -84,7 +84,7 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         self.optimizer = make_optimizer(self.model)
         # --robust on: REM's min-min-max with an expectation over transformations (ops.robust), in the noise stage
         # and, as the adversary of every training step, in the train stage.
-        self.robust = robust_spec(self.cfg.robust, self.cfg.eps)
+        self.robust = robust_spec(self.cfg.robust, self.cfg.eps, self.cfg.robust_rho)
         # The noise stage's engine (bf16 autocast, channels_last and torch.compile where the device pays for them).
         self.engine = NoiseEngine(
             self.model,

@@ -118,6 +118,24 @@ def test_config_validates_canonicalises_and_hashes_robust():
         ProtectConfig(inputs=["x"], output="o", robust="maybe").resolved()
 
 
+def test_robust_rho_sets_the_adversary_radius_is_validated_and_hashed_only_when_set():
+    """``--robust-rho`` replaces the default radius min(4/255, eps/2); it needs --robust on, lies in [0, eps], and
+    enters the run's identity only when given (a run from before it existed keeps its hash)."""
+    assert robust_spec("on", EPS, 2 / 255).rho == 2 / 255 and robust_spec("on", EPS, 0.0).rho == 0.0
+    default = ProtectConfig(inputs=["x"], output="o", robust="on").resolved()
+    assert default.robust_rho is None and "robust_rho" not in default.hashed_fields()
+    two = ProtectConfig(inputs=["x"], output="o", robust="on", robust_rho="2/255").resolved()
+    assert two.robust_rho == 2 / 255 and two.hashed_fields()["robust_rho"] == 2 / 255
+    assert config_hash(two, "d") != config_hash(default, "d")
+    with pytest.raises(ValueError, match="^--robust-rho applies to --robust on only$"):
+        ProtectConfig(inputs=["x"], output="o", robust_rho="2/255").resolved()
+    with pytest.raises(ValueError, match=r"^--robust-rho must be in \[0, eps\]"):
+        ProtectConfig(inputs=["x"], output="o", robust="on", robust_rho="16/255").resolved()
+    parser = build_parser()
+    args = parser.parse_args(["protect", "--input", "in", "--output", "out", "--robust", "on", "--robust-rho", "1/255"])
+    assert config_from_args(args).resolved().robust_rho == 1 / 255
+
+
 def test_cli_robust_flag_reaches_the_config(capsys):
     parser = build_parser()
     base = ["protect", "--input", "in", "--output", "out"]
