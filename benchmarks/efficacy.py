@@ -200,13 +200,14 @@ def main() -> int:
     for robust in args.robust.split(","):
         for encode, labels in ((e, lab) for e in args.encode.split(",") for lab in args.labels.split(",")):
             fmt, _, quality = encode.partition(":")
+            rho = args.robust_rho if robust == "on" else None  # --robust-rho applies to the robust releases only
             name = (
                 ("class-wise, " if args.mode == "classwise" else "")
                 + f"robust {robust}"
                 + ("" if fmt == "png" else f", {fmt} {quality}")
                 + ("" if labels == "member" else f", labels {labels}")
                 + (f", {steps} train steps" if steps else "")
-                + (f", rho {args.robust_rho}" if args.robust_rho and robust == "on" else "")
+                + (f", rho {rho}" if rho else "")
             )
             release = os.path.join(
                 out,
@@ -215,7 +216,7 @@ def main() -> int:
                 + ("" if fmt == "png" else f"-{fmt}{quality}")
                 + ("" if labels == "member" else f"-{labels}")
                 + (f"-train{steps}" if steps else "")
-                + (f"-rho{args.robust_rho.replace('/', 'over')}" if args.robust_rho and robust == "on" else ""),
+                + (f"-rho{rho.replace('/', 'over')}" if rho else ""),
             )
             releases[name] = release
             t0 = time.perf_counter()
@@ -227,7 +228,7 @@ def main() -> int:
                     output=release,
                     probe_countermeasures="none",
                     robust=robust,
-                    robust_rho=args.robust_rho if robust == "on" else None,
+                    robust_rho=rho,
                     cpus_per_worker=args.cpus_per_worker,
                     encode_format=fmt,
                     labels=labels,

@@ -234,8 +234,9 @@ class ProtectConfig:
             check_no_credentials(url, flag)
         from surrogates import available
 
-        self.probe_arch = ",".join(probe_archs(self.probe_arch))
-        for name in (self.surrogate, *probe_archs(self.probe_arch)):
+        archs = probe_archs(self.probe_arch)
+        self.probe_arch = ",".join(archs)
+        for name in (self.surrogate, *archs):
             if name not in available():
                 raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(available()))}")
         return self
