@@ -62,8 +62,9 @@ def one_round(folder: str, photos: int, cache: str, pgd_steps: int, threads: int
     import tempfile
 
     from pipeline.config import ProtectConfig
-    from pipeline.coordinator import Run, prepare_run
+    from pipeline.coordinator import Run
     from pipeline.executor import local
+    from pipeline.prepare import prepare_run
 
     shards = make_corpus(folder, photos)
     with tempfile.TemporaryDirectory(prefix="unlearnable-memory-") as tmp:

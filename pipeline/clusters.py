@@ -5,7 +5,7 @@ labels, the corpus is grouped into ``--num-classes`` clusters and the cluster is
 "unlearnable clusters", Zhang et al., CVPR 2023, which clusters a pretrained model's features). Pixel clusters agree
 with the classes too weakly for that noise to protect against a victim who has the true labels (measured on MNIST-5k:
 94% against 97% clean), and the probe, which learns the clusters, cannot see it: such a run is never reported
-protected (``pipeline.coordinator.UNCERTIFIED_CLUSTERS``).
+protected (``pipeline.outcome.UNCERTIFIED_CLUSTERS``).
 
 Features: the clean working image, average-pooled to at most ``FEATURE_SIDE`` px, centred and scaled to unit norm per
 image (so brightness and contrast do not make the groups). Distributed k-means, the same on any pool size:

@@ -12,33 +12,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ops.engine import NoiseEngine, compile_args, to_device
-from ops.image import (
-    LOSSY_FORMATS,
-    DecodedImage,
-    to_working,
-)
+from ops.engine import NoiseEngine, compile_args
 from ops.noise import decode_noise, encode_noise
 from ops.robust import robust_adversary, robust_spec
-from pipeline import clusters
 from pipeline.config import ProtectConfig
-from pipeline.native_cache import DiskCache, DiskShard
+from pipeline.native_cache import DiskCache
 from pipeline.rows import RowFile
-from pipeline.samples import Rejected, SampleRules, prepare_each, reread
+from pipeline.samples import SampleRules
 from pipeline.stages.check import CheckWork
 from pipeline.stages.export import ExportWork
+from pipeline.stages.load import LoadWork, ShardData, cache_budget
 from pipeline.stages.noise import NoiseWork
 from pipeline.stages.probe import ProbeWork
 from pipeline.stages.train import TrainWork
-from pipeline.storage.shards import ShardReadError, iter_samples, read_ahead
 from surrogates import build
 from surrogates.distributed import pool_batch_norm
 from surrogates.training import make_optimizer
@@ -48,24 +39,7 @@ log = logging.getLogger(__name__)
 CACHE_SHARE_OF_MEMORY = 0.2
 
 
-@dataclass
-class ShardData:
-    id: str
-    url: str
-    start: int  # this shard's rows in the worker's tensors: [start, end)
-    end: int
-    keys: list[str]
-    # The decoded images at native size, kept for the stop check (``--cache``): in memory, or on local disk; None: not
-    # kept, the stop check streams the shard again (a shard whose images are the working images needs none, unless
-    # the release is lossy).
-    natives: list[DecodedImage] | DiskShard | None
-    native_is_working: bool  # every image already has the working size and channels: no resize needed
-    rejected: int = 0
-    read_error: str | None = None
-    timings: dict = field(default_factory=dict)
-
-
-class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
+class RoundWorker(LoadWork, TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
     """A worker's data (its shards' working images and noise on its device or local disk, labels on its device; the
     natives as ``--cache`` says), its surrogate, and its place in the pool. The stages' work on them is in
     ``pipeline.stages``, one module per stage; Ray calls them as this actor's methods."""
@@ -142,207 +116,6 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
         self.global_rows: torch.Tensor | None = None
         self.rank, self.world = index, 1
 
-    # ---- data -------------------------------------------------------------------------------------------------
-    def load_shards(self, shards: list[tuple[str, str]]) -> list[dict]:
-        """Stream this worker's shards (id, url), decode them and keep the accepted samples on the device.
-
-        The next shard is fetched while the current one is decoded (``read_ahead``); nothing is copied to local disk.
-        """
-        return list(self.load_shards_streamed(shards))
-
-    def load_shards_streamed(self, shards: list[tuple[str, str]]) -> Iterator[dict]:
-        """``load_shards``, yielding each shard's result as soon as it is loaded (on Ray, a streaming generator: the
-        coordinator logs the load's progress shard by shard)."""
-        if self.n_owned != self.x.shape[0]:
-            raise RuntimeError("owned shards are loaded before any guest shard")
-        # In memory, the shards' rows join the worker's tensors once, after the last shard: growing them shard by
-        # shard would copy them again for every shard and hold two copies at each step. On disk, each shard's rows
-        # are written as it is decoded (its labels join at the end).
-        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        start = self.x.shape[0]
-        for (shard, url), items in zip(shards, read_ahead([u for _, u in shards])):
-            result, x, y = self._decode(shard, url, items, start)
-            start += len(y)
-            if self.rows_on_disk is None:
-                self._choose_rows_place(len(y), len(shards))
-            if isinstance(self.x, RowFile):
-                self._write_rows(x)
-                x = None
-            rows.append((x, y))
-            self.owned.append(shard)
-            yield result
-        self._append_rows(rows)
-        self.n_owned = self.x.shape[0]
-
-    def load_shard(self, shard: str, url: str) -> dict:
-        """One shard (see ``load_shards``)."""
-        return self.load_shards([(shard, url)])[0]
-
-    def _append_rows(self, rows: list[tuple[torch.Tensor | None, torch.Tensor]]) -> None:
-        """Decoded shards' working images and labels after the rows held, with zero noise: uploaded once, through
-        pinned host memory on a GPU (ops.engine.to_device). An image tensor of None: those rows are already in the
-        rows file (their labels are added here)."""
-        if not rows:
-            return
-        y = to_device(torch.cat([r[1] for r in rows]), self.device)
-        self.y = torch.cat([self.y, y]) if self.y.shape[0] else y
-        images = [r[0] for r in rows if r[0] is not None]
-        if not images:
-            return
-        if isinstance(self.x, RowFile):
-            for x in images:
-                self._write_rows(x)
-            return
-        x = to_device(torch.cat(images), self.device)
-        held = self.x.shape[0] > 0
-        self.x = torch.cat([self.x, x]) if held else x
-        zeros = torch.zeros(x.shape, dtype=torch.int8, device=self.device)
-        self.noise_q = torch.cat([self.noise_q, zeros]) if held else zeros
-
-    def _write_rows(self, x: torch.Tensor) -> None:
-        """Working images after the rows held in the rows files, with zero noise."""
-        self.x.append(x)
-        self.noise_q.append(torch.zeros(x.shape, dtype=torch.int8))
-
-    def _choose_rows_place(self, first_shard_rows: int, shards: int) -> None:
-        """--cache auto, at the first shard loaded: the working rows stay on the device while the share (estimated as
-        ``shards`` of the first one's size) fits the cache budget, else they go to a rows file on local disk."""
-        row_bytes = 2 * self.channels * self.cfg.resolution**2  # a uint8 image and its int8 noise levels
-        estimate = first_shard_rows * shards * row_bytes
-        self.rows_on_disk = estimate > self.cache_budget
-        if self.rows_on_disk:
-            log.info(
-                "worker %d: about %.1f GB of working images and noise, over the --cache budget of %.1f GB: kept in a "
-                "file on local disk",
-                self.index,
-                estimate / 1e9,
-                self.cache_budget / 1e9,
-            )
-            self._rows_to_disk()
-
-    def _rows_to_disk(self) -> None:
-        """From here on the working images and noise levels live in rows files (``pipeline.rows``)."""
-        if self.x.shape[0]:
-            raise RuntimeError("the rows move to disk before any is held")
-        shape = tuple(self.x.shape[1:])
-        self.x = RowFile(shape, torch.uint8, self.device)
-        self.noise_q = RowFile(shape, torch.int8, self.device)
-
-    def _decode(self, shard: str, url: str, items, start: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """Decode one shard whose rows will start at ``start``; registers it and returns its result, working images
-        and labels (``_append_rows`` adds them)."""
-        t0 = time.perf_counter()
-        keys, natives, working, labels = [], [], [], []
-        rejected, read_error = 0, None
-        for _, result in prepare_each(items, self.rules, self.threads):
-            if isinstance(result, ShardReadError):
-                read_error = result.message
-                continue
-            if isinstance(result, Rejected):
-                rejected += 1
-                continue
-            keys.append(result.key)
-            natives.append(result.image)
-            working.append(to_working(result.image.color, self.cfg.resolution, self.channels))
-            labels.append(result.label)
-        r = self.cfg.resolution
-        x = torch.stack(working) if working else torch.empty(0, self.channels, r, r, dtype=torch.uint8)
-        if self.centroids is not None:  # --labels cluster, a shard loaded after the clustering (a guest)
-            labels = clusters.nearest(clusters.features(x), self.centroids).tolist()
-        same = all(tuple(n.color.shape) == (self.channels, r, r) for n in natives)
-        kept = self._cache_natives(natives, same)
-        self.shards[shard] = ShardData(shard, url, start, start + len(keys), keys, kept, same, rejected, read_error)
-        result = {
-            "shard": shard,
-            "accepted": len(keys),
-            "rejected": rejected,
-            "read_error": read_error,
-            "seconds": time.perf_counter() - t0,
-        }
-        return result, x, torch.tensor(labels, dtype=torch.long)
-
-    # ---- --labels cluster (pipeline.clusters) --------------------------------------------------------------------
-    def _feature_chunks(self, chunk: int = 16384) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, features) of every held row, a chunk at a time (a million rows never in memory at once)."""
-        for start in range(0, self.x.shape[0], chunk):
-            yield start, clusters.features(self.x[start : start + chunk].cpu())
-
-    def cluster_candidates(self, m: int) -> list[tuple[str, torch.Tensor]]:
-        """This worker's ``m`` owned samples of smallest key hash (the k-means++ candidates): (hash, features)."""
-        ranked = sorted(
-            (clusters.key_rank(k, self.cfg.seed), sd.start + i)
-            for s in self.owned
-            for sd in (self.shards[s],)
-            for i, k in enumerate(sd.keys)
-        )[:m]
-        if not ranked:
-            return []
-        feats = clusters.features(self.x[torch.tensor([row for _, row in ranked], device=self.x.device)].cpu())
-        return [(rank, f) for (rank, _), f in zip(ranked, feats)]
-
-    def cluster_sums(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One Lloyd step's share: per-centroid float64 feature sums and counts of the owned rows."""
-        total = torch.zeros(centroids.shape[0], centroids.shape[1], dtype=torch.float64)
-        counts = torch.zeros(centroids.shape[0], dtype=torch.float64)
-        for start, feats in self._feature_chunks():
-            feats = feats[: max(0, self.n_owned - start)]
-            s, c = clusters.sums(feats, centroids)
-            total += s
-            counts += c
-        return total, counts
-
-    def set_centroids(self, centroids: torch.Tensor) -> list[int]:
-        """Every held sample's label becomes its nearest centroid (and so will a shard loaded later); returns the
-        owned samples' cluster sizes."""
-        self.centroids = centroids
-        for start, feats in self._feature_chunks():
-            self.y[start : start + feats.shape[0]] = clusters.nearest(feats, centroids).to(self.y.device)
-        return torch.bincount(self.y[: self.n_owned].cpu(), minlength=centroids.shape[0]).tolist()
-
-    def _cache_natives(self, natives: list[DecodedImage], same: bool) -> list[DecodedImage] | DiskShard | None:
-        """Where to keep a shard's native images (``--cache``), None for nowhere: never kept when the stop check does
-        not need them (the working images are the natives and the release is PNG); ``memory`` always in memory;
-        ``disk`` always on local disk; ``none`` never; ``auto`` in memory while this worker's kept natives stay
-        within ``--cache-memory-gb``."""
-        mode = self.cfg.cache
-        if (same and self.cfg.encode_format not in LOSSY_FORMATS) or mode == "none":
-            return None
-        if self.disk_cache is not None:
-            return self.disk_cache.put(natives)
-        size = sum(n.color.numel() + (0 if n.alpha is None else n.alpha.numel()) for n in natives)
-        if mode == "auto" and self.cached_bytes + size > self.cache_budget:
-            if self.cached_bytes <= self.cache_budget:
-                log.info(
-                    "worker %d: native images over the --cache budget of %.1f GB from shard %d on: the stop "
-                    "check streams those shards from the input",
-                    self.index,
-                    self.cache_budget / 1e9,
-                    len(self.shards),
-                )
-            self.cached_bytes += size  # counted, not kept: the next shards are streamed too
-            return None
-        self.cached_bytes += size
-        return natives
-
-    def _natives(self, sd: ShardData) -> Iterator[DecodedImage]:
-        """A shard's accepted images at native size, in order: kept ones (memory or disk), or decoded again from the
-        input."""
-        if sd.natives is not None:
-            yield from sd.natives
-            return
-        for _, result, index in reread(sd.id, iter_samples(sd.url), sd.keys, self.rules, self.threads):
-            if index is not None:
-                yield result.image
-
-    def set_global_rows(self, offsets: dict[str, int], total: int) -> None:
-        """Where this worker's owned shards sit in the whole corpus: ``offsets`` maps each shard of the plan to its
-        first row in the plan's order (accepted samples only), ``total`` is the corpus' accepted samples."""
-        rows = torch.full((total,), -1, dtype=torch.long)
-        for shard in self.owned:
-            sd = self.shards[shard]
-            rows[offsets[shard] : offsets[shard] + sd.end - sd.start] = torch.arange(sd.start, sd.end)
-        self.global_rows = rows
-
     # ---- data-parallel training across the pool (torch.distributed) -------------------------------------------
     def free_port(self) -> int:
         """A free TCP port on this worker's machine, for the process group's rendezvous (rank 0 asks)."""
@@ -378,21 +151,3 @@ class RoundWorker(TrainWork, NoiseWork, CheckWork, ProbeWork, ExportWork):
     def set_noise_rows(self, sl: slice, delta: torch.Tensor) -> None:
         """Keep ``delta`` (float, |delta| <= eps) as the sample-wise noise of rows ``sl``, quantised."""
         self.noise_q[sl] = encode_noise(delta, self.cfg.eps)
-
-    # ---- stage 1: surrogate training ------------------------------------------------------------------------
-
-    # ---- stage 2: noise update --------------------------------------------------------------------------------
-
-    # ---- noise state and checkpoints (the work dir) ------------------------------------------------------------
-
-    # ---- stage 3: the stop check on released data ------------------------------------------------------------
-
-    # ---- export -----------------------------------------------------------------------------------------------
-
-
-def cache_budget(gigabytes: float | None) -> int:
-    """``--cache auto``'s budget for one worker's native images in bytes: ``gigabytes``, or a fifth of the node's
-    physical memory."""
-    if gigabytes is not None:
-        return int(gigabytes * 1e9)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * CACHE_SHARE_OF_MEMORY)

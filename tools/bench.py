@@ -311,8 +311,9 @@ def bench_round(args: argparse.Namespace, step_rate: float) -> dict:
     stage's time includes its commits (the checkpoint; every shard's noise state, written on a thread while the next
     shard computes, and waited for at the end of the stage). The probe is not run: it is not per-round work."""
     from pipeline.config import ProtectConfig
-    from pipeline.coordinator import Run, prepare_run
+    from pipeline.coordinator import Run
     from pipeline.executor import local
+    from pipeline.prepare import prepare_run
 
     per_shard = args.round_samples or 2 * args.batch_size
     with tempfile.TemporaryDirectory(prefix="unlearnable-bench-") as tmp:

@@ -26,7 +26,7 @@ from pipeline.samples import ordered_map
 from surrogates.training import predict
 
 if TYPE_CHECKING:
-    from pipeline.worker import ShardData
+    from pipeline.stages.load import ShardData
 
 log = logging.getLogger(__name__)
 
