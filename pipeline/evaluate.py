@@ -20,7 +20,7 @@ from pipeline.probe import early_stopping_split
 from pipeline.samples import Accepted, SampleRules, prepare_each
 from pipeline.storage.shards import ShardReadError, iter_samples
 from surrogates import build
-from surrogates.training import accuracy, fit_epochs
+from surrogates.training import accuracy, fit_epochs, predict
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,17 @@ def load_samples(
         channels = 1 if all(img.shape[0] == 1 for img in images) else 3
     x = torch.stack([to_working(img, resolution, channels) for img in images])
     return x, torch.tensor(labels, dtype=torch.long), keys
+
+
+def class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Each class's accuracy (the share of its test images predicted as it); None for a class with no test image."""
+    correct = torch.bincount(y[pred == y], minlength=num_classes)
+    total = torch.bincount(y, minlength=num_classes)
+    return [float(c) / float(t) if t else None for c, t in zip(correct.tolist(), total.tolist())]
+
+
+def _mean_by_class(per_seed: list[list[float | None]]) -> list[float | None]:
+    return [None if any(a is None for a in col) else statistics.fmean(col) for col in zip(*per_seed)]
 
 
 def load_images(inputs: list[str], resolution: int, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +161,7 @@ def evaluate(
     for cm in battery:
         t_cm = time.perf_counter()
         xs_train, xs_test = preprocess(cm, x_train), preprocess(cm, x_test)
-        finals, stopped, best_epochs, val_curves, hold_curves = [], [], [], [], []
+        finals, stopped, best_epochs, val_curves, hold_curves, by_class = [], [], [], [], [], []
         for seed in seeds:
             model, val_curve, hold_curve = train_countered_victim(
                 xs_train,
@@ -170,7 +181,9 @@ def evaluate(
                 seed=seed,
             )
             best = max(range(len(val_curve)), key=lambda i: (val_curve[i], -i))  # the first best epoch
-            finals.append(accuracy(model, xs_test, y_test))
+            pred = predict(model, xs_test.to(torch.float32) / 255.0)
+            finals.append(float((pred == y_test).float().mean()))
+            by_class.append(class_accuracy(pred, y_test, num_classes))
             stopped.append(hold_curve[best])
             best_epochs.append(best + 1)
             val_curves.append(val_curve)
@@ -185,6 +198,8 @@ def evaluate(
                 best + 1,
             )
         mean_final, mean_stopped = statistics.fmean(finals), statistics.fmean(stopped)
+        mean_by_class = _mean_by_class(by_class)
+        best_class = max((a, k) for k, a in enumerate(mean_by_class) if a is not None)
         results[cm.text] = {
             "kind": cm.kind,
             "final_accuracy": finals,
@@ -194,6 +209,11 @@ def evaluate(
             "holdout_curve": hold_curves,
             "mean_final_accuracy": mean_final,
             "mean_early_stopped_accuracy": mean_stopped,
+            # The final victims' accuracy on each class's test images: a release can protect some classes and not
+            # others (a mean of 50% can be half the classes learned).
+            "class_accuracy": by_class,
+            "mean_class_accuracy": mean_by_class,
+            "best_class": {"class": best_class[1], "accuracy": best_class[0]},
             "worst": max(mean_final, mean_stopped),
             "seconds": round(time.perf_counter() - t_cm, 1),
         }
@@ -257,6 +277,7 @@ def _table(result: dict) -> str:
     seeds = len(result["seeds"])
     lines = [
         f"{'victim':<14}{'countermeasure':<18}{'final':>9}{'early-stopped':>15}{'epoch':>7}{'worst':>9}"
+        + f"{'best class':>15}"
         + ("   final per seed" if seeds > 1 else "")
     ]
     for name, r in result["countermeasures"].items():
@@ -264,6 +285,7 @@ def _table(result: dict) -> str:
         line = (
             f"{result['arch']:<14}{name:<18}{100 * r['mean_final_accuracy']:>8.2f}%"
             f"{100 * r['mean_early_stopped_accuracy']:>14.2f}%{epochs:>7}{100 * r['worst']:>8.2f}%"
+            f"{r['best_class']['class']:>7}: {100 * r['best_class']['accuracy']:>5.1f}%"
         )
         if seeds > 1:
             line += "   " + ", ".join(f"{100 * a:.2f}%" for a in r["final_accuracy"])

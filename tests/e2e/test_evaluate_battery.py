@@ -53,6 +53,11 @@ def test_evaluate_reports_every_countermeasure_and_the_worst_case(mnist_small):
         assert r["validation_curve"][0][best - 1] == max(r["validation_curve"][0])
         assert r["early_stopped_accuracy"][0] == r["holdout_curve"][0][best - 1]
         assert r["worst"] == max(r["mean_final_accuracy"], r["mean_early_stopped_accuracy"])
+        # Each class's accuracy: the final accuracy is their mean weighted by the classes' test images.
+        per_class = [a for a in r["class_accuracy"][0] if a is not None]
+        assert len(r["class_accuracy"][0]) == 10 and len(per_class) >= 2, name
+        assert min(per_class) <= r["final_accuracy"][0] <= max(per_class), name
+        assert r["best_class"]["accuracy"] == max(per_class) == r["mean_class_accuracy"][r["best_class"]["class"]]
     worst = result["worst_case"]
     assert worst["accuracy"] == max(r["worst"] for r in cms.values())
     assert cms[worst["countermeasure"]]["worst"] == worst["accuracy"]

@@ -339,3 +339,11 @@ def test_early_stopping_split_is_two_disjoint_deterministic_halves_by_key():
     assert half_a == {k for k, m in zip(shuffled, mask_shuffled.tolist()) if m}
     assert half_a != set(keys[:50])  # not simply the first half
     assert early_stopping_split(["a", "b"]).sum() == 1
+
+
+def test_class_accuracy_is_each_class_share_of_its_images_predicted_right():
+    from pipeline.evaluate import class_accuracy
+
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 3])
+    pred = torch.tensor([0, 0, 1, 3, 1, 0, 3])
+    assert class_accuracy(pred, y, 4) == [0.5, 0.5, None, 1.0]  # class 2 has no test image
