@@ -242,6 +242,9 @@ class Run(LoadStage, TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage
                 f"; probe {p['arch']} {100 * p['probe_accuracy']:.1f}% on clean held-out "
                 f"(threshold {100 * p['threshold']:.1f}%, {'holds' if p['holds'] else 'does NOT hold'})"
             )
+            if p.get("probe_best_class"):
+                best = p["probe_best_class"]
+                probe_txt += f", best class {best['class']} {100 * best['accuracy']:.1f}%"
         log.info(
             "round %d: surrogate error on released data %.4f (stop at %.4f)%s; stages %s",
             r,

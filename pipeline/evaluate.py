@@ -20,7 +20,7 @@ from pipeline.probe import early_stopping_split
 from pipeline.samples import Accepted, SampleRules, prepare_each
 from pipeline.storage.shards import ShardReadError, iter_samples
 from surrogates import build
-from surrogates.training import accuracy, fit_epochs, predict
+from surrogates.training import accuracy, class_accuracy, fit_epochs, predict
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,6 @@ def load_samples(
         channels = 1 if all(img.shape[0] == 1 for img in images) else 3
     x = torch.stack([to_working(img, resolution, channels) for img in images])
     return x, torch.tensor(labels, dtype=torch.long), keys
-
-
-def class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
-    """Each class's accuracy (the share of its test images predicted as it); None for a class with no test image."""
-    correct = torch.bincount(y[pred == y], minlength=num_classes)
-    total = torch.bincount(y, minlength=num_classes)
-    return [float(c) / float(t) if t else None for c, t in zip(correct.tolist(), total.tolist())]
 
 
 def _mean_by_class(per_seed: list[list[float | None]]) -> list[float | None]:

@@ -31,6 +31,7 @@ PROBE_FIELDS = (
     "train_samples",
     "test_samples",
 )
+OPTIONAL_PROBE_FIELDS = ("probe_class_accuracy", "probe_best_class")
 
 
 @dataclass
@@ -48,6 +49,9 @@ def protection_record(final: dict, battery: dict | None, labels: str) -> dict:
     """The release's protection: the final round's plain probe, its countermeasure battery (protected only when the
     plain probe and every countermeasure of it hold), never certified with ``--labels cluster``."""
     protection = {k: final["probe"][k] for k in PROBE_FIELDS}
+    for k in OPTIONAL_PROBE_FIELDS:  # recorded by this version's probe (not in rounds a previous version finished)
+        if k in final["probe"]:
+            protection[k] = final["probe"][k]
     protection["probe_holds"] = protection["holds"]  # the plain probe's verdict: the stop rule's
     if battery is not None:
         protection.update(
@@ -114,6 +118,16 @@ def report(success: dict) -> RunResult:
             100 * protection["probe_accuracy"],
             100 * protection["threshold"],
         )
+    best = protection.get("probe_best_class")
+    if protection["holds"] and best and best["accuracy"] >= learned_class_level(protection):
+        log.warning(
+            "the probe learned class %d to %.1f%% on clean held-out images (%.1f%% overall, clean-trained %.1f%%): "
+            "the release may leave that class learnable; see protection.probe_class_accuracy",
+            best["class"],
+            100 * best["accuracy"],
+            100 * protection["probe_accuracy"],
+            100 * protection["probe_clean_accuracy"],
+        )
     if protection["holds"]:
         log.info(
             "release complete: %d protected, %d rejected; probe %.1f%% <= threshold %.1f%% (chance %.1f%%)",
@@ -143,6 +157,12 @@ def report(success: dict) -> RunResult:
         100 * protection["chance"],
     )
     return RunResult(EXIT_UNPROTECTED, success)
+
+
+def learned_class_level(protection: dict) -> float:
+    """A class the probe scores at or above this is largely learned: halfway from the threshold to what the
+    clean-trained probe reaches overall."""
+    return (protection["threshold"] + protection["probe_clean_accuracy"]) / 2
 
 
 def versions() -> dict:

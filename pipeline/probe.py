@@ -18,7 +18,7 @@ import torch
 
 from ops.countermeasures import adversary, batch_augment, parse_countermeasure, preprocess
 from surrogates import build
-from surrogates.training import accuracy, fit_epochs
+from surrogates.training import accuracy, class_accuracy, fit_epochs, predict
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,14 @@ def probe_score(
         adversary=adversary(cm),
         on_epoch=score if half_a.any() and (~half_a).any() else None,
     )
-    final = accuracy(model, x_test, test_y)
+    pred = predict(model, x_test.to(torch.float32) / 255.0)
+    final = float((pred == test_y).float().mean())
     best = max(range(len(curves["a"])), key=lambda i: (curves["a"][i], -i)) if curves["a"] else None
     return {
         "countermeasure": cm.text,
         "arch": arch,
         "accuracy": final,
+        "class_accuracy": class_accuracy(pred, test_y, num_classes),
         "early_stopped_accuracy": curves["b"][best] if best is not None else final,
         "best_epoch": best + 1 if best is not None else epochs,
         "chance": float(torch.bincount(test_y, minlength=num_classes).max()) / max(int(test_y.numel()), 1),
@@ -139,7 +141,7 @@ def judge(
             100 * clean_accuracy,
             100 * threshold,
         )
-    return {
+    record = {
         "holds": holds,
         "probe_accuracy": round(probe_accuracy, 4),
         "probe_early_stopped_accuracy": round(released.get("early_stopped_accuracy", probe_accuracy), 4),
@@ -153,6 +155,13 @@ def judge(
         "test_samples": released["test_samples"],
         "seconds": round(released["seconds"], 2),
     }
+    # Each class's accuracy: a release can leave whole classes learnable under a low mean.
+    by_class = released.get("class_accuracy")
+    if by_class and any(a is not None for a in by_class):
+        best, k = max((a, k) for k, a in enumerate(by_class) if a is not None)
+        record["probe_class_accuracy"] = [None if a is None else round(a, 4) for a in by_class]
+        record["probe_best_class"] = {"class": k, "accuracy": round(best, 4)}
+    return record
 
 
 def judge_battery(probe: dict, results: list[dict]) -> dict:

@@ -170,6 +170,13 @@ def accuracy(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(model, x_uint8.to(torch.float32) / 255.0) == y).float().mean())
 
 
+def class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Each class's accuracy (the share of its test images predicted as it); None for a class with no test image."""
+    correct = torch.bincount(y[pred == y], minlength=num_classes)
+    total = torch.bincount(y, minlength=num_classes)
+    return [float(c) / float(t) if t else None for c, t in zip(correct.tolist(), total.tolist())]
+
+
 @contextlib.contextmanager
 def _running_stats_frozen(model: nn.Module):
     """Batch norm layers keep normalising with batch statistics in training mode but leave their running statistics

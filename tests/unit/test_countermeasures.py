@@ -342,7 +342,7 @@ def test_early_stopping_split_is_two_disjoint_deterministic_halves_by_key():
 
 
 def test_class_accuracy_is_each_class_share_of_its_images_predicted_right():
-    from pipeline.evaluate import class_accuracy
+    from surrogates.training import class_accuracy
 
     y = torch.tensor([0, 0, 0, 0, 1, 1, 3])
     pred = torch.tensor([0, 0, 1, 3, 1, 0, 3])

@@ -103,3 +103,16 @@ def test_a_release_that_reached_max_rounds_says_so(caplog):
     assert result.exit_code == EXIT_UNPROTECTED
     messages = [r.getMessage() for r in caplog.records]
     assert any("reached --max-rounds 2 without meeting the stop rule" in m for m in messages)
+
+
+def test_a_release_that_holds_while_the_probe_learned_a_class_says_which(caplog):
+    """Threshold 33%, clean-trained probe 97%: a class at 70% is past halfway (65%) and is named; 60% is not."""
+    for best, warned in ((0.7, True), (0.6, False)):
+        probe = {**_probe(0.2, True), "probe_best_class": {"class": 7, "accuracy": best}}
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline"):
+            result = report(_success(probe, None))
+        assert result.exit_code == EXIT_OK  # recorded and told, not a verdict
+        assert result.success["protection"]["probe_best_class"]["class"] == 7
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert bool(warnings) == warned and all("class 7 to 70.0%" in w for w in warnings)

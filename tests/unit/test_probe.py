@@ -43,6 +43,19 @@ def test_probe_steps_round_to_whole_epochs_and_the_plain_probe_is_reproducible()
     assert a["accuracy"] == b["accuracy"] and a["early_stopped_accuracy"] == b["early_stopped_accuracy"]
 
 
+def test_the_probe_records_each_class_accuracy_and_the_best_class():
+    scored = probe_score(_data(), "released", arch="small-cnn", steps=8, num_classes=2, seed=3, batch_size=32)
+    by_class = [a for a in scored["class_accuracy"] if a is not None]
+    assert len(scored["class_accuracy"]) == 2 and by_class
+    assert min(by_class) <= scored["accuracy"] <= max(by_class)  # the overall accuracy is their weighted mean
+    record = judge(
+        {**scored, "class_accuracy": [0.1, 0.95]}, 0.9, arch="small-cnn", steps=8, threshold=None, margin=0.25
+    )
+    assert record["probe_best_class"] == {"class": 1, "accuracy": 0.95}
+    assert record["probe_class_accuracy"] == [0.1, 0.95]
+    assert "probe_best_class" not in _probe()  # a score without classes (a previous version's) records none
+
+
 def _probe(threshold_inputs=(0.9, 0.1)) -> dict:
     clean, chance = threshold_inputs
     released = {
