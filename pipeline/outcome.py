@@ -120,10 +120,11 @@ def report(success: dict) -> RunResult:
         )
     best = protection.get("probe_best_class")
     if protection["holds"] and best and best["accuracy"] >= learned_class_level(protection):
+        names = success["config"].get("label_names") or []
         log.warning(
-            "the probe learned class %d to %.1f%% on clean held-out images (%.1f%% overall, clean-trained %.1f%%): "
+            "the probe learned class %s to %.1f%% on clean held-out images (%.1f%% overall, clean-trained %.1f%%): "
             "the release may leave that class learnable; see protection.probe_class_accuracy",
-            best["class"],
+            f"{best['class']} ({names[best['class']]!r})" if best["class"] < len(names) else best["class"],
             100 * best["accuracy"],
             100 * protection["probe_accuracy"],
             100 * protection["probe_clean_accuracy"],

@@ -116,3 +116,10 @@ def test_a_release_that_holds_while_the_probe_learned_a_class_says_which(caplog)
         assert result.success["protection"]["probe_best_class"]["class"] == 7
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert bool(warnings) == warned and all("class 7 to 70.0%" in w for w in warnings)
+    # A class vocabulary's name is told with its id.
+    success = _success({**_probe(0.2, True), "probe_best_class": {"class": 1, "accuracy": 0.9}}, None)
+    success["config"]["label_names"] = ["cat", "dog"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        report(success)
+    assert any("class 1 ('dog') to 90.0%" in r.getMessage() for r in caplog.records)
