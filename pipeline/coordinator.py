@@ -244,7 +244,7 @@ class Run(LoadStage, TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage
             )
             if p.get("probe_best_class"):
                 best = p["probe_best_class"]
-                probe_txt += f", best class {best['class']} {100 * best['accuracy']:.1f}%"
+                probe_txt += f", best class {best['class']} (F1 {best['f1']:.2f}, {100 * best['accuracy']:.1f}%)"
         log.info(
             "round %d: surrogate error on released data %.4f (stop at %.4f)%s; stages %s",
             r,

@@ -20,7 +20,7 @@ from pipeline.probe import early_stopping_split
 from pipeline.samples import Accepted, SampleRules, prepare_each
 from pipeline.storage.shards import ShardReadError, iter_samples
 from surrogates import build
-from surrogates.training import accuracy, class_accuracy, fit_epochs, predict
+from surrogates.training import accuracy, class_accuracy, class_f1, fit_epochs, predict
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def evaluate(
     for cm in battery:
         t_cm = time.perf_counter()
         xs_train, xs_test = preprocess(cm, x_train), preprocess(cm, x_test)
-        finals, stopped, best_epochs, val_curves, hold_curves, by_class = [], [], [], [], [], []
+        finals, stopped, best_epochs, val_curves, hold_curves, by_class, f1s = [], [], [], [], [], [], []
         for seed in seeds:
             model, val_curve, hold_curve = train_countered_victim(
                 xs_train,
@@ -177,6 +177,7 @@ def evaluate(
             pred = predict(model, xs_test.to(torch.float32) / 255.0)
             finals.append(float((pred == y_test).float().mean()))
             by_class.append(class_accuracy(pred, y_test, num_classes))
+            f1s.append(class_f1(pred, y_test, num_classes))
             stopped.append(hold_curve[best])
             best_epochs.append(best + 1)
             val_curves.append(val_curve)
@@ -191,8 +192,8 @@ def evaluate(
                 best + 1,
             )
         mean_final, mean_stopped = statistics.fmean(finals), statistics.fmean(stopped)
-        mean_by_class = _mean_by_class(by_class)
-        best_class = max((a, k) for k, a in enumerate(mean_by_class) if a is not None)
+        mean_by_class, mean_f1 = _mean_by_class(by_class), _mean_by_class(f1s)
+        best_f1, best_k = max((f, k) for k, f in enumerate(mean_f1) if f is not None)
         results[cm.text] = {
             "kind": cm.kind,
             "final_accuracy": finals,
@@ -202,11 +203,13 @@ def evaluate(
             "holdout_curve": hold_curves,
             "mean_final_accuracy": mean_final,
             "mean_early_stopped_accuracy": mean_stopped,
-            # The final victims' accuracy on each class's test images: a release can protect some classes and not
-            # others (a mean of 50% can be half the classes learned).
+            # The final victims' accuracy and F1 on each class's test images: a release can protect some classes
+            # and not others. F1 tells a class learned from one a victim answers for every image it does not know.
             "class_accuracy": by_class,
             "mean_class_accuracy": mean_by_class,
-            "best_class": {"class": best_class[1], "accuracy": best_class[0]},
+            "class_f1": f1s,
+            "mean_class_f1": mean_f1,
+            "best_class": {"class": best_k, "f1": best_f1, "accuracy": mean_by_class[best_k]},
             "worst": max(mean_final, mean_stopped),
             "seconds": round(time.perf_counter() - t_cm, 1),
         }
@@ -270,7 +273,7 @@ def _table(result: dict) -> str:
     seeds = len(result["seeds"])
     lines = [
         f"{'victim':<14}{'countermeasure':<18}{'final':>9}{'early-stopped':>15}{'epoch':>7}{'worst':>9}"
-        + f"{'best class':>15}"
+        + f"{'best class (F1)':>17}"
         + ("   final per seed" if seeds > 1 else "")
     ]
     for name, r in result["countermeasures"].items():
@@ -278,7 +281,7 @@ def _table(result: dict) -> str:
         line = (
             f"{result['arch']:<14}{name:<18}{100 * r['mean_final_accuracy']:>8.2f}%"
             f"{100 * r['mean_early_stopped_accuracy']:>14.2f}%{epochs:>7}{100 * r['worst']:>8.2f}%"
-            f"{r['best_class']['class']:>7}: {100 * r['best_class']['accuracy']:>5.1f}%"
+            f"{r['best_class']['class']:>9}: {r['best_class']['f1']:>5.2f} "
         )
         if seeds > 1:
             line += "   " + ", ".join(f"{100 * a:.2f}%" for a in r["final_accuracy"])

@@ -31,7 +31,7 @@ PROBE_FIELDS = (
     "train_samples",
     "test_samples",
 )
-OPTIONAL_PROBE_FIELDS = ("probe_class_accuracy", "probe_best_class")
+OPTIONAL_PROBE_FIELDS = ("probe_class_accuracy", "probe_class_f1", "probe_best_class")
 
 
 @dataclass
@@ -119,12 +119,13 @@ def report(success: dict) -> RunResult:
             100 * protection["threshold"],
         )
     best = protection.get("probe_best_class")
-    if protection["holds"] and best and best["accuracy"] >= learned_class_level(protection):
+    if protection["holds"] and best and best["f1"] >= learned_class_level(protection):
         names = success["config"].get("label_names") or []
         log.warning(
-            "the probe learned class %s to %.1f%% on clean held-out images (%.1f%% overall, clean-trained %.1f%%): "
-            "the release may leave that class learnable; see protection.probe_class_accuracy",
+            "the probe learned class %s on clean held-out images (F1 %.2f, accuracy %.1f%%; %.1f%% overall, "
+            "clean-trained %.1f%%): the release may leave that class learnable; see protection.probe_class_f1",
             f"{best['class']} ({names[best['class']]!r})" if best["class"] < len(names) else best["class"],
+            best["f1"],
             100 * best["accuracy"],
             100 * protection["probe_accuracy"],
             100 * protection["probe_clean_accuracy"],
@@ -161,8 +162,8 @@ def report(success: dict) -> RunResult:
 
 
 def learned_class_level(protection: dict) -> float:
-    """A class the probe scores at or above this is largely learned: halfway from the threshold to what the
-    clean-trained probe reaches overall."""
+    """A class whose F1 under the probe is at or above this is largely learned: halfway from the threshold to what
+    the clean-trained probe reaches overall (a clean-trained model's F1 on a class is about its accuracy)."""
     return (protection["threshold"] + protection["probe_clean_accuracy"]) / 2
 
 

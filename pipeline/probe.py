@@ -18,7 +18,7 @@ import torch
 
 from ops.countermeasures import adversary, batch_augment, parse_countermeasure, preprocess
 from surrogates import build
-from surrogates.training import accuracy, class_accuracy, fit_epochs, predict
+from surrogates.training import accuracy, class_accuracy, class_f1, fit_epochs, predict
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ def probe_score(
         "arch": arch,
         "accuracy": final,
         "class_accuracy": class_accuracy(pred, test_y, num_classes),
+        "class_f1": class_f1(pred, test_y, num_classes),
         "early_stopped_accuracy": curves["b"][best] if best is not None else final,
         "best_epoch": best + 1 if best is not None else epochs,
         "chance": float(torch.bincount(test_y, minlength=num_classes).max()) / max(int(test_y.numel()), 1),
@@ -155,12 +156,15 @@ def judge(
         "test_samples": released["test_samples"],
         "seconds": round(released["seconds"], 2),
     }
-    # Each class's accuracy: a release can leave whole classes learnable under a low mean.
-    by_class = released.get("class_accuracy")
-    if by_class and any(a is not None for a in by_class):
-        best, k = max((a, k) for k, a in enumerate(by_class) if a is not None)
+    # Each class's accuracy and F1: a release can leave whole classes learnable under a low mean. The best class is
+    # the one of highest F1 (a probe that answers one class for every image it does not know has that class's
+    # accuracy near 100%, not its F1).
+    by_class, f1 = released.get("class_accuracy"), released.get("class_f1")
+    if by_class and f1 and any(f is not None for f in f1):
+        best, k = max((f, k) for k, f in enumerate(f1) if f is not None)
         record["probe_class_accuracy"] = [None if a is None else round(a, 4) for a in by_class]
-        record["probe_best_class"] = {"class": k, "accuracy": round(best, 4)}
+        record["probe_class_f1"] = [None if f is None else round(f, 4) for f in f1]
+        record["probe_best_class"] = {"class": k, "f1": round(best, 4), "accuracy": record["probe_class_accuracy"][k]}
     return record
 
 

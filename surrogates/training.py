@@ -177,6 +177,16 @@ def class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> lis
     return [float(c) / float(t) if t else None for c, t in zip(correct.tolist(), total.tolist())]
 
 
+def class_f1(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Each class's F1 score (harmonic mean of its accuracy and its precision): high only when the model both finds
+    the class's images and does not answer it for others. A model that answers one class for most images has that
+    class's accuracy near 100% but not its F1. None for a class with no image and no prediction."""
+    tp = torch.bincount(y[pred == y], minlength=num_classes).tolist()
+    actual = torch.bincount(y, minlength=num_classes).tolist()
+    predicted = torch.bincount(pred, minlength=num_classes).tolist()
+    return [2 * t / (a + p) if a + p else None for t, a, p in zip(tp, actual, predicted)]
+
+
 @contextlib.contextmanager
 def _running_stats_frozen(model: nn.Module):
     """Batch norm layers keep normalising with batch statistics in training mode but leave their running statistics

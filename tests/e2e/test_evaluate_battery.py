@@ -57,7 +57,9 @@ def test_evaluate_reports_every_countermeasure_and_the_worst_case(mnist_small):
         per_class = [a for a in r["class_accuracy"][0] if a is not None]
         assert len(r["class_accuracy"][0]) == 10 and len(per_class) >= 2, name
         assert min(per_class) <= r["final_accuracy"][0] <= max(per_class), name
-        assert r["best_class"]["accuracy"] == max(per_class) == r["mean_class_accuracy"][r["best_class"]["class"]]
+        f1 = r["mean_class_f1"]
+        assert r["best_class"]["f1"] == max(f for f in f1 if f is not None) == f1[r["best_class"]["class"]]
+        assert r["best_class"]["accuracy"] == r["mean_class_accuracy"][r["best_class"]["class"]]
     worst = result["worst_case"]
     assert worst["accuracy"] == max(r["worst"] for r in cms.values())
     assert cms[worst["countermeasure"]]["worst"] == worst["accuracy"]

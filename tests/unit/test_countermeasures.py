@@ -347,3 +347,12 @@ def test_class_accuracy_is_each_class_share_of_its_images_predicted_right():
     y = torch.tensor([0, 0, 0, 0, 1, 1, 3])
     pred = torch.tensor([0, 0, 1, 3, 1, 0, 3])
     assert class_accuracy(pred, y, 4) == [0.5, 0.5, None, 1.0]  # class 2 has no test image
+
+
+def test_class_f1_is_low_for_a_class_answered_for_every_image():
+    from surrogates.training import class_f1
+
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([2, 2, 2, 1, 2, 2])  # class 2 answered for nearly everything: its accuracy is 100%
+    f1 = class_f1(pred, y, 4)
+    assert f1[0] == 0.0 and f1[1] == 2 * 1 / (2 + 1) and f1[2] == 2 * 2 / (2 + 5) and f1[3] is None

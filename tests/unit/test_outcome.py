@@ -106,20 +106,21 @@ def test_a_release_that_reached_max_rounds_says_so(caplog):
 
 
 def test_a_release_that_holds_while_the_probe_learned_a_class_says_which(caplog):
-    """Threshold 33%, clean-trained probe 97%: a class at 70% is past halfway (65%) and is named; 60% is not."""
+    """Threshold 33%, clean-trained probe 97%: a class of F1 0.70 is past halfway (0.65) and is named; 0.60 is not,
+    whatever its accuracy."""
     for best, warned in ((0.7, True), (0.6, False)):
-        probe = {**_probe(0.2, True), "probe_best_class": {"class": 7, "accuracy": best}}
+        probe = {**_probe(0.2, True), "probe_best_class": {"class": 7, "f1": best, "accuracy": 0.99}}
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="pipeline"):
             result = report(_success(probe, None))
         assert result.exit_code == EXIT_OK  # recorded and told, not a verdict
         assert result.success["protection"]["probe_best_class"]["class"] == 7
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert bool(warnings) == warned and all("class 7 to 70.0%" in w for w in warnings)
+        assert bool(warnings) == warned and all("class 7 on clean held-out images (F1 0.70" in w for w in warnings)
     # A class vocabulary's name is told with its id.
-    success = _success({**_probe(0.2, True), "probe_best_class": {"class": 1, "accuracy": 0.9}}, None)
+    success = _success({**_probe(0.2, True), "probe_best_class": {"class": 1, "f1": 0.9, "accuracy": 0.9}}, None)
     success["config"]["label_names"] = ["cat", "dog"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipeline"):
         report(success)
-    assert any("class 1 ('dog') to 90.0%" in r.getMessage() for r in caplog.records)
+    assert any("class 1 ('dog') on clean held-out images (F1 0.90" in r.getMessage() for r in caplog.records)

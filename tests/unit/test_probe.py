@@ -48,11 +48,13 @@ def test_the_probe_records_each_class_accuracy_and_the_best_class():
     by_class = [a for a in scored["class_accuracy"] if a is not None]
     assert len(scored["class_accuracy"]) == 2 and by_class
     assert min(by_class) <= scored["accuracy"] <= max(by_class)  # the overall accuracy is their weighted mean
-    record = judge(
-        {**scored, "class_accuracy": [0.1, 0.95]}, 0.9, arch="small-cnn", steps=8, threshold=None, margin=0.25
-    )
-    assert record["probe_best_class"] == {"class": 1, "accuracy": 0.95}
-    assert record["probe_class_accuracy"] == [0.1, 0.95]
+    assert len(scored["class_f1"]) == 2
+    # The best class is the one of highest F1, not of highest accuracy: a probe answering class 1 for nearly every
+    # image has class 1's accuracy near 100% but a low F1.
+    scored = {**scored, "class_accuracy": [0.7, 0.95], "class_f1": [0.8, 0.6]}
+    record = judge(scored, 0.9, arch="small-cnn", steps=8, threshold=None, margin=0.25)
+    assert record["probe_best_class"] == {"class": 0, "f1": 0.8, "accuracy": 0.7}
+    assert record["probe_class_accuracy"] == [0.7, 0.95] and record["probe_class_f1"] == [0.8, 0.6]
     assert "probe_best_class" not in _probe()  # a score without classes (a previous version's) records none
 
 
