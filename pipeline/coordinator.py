@@ -277,6 +277,6 @@ class Run(LoadStage, TrainStage, NoiseStage, CheckStage, ProbeStage, ExportStage
             self.counts,
             self.timings,
         )
-        fs.write_bytes(self.layout.success, json.dumps(success, indent=2, default=str).encode())
+        outcome.write_success(self.layout, success)
         clean_up(cfg, self.layout)
         return outcome.report(success)

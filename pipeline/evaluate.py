@@ -20,7 +20,7 @@ from pipeline.probe import early_stopping_split
 from pipeline.samples import Accepted, SampleRules, prepare_each
 from pipeline.storage.shards import ShardReadError, iter_samples
 from surrogates import build
-from surrogates.training import accuracy, class_accuracy, class_f1, fit_epochs, predict
+from surrogates.training import accuracy, best_class, final_scores, fit_epochs
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,10 @@ def evaluate(
                 seed=seed,
             )
             best = max(range(len(val_curve)), key=lambda i: (val_curve[i], -i))  # the first best epoch
-            pred = predict(model, xs_test.to(torch.float32) / 255.0)
-            finals.append(float((pred == y_test).float().mean()))
-            by_class.append(class_accuracy(pred, y_test, num_classes))
-            f1s.append(class_f1(pred, y_test, num_classes))
+            scores = final_scores(model, xs_test, y_test, num_classes)
+            finals.append(scores["accuracy"])
+            by_class.append(scores["class_accuracy"])
+            f1s.append(scores["class_f1"])
             stopped.append(hold_curve[best])
             best_epochs.append(best + 1)
             val_curves.append(val_curve)
@@ -193,7 +193,7 @@ def evaluate(
             )
         mean_final, mean_stopped = statistics.fmean(finals), statistics.fmean(stopped)
         mean_by_class, mean_f1 = _mean_by_class(by_class), _mean_by_class(f1s)
-        best_f1, best_k = max((f, k) for k, f in enumerate(mean_f1) if f is not None)
+        best_k, best_f1 = best_class(mean_f1)
         results[cm.text] = {
             "kind": cm.kind,
             "final_accuracy": finals,

@@ -3,11 +3,14 @@ it protected) and the verdict the user reads, with the exit status that goes wit
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 from dataclasses import dataclass
 
 from pipeline.exits import EXIT_OK, EXIT_UNPROTECTED
+from pipeline.storage import fs
+from pipeline.storage.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,11 @@ def success_record(
         # PGD image-steps actually taken (rounds done before a resume included): the work the release cost.
         "image_steps": sum(h.get("image_steps", 0) for h in history),
     }
+
+
+def write_success(layout: Layout, success: dict) -> None:
+    """``_SUCCESS.json``: written last of all, its presence means the release is complete."""
+    fs.write_bytes(layout.success, json.dumps(success, indent=2, default=str).encode())
 
 
 def report(success: dict) -> RunResult:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pipeline.config import ADDED_FIELDS, ProtectConfig, config_hash, differing_fields
 from pipeline.inspection import verify
-from pipeline.outcome import RunResult, exit_status
+from pipeline.outcome import RunResult, exit_status, write_success
 from pipeline.plan import Plan, ShardReader, build_plan, expand_inputs, read_here
 from pipeline.stages.export import merge_manifests
 from pipeline.storage import fs
@@ -139,7 +139,7 @@ def finished_run(cfg: ProtectConfig, prepared: Prepared) -> RunResult | None:
     )
     if not verdict.bad_shards:
         # Only the merged manifest or the run record's counts are wrong: both are rebuilt from the shards.
-        rewrite_merged(layout, prepared.plan, done, cfg.manifest_source_hash)
+        _rewrite_merged(layout, prepared.plan, done, cfg.manifest_source_hash)
         clean_up(cfg, layout)
         return RunResult(exit_status(done), done)
     final = done["rounds"] - 1
@@ -160,12 +160,9 @@ def finished_run(cfg: ProtectConfig, prepared: Prepared) -> RunResult | None:
     return None
 
 
-def rewrite_merged(layout: Layout, plan: Plan, success: dict, source_hash: bool) -> None:
+def _rewrite_merged(layout: Layout, plan: Plan, success: dict, source_hash: bool) -> None:
     counts = merge_manifests(layout, plan, source_hash)
-    fs.write_bytes(
-        layout.success,
-        json.dumps({**success, "counts": counts, "shards": len(plan.shards)}, indent=2, default=str).encode(),
-    )
+    write_success(layout, {**success, "counts": counts, "shards": len(plan.shards)})
     log.warning("manifest.parquet and the counts in _SUCCESS.json rewritten from the shards' manifests")
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ops.countermeasures import adversary, batch_augment, parse_countermeasure, preprocess
 from surrogates import build
-from surrogates.training import accuracy, class_accuracy, class_f1, fit_epochs, predict
+from surrogates.training import accuracy, best_class, final_scores, fit_epochs
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +105,15 @@ def probe_score(
         adversary=adversary(cm),
         on_epoch=score if half_a.any() and (~half_a).any() else None,
     )
-    pred = predict(model, x_test.to(torch.float32) / 255.0)
-    final = float((pred == test_y).float().mean())
+    scores = final_scores(model, x_test, test_y, num_classes)
+    final = scores["accuracy"]
     best = max(range(len(curves["a"])), key=lambda i: (curves["a"][i], -i)) if curves["a"] else None
     return {
         "countermeasure": cm.text,
         "arch": arch,
         "accuracy": final,
-        "class_accuracy": class_accuracy(pred, test_y, num_classes),
-        "class_f1": class_f1(pred, test_y, num_classes),
+        "class_accuracy": scores["class_accuracy"],
+        "class_f1": scores["class_f1"],
         "early_stopped_accuracy": curves["b"][best] if best is not None else final,
         "best_epoch": best + 1 if best is not None else epochs,
         "chance": float(torch.bincount(test_y, minlength=num_classes).max()) / max(int(test_y.numel()), 1),
@@ -161,7 +161,7 @@ def judge(
     # accuracy near 100%, not its F1).
     by_class, f1 = released.get("class_accuracy"), released.get("class_f1")
     if by_class and f1 and any(f is not None for f in f1):
-        best, k = max((f, k) for k, f in enumerate(f1) if f is not None)
+        k, best = best_class(f1)
         record["probe_class_accuracy"] = [None if a is None else round(a, 4) for a in by_class]
         record["probe_class_f1"] = [None if f is None else round(f, 4) for f in f1]
         record["probe_best_class"] = {"class": k, "f1": round(best, 4), "accuracy": record["probe_class_accuracy"][k]}

@@ -187,6 +187,23 @@ def class_f1(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[floa
     return [2 * t / (a + p) if a + p else None for t, a, p in zip(tp, actual, predicted)]
 
 
+def final_scores(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
+    """A trained model's scores on uint8 images, from one prediction: ``accuracy``, and each class's
+    ``class_accuracy`` and ``class_f1``."""
+    pred = predict(model, x_uint8.to(torch.float32) / 255.0)
+    return {
+        "accuracy": float((pred == y).float().mean()),
+        "class_accuracy": class_accuracy(pred, y, num_classes),
+        "class_f1": class_f1(pred, y, num_classes),
+    }
+
+
+def best_class(f1: list[float | None]) -> tuple[int, float]:
+    """The class of highest F1 (the last on a tie) and its F1; classes of None are left out."""
+    score, k = max((f, k) for k, f in enumerate(f1) if f is not None)
+    return k, score
+
+
 @contextlib.contextmanager
 def _running_stats_frozen(model: nn.Module):
     """Batch norm layers keep normalising with batch statistics in training mode but leave their running statistics
